@@ -1,0 +1,334 @@
+"""COCO instances -> semantic label maps, with pycocotools.
+
+The same loader serves real COCO, coco-mini and the embedded sample. Rules (params `data.*`):
+
+- Class set (`class_set`): `all80`, `voc20` or an explicit list of COCO names; label 0 is
+  background, 1..N the set's classes; categories outside the set are background.
+- Overlaps (`overlap`): a pixel covered by more than one in-set, non-crowd instance is 255
+  (`ignore`, torchvision's rule), or takes the later instance's class (`last`, by annotation id).
+- Crowd (`crowd`): in-set crowd regions are 255 (`ignore`, default), their class (`label`) or
+  background (`background`) wherever no single instance already labels the pixel; crowd regions
+  of categories outside the set are background.
+- Training images with fewer than `min_train_area` labelled pixels (class > 0, not 255) at the
+  original resolution are dropped (counted as "filtered"); validation images never are.
+- Bad records (missing or corrupt image, annotation of an unknown image or category, polygon with
+  fewer than 3 points, a `file_name` that escapes the image folder, duplicate ids, a size that
+  disagrees with the file): `on_bad_record: error` raises `DataError` naming the file, record and
+  rule; `skip` drops the affected image (or the orphan annotation) and counts it with its reason.
+  A bad annotation drops its whole image, since labelling the object as background would be wrong.
+- Image modes: greyscale, palette, RGBA (alpha dropped), CMYK and 16-bit images become RGB.
+  EXIF orientation is applied when the upright size is the size the record gives (what the
+  annotator saw); when only the stored size matches, the stored pixels are used as they are.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from pycocotools import mask as mask_utils
+
+from seglab.data.classes import IGNORE_INDEX, ClassSet, resolve_class_set
+
+# Official COCO 2017 archives (cocodataset.org) with their MD5 checksums.
+COCO2017_ARCHIVES = {
+    "train2017.zip": ("http://images.cocodataset.org/zips/train2017.zip", "cced6f7f71b7629ddf16f17bbcfab6b2"),
+    "val2017.zip": ("http://images.cocodataset.org/zips/val2017.zip", "442b8da7639aecaf257c1dceb8ba8c80"),
+    "annotations_trainval2017.zip": (
+        "http://images.cocodataset.org/annotations/annotations_trainval2017.zip",
+        "f4bbac642086de4f52a3fdda2de5fa2c",
+    ),
+}
+
+
+class DataError(ValueError):
+    """Bad input: the message names the file, the record and the rule it breaks."""
+
+    def __init__(self, message: str, rule: str = "bad input"):
+        super().__init__(message)
+        self.rule = rule
+
+
+@dataclass(frozen=True)
+class LabelRules:
+    crowd: Literal["ignore", "label", "background"] = "ignore"
+    overlap: Literal["ignore", "last"] = "ignore"
+    min_train_area: int = 0
+
+
+@dataclass
+class ImageTask:
+    """Everything a worker needs to turn one image record into an (image, label) pair."""
+
+    image_id: int
+    file_name: str
+    path: Path
+    split: str
+    height: int
+    width: int
+    annotations: list[dict]
+    record: str  # human-readable location of the image record, for error messages
+
+
+@dataclass
+class CocoSplit:
+    name: str
+    folder: str
+    annotation_file: Path
+    image_dir: Path
+    class_set: ClassSet
+    tasks: list[ImageTask]
+    skipped: Counter = field(default_factory=Counter)  # reason -> count
+    skipped_records: list[str] = field(default_factory=list)
+
+
+def annotation_path(root: Path, folder: str) -> Path:
+    return Path(root) / "annotations" / f"instances_{folder}.json"
+
+
+def read_annotation_file(path: Path) -> dict[str, Any]:
+    """Parse an instances_*.json file, turning every way it can be broken into a DataError."""
+    if not path.is_file():
+        raise DataError(f"{path}: annotation file not found (expected a COCO root with annotations/instances_<split>.json)")
+    try:
+        with open(path, "rb") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON (truncated or malformed) at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text: {e}") from None
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object with images/annotations/categories, got {type(data).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise DataError(f"{path}: field '{key}' missing or not a list")
+    for i, cat in enumerate(data["categories"]):
+        if not isinstance(cat, dict) or not isinstance(cat.get("id"), int) or not isinstance(cat.get("name"), str):
+            raise DataError(f"{path}: categories[{i}]: expected an object with integer 'id' and string 'name', got {cat!r}")
+    return data
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_image_record(rec: Any) -> tuple[str, str] | None:
+    """Return (rule, explanation) when an image record is unusable, else None."""
+    if not isinstance(rec, dict):
+        return "malformed image record", f"expected an object, got {type(rec).__name__}"
+    if not _is_int(rec.get("id")):
+        return "malformed image record", "field 'id' missing or not an integer"
+    name = rec.get("file_name")
+    if not isinstance(name, str) or not name:
+        return "malformed image record", "field 'file_name' missing or empty"
+    norm = posixpath.normpath(name.replace("\\", "/"))
+    if norm.startswith("/") or norm == ".." or norm.startswith("../") or (len(norm) > 1 and norm[1] == ":"):
+        return "file_name escapes the image folder", f"file_name {name!r} escapes the image folder"
+    for key in ("height", "width"):
+        if not _is_int(rec.get(key)) or rec[key] <= 0:
+            return "malformed image record", f"field '{key}' missing or not a positive integer (got {rec.get(key)!r})"
+    return None
+
+
+def _check_segmentation(ann: dict, height: int, width: int) -> tuple[str, str] | None:
+    """Return (rule, explanation) when an annotation's segmentation is unusable, else None."""
+    seg = ann.get("segmentation")
+    if isinstance(seg, list):
+        if not seg:
+            return "malformed segmentation", "segmentation is an empty polygon list"
+        for k, poly in enumerate(seg):
+            if not isinstance(poly, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in poly):
+                return "malformed segmentation", f"segmentation polygon {k} is not a list of numbers"
+            if len(poly) % 2:
+                return "malformed segmentation", f"segmentation polygon {k} has an odd number of coordinates ({len(poly)})"
+            if len(poly) < 6:
+                return "polygon with fewer than 3 points", f"segmentation polygon {k} has {len(poly) // 2} points; a polygon needs at least 3"
+        return None
+    if isinstance(seg, dict):
+        size, counts = seg.get("size"), seg.get("counts")
+        if not (isinstance(size, list) and len(size) == 2):
+            return "malformed segmentation", "RLE segmentation without a [height, width] 'size'"
+        if list(size) != [height, width]:
+            return "malformed segmentation", f"RLE size {size} differs from the image's [{height}, {width}]"
+        if isinstance(counts, list):
+            if sum(counts) != height * width:
+                return "malformed segmentation", f"uncompressed RLE counts sum to {sum(counts)}, expected height*width = {height * width}"
+        elif not isinstance(counts, str):
+            return "malformed segmentation", "RLE 'counts' must be a list (uncompressed) or a string (compressed)"
+        return None
+    return "malformed segmentation", f"segmentation must be a polygon list or an RLE object, got {type(seg).__name__}"
+
+
+def load_split(
+    root: str | Path,
+    split: str,
+    folder: str,
+    class_set_spec: str | list[str],
+    on_bad_record: Literal["error", "skip"] = "error",
+) -> CocoSplit:
+    """Read and check one split's annotation file; return one task per usable image."""
+    root = Path(root)
+    ann_file = annotation_path(root, folder)
+    image_dir = root / folder
+    if not root.is_dir():
+        raise DataError(f"{root}: COCO root not found (data.root in params.yaml; `seglab download-coco` fetches COCO 2017)")
+    if not image_dir.is_dir():
+        raise DataError(f"{image_dir}: image folder for split '{split}' not found")
+    data = read_annotation_file(ann_file)
+    class_set = resolve_class_set(class_set_spec, data["categories"])
+    known_categories = {int(c["id"]) for c in data["categories"]}
+    skipped: Counter = Counter()
+    skipped_records: list[str] = []
+
+    def bad(record: str, rule: str, reason: str) -> None:
+        if on_bad_record == "error":
+            raise DataError(f"{ann_file}: {record}: {reason} [rule: {rule}] (data.on_bad_record: skip skips such records)", rule)
+        skipped[rule] += 1
+        skipped_records.append(f"{ann_file.name}: {record}: {reason}")
+
+    images: dict[int, dict] = {}
+    locations: dict[int, str] = {}
+    for i, rec in enumerate(data["images"]):
+        where = f"images[{i}]" + (f" (id {rec.get('id')})" if isinstance(rec, dict) else "")
+        problem = _check_image_record(rec)
+        if problem is None and rec["id"] in images:
+            problem = "duplicate image id", f"duplicate image id {rec['id']} (first at {locations[rec['id']]})"
+        if problem is not None:
+            bad(where, *problem)
+            continue
+        images[rec["id"]] = rec
+        locations[rec["id"]] = where
+
+    by_image: dict[int, list[dict]] = {i: [] for i in images}
+    dropped: set[int] = set()
+    seen_ann_ids: set[int] = set()
+    for i, ann in enumerate(data["annotations"]):
+        if not isinstance(ann, dict):
+            bad(f"annotations[{i}]", "malformed annotation", f"expected an object, got {type(ann).__name__}")
+            continue
+        where = f"annotations[{i}] (id {ann.get('id')}, image_id {ann.get('image_id')})"
+        image_id = ann.get("image_id")
+        if image_id not in images:
+            bad(where, "annotation of an unknown image", f"image_id {image_id!r} is not a known image")
+            continue
+        if image_id in dropped:
+            continue
+        cat = ann.get("category_id")
+        if cat not in known_categories:
+            problem = "annotation of an unknown category", f"category_id {cat!r} is not a declared category"
+        elif ann.get("id") in seen_ann_ids:
+            problem = "duplicate annotation id", f"duplicate annotation id {ann.get('id')}"
+        else:
+            rec = images[image_id]
+            problem = _check_segmentation(ann, rec["height"], rec["width"])
+        if problem is not None:
+            bad(where, *problem)  # raises in error mode
+            dropped.add(image_id)
+            continue
+        seen_ann_ids.add(ann.get("id"))
+        by_image[image_id].append(ann)
+
+    tasks = []
+    for image_id, rec in images.items():
+        if image_id in dropped:
+            continue
+        # Annotation order decides "last" overlaps; sort by id so file order never matters.
+        anns = sorted(by_image[image_id], key=lambda a: (a.get("id") is None, a.get("id") or 0))
+        tasks.append(
+            ImageTask(
+                image_id=image_id,
+                file_name=rec["file_name"],
+                path=image_dir / rec["file_name"],
+                split=split,
+                height=rec["height"],
+                width=rec["width"],
+                annotations=anns,
+                record=f"{ann_file.name}: {locations[image_id]} file {rec['file_name']!r}",
+            )
+        )
+    tasks.sort(key=lambda t: t.image_id)  # output order independent of file order
+    return CocoSplit(split, folder, ann_file, image_dir, class_set, tasks, skipped, skipped_records)
+
+
+def annotation_mask(segmentation: Any, height: int, width: int) -> np.ndarray:
+    """Rasterise one COCO segmentation (polygons, uncompressed or compressed RLE) to a bool mask."""
+    if isinstance(segmentation, list):
+        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    elif isinstance(segmentation["counts"], list):
+        rle = mask_utils.frPyObjects(segmentation, height, width)
+    else:
+        rle = segmentation
+    return mask_utils.decode(rle).astype(bool)
+
+
+def label_map(
+    annotations: list[dict], height: int, width: int, class_set: ClassSet, rules: LabelRules
+) -> np.ndarray:
+    """The uint8 label map of one image under the module's rules (0 background, 255 ignore)."""
+    lut = class_set.label_of()
+    label = np.zeros((height, width), np.uint8)
+    cover = np.zeros((height, width), np.uint8)  # in-set instances covering each pixel (saturating)
+    crowds = []
+    for ann in annotations:
+        cls = lut.get(ann["category_id"])
+        if cls is None:
+            continue
+        if ann.get("iscrowd", 0):
+            crowds.append((cls, ann))
+            continue
+        m = annotation_mask(ann["segmentation"], height, width)
+        label[m] = cls
+        np.minimum(cover.astype(np.uint16) + m, 2, out=cover, casting="unsafe")
+    if rules.overlap == "ignore":
+        label[cover > 1] = IGNORE_INDEX
+    for cls, ann in crowds:
+        m = annotation_mask(ann["segmentation"], height, width) & (cover == 0)
+        if rules.crowd == "ignore":
+            label[m] = IGNORE_INDEX
+        elif rules.crowd == "label":
+            label[m] = cls
+        # "background": crowd pixels stay 0
+    return label
+
+
+def decode_image(path: Path, expected_hw: tuple[int, int], record: str) -> np.ndarray:
+    """Read an image file as uint8 RGB (H, W, 3) in the orientation the record's size describes."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            upright = ImageOps.exif_transpose(im)
+            if (upright.height, upright.width) == expected_hw:
+                im = upright
+            elif (im.height, im.width) != expected_hw:
+                raise DataError(
+                    f"{record}: image {path} is {im.height}x{im.width} (HxW) but the record says {expected_hw[0]}x{expected_hw[1]}",
+                    rule="image size disagrees with record",
+                )
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                # 16/32-bit greyscale: scale to 8 bits rather than clip.
+                a = np.asarray(im, dtype=np.float64)
+                hi = a.max() if a.size and a.max() > 0 else 1.0
+                im = Image.fromarray((a * (255.0 / hi)).round().astype(np.uint8), "L")
+            rgb = im.convert("RGB")
+            return np.asarray(rgb, dtype=np.uint8)
+    except FileNotFoundError:
+        raise DataError(f"{record}: image file {path} not found", rule="missing image file") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(
+            f"{record}: image file {path} is not a readable image (corrupt or truncated): {e}", rule="unreadable image"
+        ) from None
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()

@@ -1,0 +1,281 @@
+"""Parquet shards: the versioned, self-describing form of a segmentation dataset.
+
+One row per image (schema `SHARD_SCHEMA`); files `<out>/<split>/part-NNNNN.parquet`. Each file's
+key-value metadata carries `seglab.classes` (JSON list of class names indexed by label value) and
+the rules that produced the labels, so a model can never be evaluated against another mapping.
+Shards are split at about `max_shard_mb` of encoded payload, written in parallel, atomically, and
+byte-identical for identical inputs and params (so DVC's cache holds).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from seglab.atomic import atomic_dir, write_text_atomic
+from seglab.data.classes import IGNORE_INDEX, ClassSet
+from seglab.data.coco import DataError, ImageTask, LabelRules, decode_image, encode_png, label_map, load_split
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = "1"
+SHARD_SCHEMA = pa.schema(
+    [
+        pa.field("image_id", pa.int64(), nullable=False),
+        pa.field("file_name", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),       # dataset name, or "synthetic:<generator>"
+        pa.field("height", pa.int32(), nullable=False),        # stored size (after max_side resize)
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("orig_height", pa.int32(), nullable=False),   # size in the annotation file
+        pa.field("orig_width", pa.int32(), nullable=False),
+        pa.field("image", pa.binary(), nullable=False),        # JPEG, RGB
+        pa.field("label", pa.binary(), nullable=False),        # PNG, uint8: 0 background, 255 ignore
+        pa.field("class_pixels", pa.list_(pa.int64()), nullable=False),  # pixels per label value 0..C-1
+        pa.field("ignore_pixels", pa.int64(), nullable=False),
+    ]
+)
+# Already-compressed payloads gain nothing from zstd; the rest of the columns do.
+_COMPRESSION = {f.name: ("NONE" if f.name in ("image", "label") else "ZSTD") for f in SHARD_SCHEMA}
+_ROW_GROUP_ROWS = 64  # readers stream a row group at a time
+
+
+@dataclass(frozen=True)
+class ShardSettings:
+    max_side: int = 320
+    max_shard_mb: float = 16.0
+    jpeg_quality: int = 95
+    workers: int = 2
+
+
+def _resize(image: np.ndarray, label: np.ndarray, max_side: int) -> tuple[np.ndarray, np.ndarray]:
+    h, w = label.shape
+    scale = max_side / max(h, w)
+    if scale >= 1.0:
+        return image, label
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))  # PIL wants (W, H)
+    image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BOX))  # area average
+    label = np.asarray(Image.fromarray(label).resize(size, Image.Resampling.NEAREST))  # never mixes classes
+    return image, label
+
+
+def _encode_jpeg(image: np.ndarray, quality: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def process_image(
+    task: ImageTask, class_set: ClassSet, rules: LabelRules, settings: ShardSettings, source: str
+) -> tuple[str, dict | str | tuple[str, str]]:
+    """One image record -> ("row", row) | ("filtered", why) | ("error", (rule, message)). Runs in workers."""
+    try:
+        image = decode_image(task.path, (task.height, task.width), task.record)
+        label = label_map(task.annotations, task.height, task.width, class_set, rules)
+    except DataError as e:
+        return "error", (e.rule, str(e))
+    if task.split == "train" and rules.min_train_area > 0:
+        labelled = int(np.count_nonzero((label > 0) & (label != IGNORE_INDEX)))
+        if labelled < rules.min_train_area:
+            return "filtered", f"{task.record}: {labelled} labelled px < min_train_area {rules.min_train_area}"
+    image, label = _resize(image, label, settings.max_side)
+    counts = np.bincount(label.ravel(), minlength=256)
+    return "row", {
+        "image_id": task.image_id,
+        "file_name": task.file_name,
+        "split": task.split,
+        "source": source,
+        "height": int(label.shape[0]),
+        "width": int(label.shape[1]),
+        "orig_height": task.height,
+        "orig_width": task.width,
+        "image": _encode_jpeg(image, settings.jpeg_quality),
+        "label": encode_png(label),
+        "class_pixels": [int(c) for c in counts[: class_set.num_classes]],
+        "ignore_pixels": int(counts[IGNORE_INDEX]),
+    }
+
+
+def _process_star(args):
+    return process_image(*args)
+
+
+def shard_metadata(class_set: ClassSet, split: str, rules: LabelRules, extra: dict | None = None) -> dict[bytes, bytes]:
+    meta = {
+        "seglab.schema_version": SCHEMA_VERSION,
+        "seglab.classes": json.dumps(list(class_set.classes)),
+        "seglab.class_set": class_set.name,
+        "seglab.category_ids": json.dumps(list(class_set.category_ids)),
+        "seglab.split": split,
+        "seglab.label_rules": json.dumps(asdict(rules), sort_keys=True),
+        **(extra or {}),
+    }
+    return {k.encode(): v.encode() for k, v in meta.items()}
+
+
+def write_shards(
+    rows: Iterable[dict], out_dir: Path, metadata: dict[bytes, bytes], max_shard_mb: float
+) -> list[dict]:
+    """Write rows into part-NNNNN.parquet files of about max_shard_mb each; return per-file info."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    schema = SHARD_SCHEMA.with_metadata(metadata)
+    limit = max_shard_mb * 1024 * 1024
+    files: list[dict] = []
+    batch: list[dict] = []
+    size = 0
+
+    def flush() -> None:
+        nonlocal batch, size
+        path = out_dir / f"part-{len(files):05d}.parquet"
+        table = pa.Table.from_pylist(batch, schema=schema)
+        pq.write_table(table, path, compression=_COMPRESSION, row_group_size=_ROW_GROUP_ROWS)
+        files.append({"file": path.name, "rows": len(batch)})
+        batch, size = [], 0
+
+    for row in rows:
+        batch.append(row)
+        size += len(row["image"]) + len(row["label"])
+        if size >= limit:
+            flush()
+    if batch:
+        flush()
+    return files
+
+
+def _results(tasks: list[tuple], workers: int) -> Iterator[tuple]:
+    if workers == 1 or len(tasks) < 2:
+        yield from map(_process_star, tasks)
+        return
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        # map keeps input order, so shard contents do not depend on scheduling.
+        yield from pool.map(_process_star, tasks, chunksize=max(1, min(16, len(tasks) // (4 * workers))))
+
+
+def build_shards(
+    root: str | Path,
+    out_dir: str | Path,
+    *,
+    splits: dict[str, str],
+    class_set: str | list[str] = "voc20",
+    rules: LabelRules = LabelRules(),
+    settings: ShardSettings = ShardSettings(),
+    on_bad_record: str = "error",
+    report_path: str | Path | None = None,
+) -> dict:
+    """COCO root -> `<out_dir>/<split>/part-*.parquet`; returns (and optionally writes) a report."""
+    root, out_dir = Path(root), Path(out_dir)
+    source = root.resolve().name
+    workers = settings.workers or os.cpu_count() or 1
+    report: dict = {"source": source, "class_set": None, "classes": None, "splits": {}}
+    skipped_records: list[str] = []
+    started = time.perf_counter()
+    total_images = 0
+    with atomic_dir(out_dir) as tmp:
+        for split, folder in splits.items():
+            coco = load_split(root, split, folder, class_set, on_bad_record)  # raises DataError
+            report["class_set"], report["classes"] = coco.class_set.name, list(coco.class_set.classes)
+            skipped: Counter = Counter(coco.skipped)
+            skipped_records += coco.skipped_records
+            filtered = 0
+            pixels = np.zeros(coco.class_set.num_classes, np.int64)
+
+            def rows() -> Iterator[dict]:
+                nonlocal filtered
+                args = [(t, coco.class_set, rules, settings, source) for t in coco.tasks]
+                for kind, value in _results(args, workers):
+                    if kind == "row":
+                        pixels[:] += value["class_pixels"]
+                        yield value
+                    elif kind == "filtered":
+                        filtered += 1
+                    elif on_bad_record == "error":
+                        rule, message = value
+                        raise DataError(f"{message} [rule: {rule}] (data.on_bad_record: skip skips such records)", rule)
+                    else:
+                        rule, message = value
+                        skipped[rule] += 1
+                        skipped_records.append(message)
+
+            files = write_shards(rows(), tmp / split, shard_metadata(coco.class_set, split, rules), settings.max_shard_mb)
+            written = sum(f["rows"] for f in files)
+            total_images += written + filtered + sum(skipped.values())
+            report["splits"][split] = {
+                "images": written,
+                "shards": len(files),
+                "filtered_min_area": filtered,
+                "skipped": sum(skipped.values()),
+                "skipped_by_rule": dict(sorted(skipped.items())),
+                "class_pixels": {c: int(p) for c, p in zip(coco.class_set.classes, pixels)},
+            }
+    elapsed = time.perf_counter() - started
+    log.info("sharded %d images from %s in %.1fs (%.1f images/s, %d workers)", total_images, root, elapsed,
+             total_images / max(elapsed, 1e-9), workers)
+    report["skipped_records"] = skipped_records
+    if report_path is not None:
+        write_text_atomic(report_path, json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def run_shard(cfg) -> dict:
+    """The `shard` stage: params.yaml -> data/shards + data/reports/shard.json."""
+    d, s = cfg.data, cfg.shard
+    return build_shards(
+        d.root,
+        s.out,
+        splits=d.splits,
+        class_set=d.class_set,
+        rules=LabelRules(crowd=d.crowd, overlap=d.overlap, min_train_area=d.min_train_area),
+        settings=ShardSettings(max_side=s.max_side, max_shard_mb=s.max_shard_mb, jpeg_quality=s.jpeg_quality,
+                               workers=s.workers),
+        on_bad_record=d.on_bad_record,
+        report_path=Path("data/reports/shard.json"),
+    )
+
+
+# ---- reading ---------------------------------------------------------------------------------
+
+def shard_files(shard_dir: str | Path, split: str) -> list[Path]:
+    files = sorted((Path(shard_dir) / split).glob("part-*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"{Path(shard_dir) / split}: no shards (part-*.parquet); run `dvc repro shard`")
+    return files
+
+
+def read_classes(path: str | Path) -> list[str]:
+    """Class names indexed by label value, from a shard file's metadata."""
+    meta = pq.read_schema(path).metadata or {}
+    if b"seglab.classes" not in meta:
+        raise ValueError(f"{path}: not a seglab shard (no 'seglab.classes' in its metadata)")
+    return json.loads(meta[b"seglab.classes"])
+
+
+def read_split(shard_dir: str | Path, split: str, columns: list[str] | None = None) -> pa.Table:
+    """All rows of a split (optionally only some columns); all files must share one class list."""
+    files = shard_files(shard_dir, split)
+    classes = read_classes(files[0])
+    for f in files[1:]:
+        if read_classes(f) != classes:
+            raise ValueError(f"{f}: class list differs from {files[0]}; shards of one split must share it")
+    return pa.concat_tables(pq.read_table(f, columns=columns) for f in files)
+
+
+def decode_label(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)))
+
+
+def decode_rgb(jpeg: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(jpeg)) as im:
+        return np.asarray(im.convert("RGB"))
