@@ -1,0 +1,92 @@
+"""`seglab <stage>`: thin entry points; each parses arguments and calls a stage function.
+
+The same functions are what `dvc.yaml` runs and what the Prefect flows call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+from seglab.config import ConfigError, load_config
+
+log = logging.getLogger("seglab")
+
+
+def _sample(cfg, args) -> dict:
+    from seglab.data.sample import run_sample
+
+    return run_sample(cfg)
+
+
+def _shard(cfg, args) -> dict:
+    from seglab.data.shards import run_shard
+
+    report = run_shard(cfg)
+    return {k: v for k, v in report.items() if k != "skipped_records"} | {"skipped_records": len(report["skipped_records"])}
+
+
+def _validate_data(cfg, args) -> dict:
+    from seglab.data.validate import run_validate_data
+
+    return run_validate_data(cfg)
+
+
+def _download_coco(cfg, args) -> dict:
+    from seglab.data.download import download_coco
+
+    root = download_coco(args.dest, parts=args.parts, archives_dir=args.archives)
+    return {"coco_root": str(root), "next": f"dvc exp run -S data.root={root}"}
+
+
+STAGES: dict[str, tuple[Callable, str]] = {
+    "sample": (_sample, "generate the embedded default COCO-format dataset (params: sample, seed)"),
+    "shard": (_shard, "COCO root -> Parquet shards (params: data, shard)"),
+    "validate-data": (_validate_data, "check the shards with the Great Expectations suite (params: validate)"),
+    "download-coco": (_download_coco, "download and unpack COCO 2017 (needs internet), verifying MD5 checksums"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="seglab", description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml", help="settings file (default: params.yaml)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for name, (_, help_text) in STAGES.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == "download-coco":
+            p.add_argument("--dest", type=Path, default=Path("coco"), help="where the COCO root is created")
+            p.add_argument("--parts", nargs="+", default=["annotations", "val2017", "train2017"],
+                           choices=["annotations", "val2017", "train2017"], help="archives to fetch")
+            p.add_argument("--archives", type=Path, default=None,
+                           help="folder with already-downloaded archives (checked against the MD5s, no network)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    handler, _ = STAGES[args.stage]
+    try:
+        cfg = load_config(args.params)
+        result = handler(cfg, args)
+    except ConfigError as e:
+        print(f"seglab {args.stage}: {e}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, ConnectionError) as e:
+        # Bad input: the message already names the file/record and the rule; no traceback needed.
+        print(f"seglab {args.stage}: error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
