@@ -22,3 +22,9 @@ def coco_mini() -> Path:
     if not COCO_MINI.is_dir():
         pytest.skip(f"real COCO subset not found at {COCO_MINI}")
     return COCO_MINI
+
+
+def pytest_sessionstart(session):
+    # CI sets this so that real-data tests can never pass by being skipped.
+    if os.environ.get("SEGLAB_REQUIRE_COCO_MINI") == "1" and not COCO_MINI.is_dir():
+        pytest.exit(f"SEGLAB_REQUIRE_COCO_MINI=1 but {COCO_MINI} is missing", returncode=1)
