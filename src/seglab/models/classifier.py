@@ -85,7 +85,7 @@ def imagenet_classifier(
     encoder = build_backbone((None, None, 3))
     logits = build_head(encoder.outputs[-1])
     # Built on the encoder's own tensors, so the classifier is one flat functional model.
-    model = keras.Model(encoder.inputs, logits, name=f"{backbone}_imagenet")
+    model = keras.Model(encoder.input, logits, name=f"{backbone}_imagenet")
     loaded = load_backbone_weights(model, backbone, weights, cache_dir=cache_dir)
     if not loaded.head_loaded:  # cannot happen with the head built above; guards the layer-name contract
         raise RuntimeError(f"{backbone}: classifier head weights were not loaded from {loaded.source}")

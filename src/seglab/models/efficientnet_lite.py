@@ -166,5 +166,7 @@ def convert_efficientnet_lite0_state_dict(
         ) from None
     extra_se = [k for k in state if "_se_" in k]
     if extra_se:
-        raise ValueError(f"{source}: has squeeze-excitation tensors ({extra_se[0]!r}, ...): that is EfficientNet-B0, not Lite0")
+        raise ValueError(
+            f"{source}: has squeeze-excitation tensors ({extra_se[0]!r}, ...): that is EfficientNet-B0, not Lite0"
+        )
     return converted

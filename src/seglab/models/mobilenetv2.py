@@ -83,7 +83,9 @@ def check_input_shape(input_shape: Sequence[int | None], backbone: str) -> tuple
     height, width, channels = input_shape
     for size in (height, width, channels):
         if size is not None and (not isinstance(size, (int, np.integer)) or size < 1):
-            raise ValueError(f"{backbone}: input_shape entries must be positive integers or None, got {tuple(input_shape)!r}")
+            raise ValueError(
+                f"{backbone}: input_shape entries must be positive integers or None, got {tuple(input_shape)!r}"
+            )
     return height, width, int(channels)
 
 
@@ -221,7 +223,9 @@ def torch_batchnorm(state: Mapping[str, np.ndarray], key: str) -> list[np.ndarra
     return [state[f"{key}.weight"], state[f"{key}.bias"], state[f"{key}.running_mean"], state[f"{key}.running_var"]]
 
 
-def convert_mobilenetv2_state_dict(state: Mapping[str, np.ndarray], source: str = "state dict") -> dict[str, list[np.ndarray]]:
+def convert_mobilenetv2_state_dict(
+    state: Mapping[str, np.ndarray], source: str = "state dict"
+) -> dict[str, list[np.ndarray]]:
     """torchvision MobileNetV2 state dict (numpy arrays) -> {Keras layer name: weights in Keras order}.
 
     Includes the classifier head (`HEAD_LAYERS`); a backbone simply has no such layers.

