@@ -322,10 +322,12 @@ def test_keras_metric_serialises_and_trains(tmp_path):
 
     inputs = keras.Input((8, 8, 3))
     model = keras.Model(inputs, keras.layers.Conv2D(4, 1)(inputs))
+    # jit_compile=True: Keras compiles with XLA by default on GPUs, so the update must lower.
     model.compile(
         optimizer="sgd",
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         metrics=[metric],
+        jit_compile=True,
     )
     rng = np.random.default_rng(0)
     images = rng.normal(size=(4, 8, 8, 3)).astype(np.float32)

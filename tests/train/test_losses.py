@@ -293,7 +293,8 @@ def test_training_under_mixed_precision_and_reload(tmp_path):
         logits = keras.layers.Conv2D(3, 1, dtype="float32")(features)
         model = keras.Model(inputs, logits)
         loss = FocalDiceLoss(class_weights=[0.5, 1.0, 2.0], gamma=2.0)
-        model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=loss)
+        # XLA as Keras uses by default on GPUs.
+        model.compile(optimizer=keras.optimizers.Adam(1e-2), loss=loss, jit_compile=True)
         rng = np.random.default_rng(0)
         images = rng.normal(size=(4, 8, 8, 3)).astype(np.float32)
         labels = rng.integers(0, 3, size=(4, 8, 8)).astype(np.uint8)

@@ -491,14 +491,14 @@ class _Family:
 
 
 _FAMILIES: dict[str, _Family] = {
-    "person": _Family(_person, (0.3, 0.85), 12),
-    "car": _Family(_car, (0.3, 0.8), 8),
-    "cat": _Family(_cat, (0.25, 0.6), 15),
-    "dog": _Family(_dog, (0.28, 0.7), 15),
-    "bird": _Family(_bird, (0.15, 0.4), 35),
-    "bottle": _Family(_bottle, (0.2, 0.55), 20),
-    "chair": _Family(_chair, (0.3, 0.7), 10),
-    "bicycle": _Family(_bicycle, (0.3, 0.75), 12),
+    "person": _Family(_person, (0.4, 0.95), 12),
+    "car": _Family(_car, (0.35, 0.9), 8),
+    "cat": _Family(_cat, (0.3, 0.7), 15),
+    "dog": _Family(_dog, (0.32, 0.8), 15),
+    "bird": _Family(_bird, (0.2, 0.5), 35),
+    "bottle": _Family(_bottle, (0.25, 0.65), 20),
+    "chair": _Family(_chair, (0.35, 0.8), 10),
+    "bicycle": _Family(_bicycle, (0.35, 0.85), 12),
 }
 
 

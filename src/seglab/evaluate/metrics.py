@@ -404,9 +404,13 @@ class StreamingSegmentationMetric(keras.metrics.Metric):
         )
         valid = ops.logical_and(counted, in_range)
         invalid = ops.logical_and(counted, ops.logical_not(in_range))
-        # Pixels that are not counted go to one extra bin, dropped after the bincount.
+        # Pixels that are not counted go to one extra bin, dropped after the sum. A segment sum
+        # rather than ops.bincount: TensorFlow's bincount has no XLA kernel, and Keras compiles
+        # the train step with XLA by default on GPUs.
         flat_index = ops.where(valid, truth * num_classes + prediction, num_classes * num_classes)
-        counts = ops.bincount(flat_index, minlength=num_classes * num_classes + 1)
+        counts = ops.segment_sum(
+            ops.ones_like(flat_index), flat_index, num_segments=num_classes * num_classes + 1
+        )
         counts = ops.reshape(counts[: num_classes * num_classes], (num_classes, num_classes))
         self.confusion.assign_add(ops.cast(counts, "int64"))
         self.invalid_pixels.assign_add(ops.sum(ops.cast(invalid, "int64")))
