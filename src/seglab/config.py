@@ -60,6 +60,7 @@ class ValidateConfig(_Section):
     min_side: int = Field(16, ge=1)
     max_side: int = Field(4096, ge=1)
     max_unlabelled_share: float = Field(0.2, ge=0.0, le=1.0)
+    decode_images: bool = True
 
 
 class Config(_Section):

@@ -236,6 +236,17 @@ def test_streams_many_files_and_row_groups_in_order_or_shuffled(tmp_path):
     assert len(as_numpy(repeated.take(12))) == 12  # 384 elements > 2 epochs
 
 
+def test_reads_several_shard_folders_as_one_split(tmp_path):
+    real, synthetic = tmp_path / "real", tmp_path / "synthetic"
+    write_split(real, [row(i, id_image(i), np.full((16, 16), 1, np.uint8)) for i in range(5)])
+    write_split(synthetic, [row(i, id_image(i), np.full((16, 16), 2, np.uint8)) for i in range(5, 12)])
+    batches = as_numpy(make_dataset([real, synthetic], "train", image_size=(16, 16), batch_size=4, deterministic=True))
+    assert decode_ids(np.concatenate([x for x, _ in batches])) == list(range(12))
+    assert classes_of([real, synthetic], "train") == list(CLASSES)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        make_dataset([real, tmp_path / "nowhere"], "train")
+
+
 def test_cache_gives_the_same_batches(colour_shards, tmp_path):
     kwargs = dict(image_size=(32, 32), batch_size=3, training=True, seed=2, deterministic=True)
     plain = as_numpy(make_dataset(colour_shards, "train", **kwargs))

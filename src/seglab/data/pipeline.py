@@ -45,6 +45,7 @@ from seglab.data.shards import read_classes, shard_files
 log = logging.getLogger(__name__)
 
 Mode = Literal["crop", "letterbox"]
+ShardDirs = str | Path | Sequence[str | Path]
 AugmentFn = Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
 
 _REQUIRED_COLUMNS = ("image_id", "image", "label")
@@ -71,9 +72,17 @@ class _SplitIndex:
         return sum(g.rows for g in self.row_groups)
 
 
-def _index_split(shard_dir: str | Path, split: str) -> _SplitIndex:
+def _shard_dirs(shard_dir: ShardDirs) -> list[Path]:
+    dirs = [Path(shard_dir)] if isinstance(shard_dir, (str, Path)) else [Path(d) for d in shard_dir]
+    if not dirs:
+        raise ValueError("shard_dir: expected a folder or a non-empty list of folders")
+    return dirs
+
+
+def _index_split(shard_dir: ShardDirs, split: str) -> _SplitIndex:
     """List a split's files and row groups from their footers; check they agree on the classes."""
-    files = shard_files(shard_dir, split)  # FileNotFoundError naming the folder when empty
+    # FileNotFoundError naming the folder when one has no shards
+    files = [f for d in _shard_dirs(shard_dir) for f in shard_files(d, split)]
     classes: list[str] | None = None
     groups: list[_RowGroup] = []
     for path in files:
@@ -102,12 +111,12 @@ def _index_split(shard_dir: str | Path, split: str) -> _SplitIndex:
     return _SplitIndex(files, classes, groups)
 
 
-def classes_of(shard_dir: str | Path, split: str) -> list[str]:
+def classes_of(shard_dir: ShardDirs, split: str) -> list[str]:
     """Class names indexed by label value, checked to be the same in every shard of the split."""
     return _index_split(shard_dir, split).classes
 
 
-def num_classes_of(shard_dir: str | Path, split: str) -> int:
+def num_classes_of(shard_dir: ShardDirs, split: str) -> int:
     """Number of label values other than ignore (background included)."""
     return len(classes_of(shard_dir, split))
 
@@ -258,7 +267,7 @@ def _op_seeds(seed: int | None, n: int) -> list[int | None]:
 
 
 def make_dataset(
-    shard_dir: str | Path,
+    shard_dir: ShardDirs,
     split: str,
     *,
     image_size: Sequence[int] = (256, 256),
@@ -279,7 +288,8 @@ def make_dataset(
     """Batches of (images float32 (B, H, W, 3) in [0, 255], labels int32 (B, H, W)) from shards.
 
     Args:
-        shard_dir, split: reads `<shard_dir>/<split>/part-*.parquet`.
+        shard_dir, split: reads `<shard_dir>/<split>/part-*.parquet`; `shard_dir` may be a list of
+            folders (e.g. real and synthetic shards) read as one split with one class list.
         image_size: (height, width) of every output element.
         training: sets the defaults below for training (shuffle, random crop, full batches).
         mode: "crop" | "letterbox" (module docstring); default "crop" when training, else "letterbox".
@@ -317,7 +327,7 @@ def make_dataset(
 
     index = _index_split(shard_dir, split)
     if not index.row_groups:
-        raise ValueError(f"{Path(shard_dir) / split}: shards hold no rows")
+        raise ValueError(f"split '{split}' of {[str(d) for d in _shard_dirs(shard_dir)]}: shards hold no rows")
     num_classes = len(index.classes)
     group_seed, element_seed, random_seed = _op_seeds(seed, 3)
     log.info("%s/%s: %d images in %d files, %d classes, %s mode at %s", shard_dir, split, index.rows,

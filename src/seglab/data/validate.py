@@ -599,4 +599,5 @@ def run_validate_data(cfg: "Config") -> dict:
     """The `validate_data` stage: params.yaml -> data/reports/validation/{index.html, summary.json}."""
     v = cfg.validate_
     return validate_shards(cfg.shard.out, list(cfg.data.splits), v.report, min_side=v.min_side,
-                           max_side=v.max_side, max_unlabelled_share=v.max_unlabelled_share)
+                           max_side=v.max_side, max_unlabelled_share=v.max_unlabelled_share,
+                           decode_images=v.decode_images)
