@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--class-set", default="voc20")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--runs", type=int, default=3, help="build_shards runs (median reported)")
-    p.add_argument("--epochs", type=int, default=5, help="timed epochs per read benchmark (after a warm-up)")
+    p.add_argument("--epochs", type=int, default=10, help="timed epochs per read benchmark (after a warm-up)")
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-side", type=int, default=320, help="shard.max_side of the shards read")

@@ -21,6 +21,8 @@ class SampleConfig(_Section):
     min_side: int = Field(160, ge=32)
     max_side: int = Field(320, ge=32)
     crowd_fraction: float = Field(0.15, ge=0.0, le=1.0)
+    amodal_fraction: float = Field(0.1, ge=0.0, le=1.0)
+    greyscale_fraction: float = Field(0.05, ge=0.0, le=1.0)
 
     @field_validator("max_side")
     @classmethod

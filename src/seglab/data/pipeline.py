@@ -88,7 +88,7 @@ def _index_split(shard_dir: ShardDirs, split: str) -> _SplitIndex:
     for path in files:
         try:
             meta = pq.ParquetFile(path).metadata
-        except Exception as e:  # pyarrow raises ArrowInvalid/OSError subclasses for non-Parquet files
+        except (OSError, ValueError) as e:  # pyarrow: ArrowInvalid (a ValueError) or an OSError
             raise ValueError(f"{path}: not a readable Parquet file: {e}") from None
         file_classes = read_classes(path)
         if classes is None:

@@ -8,9 +8,10 @@ COCO. Objects are drawn back to front, so later ones occlude earlier ones.
 
 Annotations follow COCO 2017 exactly (`instances_<split>.json`, all 80 categories declared):
 
-- most instances are annotated with their *visible* region, traced pixel-exactly into COCO
-  polygons (several per instance where it is split, or has a hole: holes are cut open, since a
-  COCO polygon list is a union and cannot carry holes);
+- most instances are annotated with their *visible* region, traced into COCO polygons that
+  rasterise (pycocotools) to exactly the object's visible pixels: one polygon per connected piece,
+  holes (a see-through wheel, a chair back, an occluder in the middle) spliced in through a
+  zero-width slit, since a COCO polygon list is a union and cannot carry holes as polygons;
 - a small share (`amodal_fraction`) of occluded instances carry their full (amodal) outline, so
   those annotations overlap their occluders, as happens in real COCO;
 - a few images (`crowd_fraction`) hold a crowd: a cluster of many small objects of one category,
@@ -587,6 +588,10 @@ def _place_shape(rng, category: str, height: int, width: int, centre, size: floa
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# Backgrounds, clutter, shadows, painting, camera
+
+
 def _paste_max(buf: np.ndarray, src: np.ndarray, oy: int, ox: int) -> None:
     """Write `src` into `buf` at offset (oy, ox), clipped to `buf` (keeps the larger value)."""
     sy0, sx0 = max(0, -oy), max(0, -ox)
@@ -598,19 +603,15 @@ def _paste_max(buf: np.ndarray, src: np.ndarray, oy: int, ox: int) -> None:
                    out=buf[dy0:dy0 + hgt, dx0:dx0 + wid])
 
 
-# ---------------------------------------------------------------------------------------------
-# Backgrounds, clutter, shadows, painting, camera
-
 
 def _fractal_noise(rng, height: int, width: int, cells: int = 3, octaves: int = 4) -> np.ndarray:
     """Smooth value noise in [0, 1]: random grids of doubling resolution, upsampled and summed."""
     total = np.zeros((height, width), np.float32)
-    amplitude, norm = 1.0, 0.0
+    amplitude = 1.0
     for octave in range(octaves):
         n = cells * 2 ** octave + 1
         grid = rng.random((n, n), dtype=np.float32)
         total += amplitude * np.asarray(Image.fromarray(grid).resize((width, height), Image.Resampling.BICUBIC))
-        norm += amplitude
         amplitude *= 0.5
     lo, hi = float(total.min()), float(total.max())
     return (total - lo) / max(hi - lo, 1e-6)
@@ -1084,4 +1085,5 @@ def run_sample(cfg) -> dict:
     """The `sample` stage: `generate_sample` with `cfg.sample.*` and `cfg.seed`."""
     s = cfg.sample
     return generate_sample(s.out, train_images=s.train_images, val_images=s.val_images, min_side=s.min_side,
-                           max_side=s.max_side, crowd_fraction=s.crowd_fraction, seed=cfg.seed)
+                           max_side=s.max_side, crowd_fraction=s.crowd_fraction, amodal_fraction=s.amodal_fraction,
+                           greyscale_fraction=s.greyscale_fraction, seed=cfg.seed)

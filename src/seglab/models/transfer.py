@@ -1,0 +1,310 @@
+"""Transfer-learning controls for segmenters whose pretrained encoder is one nested layer named ``encoder``.
+
+- `freeze_encoder` / `unfreeze_encoder` (`set_encoder_trainable`): a frozen encoder gets no updates
+  and its BatchNorm layers run in inference mode (Keras 3 does that for `trainable=False`), so
+  their ImageNet statistics are kept. On a compiled model the train function is rebuilt, because
+  the traced step has the trainable set and the BatchNorm mode baked in.
+- `UnfreezeEncoder(epoch)`: a callback that keeps the encoder frozen for epochs < `epoch`
+  (0-based) and trainable from `epoch` on, also when `fit` resumes with `initial_epoch`.
+- `EncoderLROptimizer` (build one with `encoder_lr_optimizer(model, optimizer, multiplier)`):
+  the encoder's updates use ``learning_rate x multiplier``. Scaling the gradients would not do
+  this (Adam and other adaptive optimizers are invariant to gradient scale), so the wrapper runs
+  two copies of the optimizer: the given one for the decoder/head, and a clone whose learning
+  rate is the given one's current learning rate (schedule or value, ReduceLROnPlateau included)
+  times the multiplier for the encoder. The encoder copy is built when the encoder first gets
+  gradients, so an encoder unfrozen after N epochs starts with fresh moment estimates (Adam's
+  bias correction then counts from its own first step) while the schedule keeps counting the
+  global step. It also lets an encoder that was frozen at compile time be unfrozen later, which a
+  plain Keras optimizer refuses ("Unknown variable").
+
+`EncoderLROptimizer` works with `model.fit`/`train_on_batch` on the TensorFlow and PyTorch
+backends (not with JAX's stateless training), under mixed precision (Keras wraps it in its
+LossScaleOptimizer), and serialises with the model (`model.save` / `keras.models.load_model`:
+registered as ``seglab>EncoderLROptimizer``; both optimizers' state is saved). Encoder variables
+are identified by their variable paths, recorded by `bind(model)` and stored in the config.
+Not supported: ``gradient_accumulation_steps`` (the two copies would accumulate out of step).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import keras
+from keras import ops
+
+log = logging.getLogger(__name__)
+
+ENCODER_LAYER = "encoder"
+
+
+def get_encoder(model: keras.Model, encoder: str = ENCODER_LAYER) -> keras.layers.Layer:
+    """The nested encoder layer of `model`; a clear error for models without one (e.g. plain U-Nets)."""
+    names = [layer.name for layer in model.layers]
+    if encoder not in names:
+        raise ValueError(
+            f"model {model.name!r} has no layer named {encoder!r}: only segmenters built on a pretrained backbone "
+            f"(unet_<backbone>, deeplabv3plus_<backbone>) have an encoder to freeze or to give its own learning rate"
+        )
+    return model.get_layer(encoder)
+
+
+def _unwrap_loss_scale(optimizer):
+    while isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        optimizer = optimizer.inner_optimizer
+    return optimizer
+
+
+def set_encoder_trainable(model: keras.Model, trainable: bool, encoder: str = ENCODER_LAYER) -> None:
+    """Freeze (False) or unfreeze (True) the encoder of `model`, compiled or not.
+
+    On a compiled model the train step is re-traced on next use. Unfreezing a compiled model whose
+    optimizer was built without the encoder's variables is refused unless the optimizer is an
+    `EncoderLROptimizer` (which builds the encoder's optimizer state on demand).
+    """
+    encoder_layer = get_encoder(model, encoder)
+    compiled = getattr(model, "compiled", False)
+    optimizer = _unwrap_loss_scale(model.optimizer) if compiled else None
+    previous = encoder_layer.trainable
+    encoder_layer.trainable = bool(trainable)
+    if trainable and optimizer is not None and optimizer.built:
+        if isinstance(optimizer, EncoderLROptimizer):
+            optimizer.bind(model, encoder)
+        else:
+            try:
+                optimizer._check_variables_are_known(encoder_layer.trainable_variables)
+            except ValueError:
+                encoder_layer.trainable = previous
+                raise RuntimeError(
+                    f"cannot unfreeze the encoder of {model.name!r}: its optimizer {optimizer.name!r} was built "
+                    "without the encoder's variables (compiled while frozen). Compile with "
+                    "seglab.models.transfer.encoder_lr_optimizer(model, optimizer) (multiplier 1.0 is fine), "
+                    "or recompile after unfreezing."
+                ) from None
+    if compiled:
+        # The traced step captured the old trainable set and BatchNorm mode.
+        model.make_train_function(force=True)
+    log.info("encoder of %r %s", model.name, "unfrozen (trainable)" if trainable else "frozen (BatchNorm in inference mode)")
+
+
+def freeze_encoder(model: keras.Model, encoder: str = ENCODER_LAYER) -> None:
+    set_encoder_trainable(model, False, encoder)
+
+
+def unfreeze_encoder(model: keras.Model, encoder: str = ENCODER_LAYER) -> None:
+    set_encoder_trainable(model, True, encoder)
+
+
+class UnfreezeEncoder(keras.callbacks.Callback):
+    """Encoder frozen for epochs ``< epoch`` (0-based), trainable from ``epoch`` on.
+
+    ``UnfreezeEncoder(3)`` trains 3 epochs with a frozen encoder, then fine-tunes it; with
+    ``fit(initial_epoch=5)`` it unfreezes from the start. ``epoch=0`` never freezes.
+    """
+
+    def __init__(self, epoch: int, encoder: str = ENCODER_LAYER):
+        super().__init__()
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+            raise ValueError(f"UnfreezeEncoder: epoch must be a non-negative integer, got {epoch!r}")
+        self.epoch = epoch
+        self.encoder = encoder
+
+    def on_train_begin(self, logs=None):
+        get_encoder(self.model, self.encoder)  # fail before the first epoch, not in the middle of training
+
+    def on_epoch_begin(self, epoch, logs=None):
+        should_train = epoch >= self.epoch
+        if get_encoder(self.model, self.encoder).trainable != should_train:
+            set_encoder_trainable(self.model, should_train, self.encoder)
+            log.info("epoch %d: encoder %s", epoch, "unfrozen" if should_train else "frozen")
+
+
+def _check_multiplier(value: Any) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"encoder_lr_multiplier must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+@keras.saving.register_keras_serializable(package="seglab")
+class EncoderLROptimizer(keras.optimizers.Optimizer):
+    """Wraps `optimizer` so variables of the encoder are updated with ``lr x encoder_lr_multiplier``.
+
+    optimizer: a fresh (unbuilt) Keras optimizer; it updates every non-encoder variable.
+    encoder_lr_multiplier: >= 0 (0 keeps the encoder fixed while BatchNorm still trains).
+    encoder_variable_paths: paths of the encoder's variables; usually set by `bind(model)`.
+    Loss scaling and ``global_clipnorm`` of `optimizer` move to the wrapper, so they apply to all
+    gradients at once; ``clipnorm``/``clipvalue``/``weight_decay``/EMA stay per variable.
+    """
+
+    def __init__(
+        self,
+        optimizer: keras.optimizers.Optimizer | dict,
+        encoder_lr_multiplier: float = 1.0,
+        encoder_variable_paths: Sequence[str] = (),
+        name: str | None = None,
+        loss_scale_factor: float | None = None,
+        global_clipnorm: float | None = None,
+    ):
+        if isinstance(optimizer, dict):
+            optimizer = keras.optimizers.deserialize(optimizer)
+        if not isinstance(optimizer, keras.optimizers.Optimizer):
+            raise TypeError(f"EncoderLROptimizer wraps a keras.optimizers.Optimizer, got {type(optimizer).__name__}")
+        if isinstance(optimizer, (keras.optimizers.LossScaleOptimizer, EncoderLROptimizer)):
+            raise TypeError(f"EncoderLROptimizer must wrap a plain optimizer, got a {type(optimizer).__name__} "
+                            "(Keras adds loss scaling itself when compiling under mixed_float16)")
+        if optimizer.built:
+            raise ValueError(f"EncoderLROptimizer needs a fresh optimizer; {optimizer.name!r} is already built")
+        if optimizer.gradient_accumulation_steps:
+            raise ValueError("EncoderLROptimizer does not support gradient_accumulation_steps")
+        loss_scale_factor = loss_scale_factor if loss_scale_factor is not None else optimizer.loss_scale_factor
+        global_clipnorm = global_clipnorm if global_clipnorm is not None else optimizer.global_clipnorm
+        super().__init__(learning_rate=0.0, name=name or f"encoder_lr_{optimizer.name}",
+                         loss_scale_factor=loss_scale_factor, global_clipnorm=global_clipnorm)
+        self.encoder_lr_multiplier = _check_multiplier(encoder_lr_multiplier)
+        self.encoder_variable_paths = frozenset(encoder_variable_paths)
+        # The wrapper unscales and clips once, over all gradients.
+        optimizer.loss_scale_factor = None
+        optimizer.global_clipnorm = None
+        self.decoder_optimizer = optimizer
+        clone_config = {**optimizer.get_config(), "name": f"{optimizer.name}_encoder",
+                        "learning_rate": self._encoder_learning_rate}
+        self.encoder_optimizer = type(optimizer).from_config(clone_config)
+
+    def _encoder_learning_rate(self):
+        return ops.multiply(self.decoder_optimizer.learning_rate, self.encoder_lr_multiplier)
+
+    # ------------------------------------------------------------------------------ partitioning
+
+    def bind(self, model: keras.Model, encoder: str = ENCODER_LAYER) -> EncoderLROptimizer:
+        """Record which variables of `model` belong to its encoder (by path). Returns self."""
+        encoder_layer = get_encoder(model, encoder)
+        encoder_paths = {v.path for v in encoder_layer.weights}
+        encoder_ids = {id(v) for v in encoder_layer.weights}
+        clashes = sorted({v.path for v in model.weights if id(v) not in encoder_ids} & encoder_paths)
+        if clashes:
+            raise ValueError(
+                f"model {model.name!r}: variable path(s) {clashes[:3]} occur both inside and outside the encoder, "
+                "so the encoder's variables cannot be told apart by path; rename the clashing layers"
+            )
+        if self.built and self.encoder_variable_paths and encoder_paths != self.encoder_variable_paths:
+            raise ValueError(f"{self.name}: already built for another encoder ({len(self.encoder_variable_paths)} "
+                             f"variable paths, this model's encoder has {len(encoder_paths)})")
+        self.encoder_variable_paths = frozenset(encoder_paths)
+        return self
+
+    def _split(self, grads: Sequence, variables: Sequence) -> tuple[list, list, list, list]:
+        if not self.encoder_variable_paths:
+            raise ValueError(f"{self.name}: no encoder variables recorded; call .bind(model) first "
+                             "(seglab.models.transfer.encoder_lr_optimizer does)")
+        encoder_grads, encoder_vars, decoder_grads, decoder_vars = [], [], [], []
+        for grad, variable in zip(grads, variables):
+            if variable.path in self.encoder_variable_paths:
+                encoder_grads.append(grad)
+                encoder_vars.append(variable)
+            else:
+                decoder_grads.append(grad)
+                decoder_vars.append(variable)
+        return encoder_grads, encoder_vars, decoder_grads, decoder_vars
+
+    # ----------------------------------------------------------------------------------- keras
+
+    def build(self, var_list):
+        variables = list(var_list)
+        _, encoder_vars, _, decoder_vars = self._split([None] * len(variables), variables)
+        if decoder_vars and not self.decoder_optimizer.built:
+            self.decoder_optimizer.build(decoder_vars)
+        if encoder_vars and not self.encoder_optimizer.built:
+            self.encoder_optimizer.build(encoder_vars)
+        super().build(variables)
+
+    def apply(self, grads, trainable_variables=None):
+        if trainable_variables is None:
+            if not self.built:
+                raise ValueError(f"{self.name}: pass trainable_variables, or build the optimizer first")
+            trainable_variables = self._trainable_variables
+        grads, trainable_variables = list(grads), list(trainable_variables)
+        if not self.built:
+            with keras.name_scope(self.name, caller=self):
+                self.build(trainable_variables)
+        if self.loss_scale_factor is not None:
+            grads = [None if g is None else g / self.loss_scale_factor for g in grads]
+        if self.global_clipnorm:
+            grads = self._clip_gradients(grads)
+        encoder_grads, encoder_vars, decoder_grads, decoder_vars = self._split(grads, trainable_variables)
+        if decoder_vars:
+            self.decoder_optimizer.apply(decoder_grads, decoder_vars)
+        if encoder_vars:
+            if not self.encoder_optimizer.built:
+                # First gradients for the encoder (e.g. just unfrozen): its state starts here.
+                with keras.name_scope(self.encoder_optimizer.name, caller=self.encoder_optimizer):
+                    self.encoder_optimizer.build(encoder_vars)
+            self.encoder_optimizer.apply(encoder_grads, encoder_vars)
+
+    def stateless_apply(self, optimizer_variables, grads, trainable_variables):
+        raise NotImplementedError("EncoderLROptimizer supports the stateful backends (TensorFlow, PyTorch), "
+                                  "not JAX's stateless training")
+
+    @property
+    def variables(self):
+        return self._variables + self.decoder_optimizer.variables + self.encoder_optimizer.variables
+
+    def save_own_variables(self, store):
+        # The two inner optimizers are saved as child objects by Keras' saving; only the wrapper's own here.
+        for i, variable in enumerate(self._variables):
+            store[str(i)] = variable.numpy()
+
+    def load_own_variables(self, store):
+        if len(store.keys()) != len(self._variables):
+            raise ValueError(f"{self.name}: saved state has {len(store.keys())} own variables, "
+                             f"expected {len(self._variables)}")
+        for i, variable in enumerate(self._variables):
+            variable.assign(store[str(i)])
+
+    @property
+    def learning_rate(self):
+        return self.decoder_optimizer.learning_rate
+
+    @learning_rate.setter
+    def learning_rate(self, learning_rate):
+        self.decoder_optimizer.learning_rate = learning_rate
+
+    @property
+    def iterations(self):
+        return self.decoder_optimizer.iterations
+
+    def exclude_from_weight_decay(self, var_list=None, var_names=None):
+        self.decoder_optimizer.exclude_from_weight_decay(var_list=var_list, var_names=var_names)
+        self.encoder_optimizer.exclude_from_weight_decay(var_list=var_list, var_names=var_names)
+
+    def finalize_variable_values(self, var_list):
+        variables = list(var_list)
+        _, encoder_vars, _, decoder_vars = self._split([None] * len(variables), variables)
+        if self.decoder_optimizer.built and decoder_vars:
+            self.decoder_optimizer.finalize_variable_values(decoder_vars)
+        if self.encoder_optimizer.built and encoder_vars:
+            self.encoder_optimizer.finalize_variable_values(encoder_vars)
+
+    def get_config(self):
+        return {
+            "name": self.name,
+            "optimizer": keras.optimizers.serialize(self.decoder_optimizer),
+            "encoder_lr_multiplier": self.encoder_lr_multiplier,
+            "encoder_variable_paths": sorted(self.encoder_variable_paths),
+            "loss_scale_factor": self.loss_scale_factor,
+            "global_clipnorm": self.global_clipnorm,
+        }
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        config["optimizer"] = keras.optimizers.deserialize(config["optimizer"], custom_objects=custom_objects)
+        return cls(**config)
+
+
+def encoder_lr_optimizer(model: keras.Model, optimizer: keras.optimizers.Optimizer,
+                         encoder_lr_multiplier: float = 1.0, encoder: str = ENCODER_LAYER) -> EncoderLROptimizer:
+    """`optimizer` wrapped so `model`'s encoder learns at ``lr x encoder_lr_multiplier``; pass it to `compile`."""
+    return EncoderLROptimizer(optimizer, encoder_lr_multiplier).bind(model, encoder)
+
