@@ -24,8 +24,8 @@ Randomness and determinism: every element gets its own stateless seed pair, draw
 from it (use `tf.image.stateless_*` / `tf.random.stateless_*` ops in the hook). With a fixed `seed`
 and `deterministic=True`, two datasets built alike yield identical batches; successive epochs of one
 dataset still differ (new shuffle order, new crops), reproducibly. `deterministic=False` lets
-parallel stages emit elements out of order for speed; each element's content is still fixed by its
-seed, only the order varies.
+parallel stages emit elements out of order for speed, so the order, and which seed meets which
+image, can change from run to run.
 """
 
 from __future__ import annotations
