@@ -65,12 +65,124 @@ class ValidateConfig(_Section):
     decode_images: bool = True
 
 
+class ProfileConfig(_Section):
+    """Size and budget of a training run; `profile` in params picks one."""
+
+    image_size: int = Field(128, ge=32)
+    batch_size: int = Field(8, ge=1)
+    epochs: int = Field(8, ge=1)
+    width: float = Field(0.25, gt=0)
+    learning_rate: float = Field(1e-3, gt=0)
+
+
+class ModelEntry(_Section):
+    arch: str
+    weights: str | None = None
+    width: float | None = Field(None, gt=0)  # None: the profile's width
+
+
+class AugmentConfig(_Section):
+    rotate_deg: float = Field(15, ge=0, le=180)
+    scale: tuple[float, float] = (0.8, 1.2)
+    hflip: bool = True
+    vflip: bool = False
+    brightness: float = Field(0.2, ge=0)
+    contrast: float = Field(0.2, ge=0)
+    saturation: float = Field(0.2, ge=0)
+
+    @field_validator("scale")
+    @classmethod
+    def _scale_ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError("train.augment.scale must be [low, high] with 0 < low <= high")
+        return v
+
+
+class TrainConfig(_Section):
+    out: Path = Path("data/models")
+    metrics: Path = Path("data/metrics")
+    state: Path = Path("data/train_state")
+    optimizer: Literal["adam", "adamw"] = "adam"
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_epochs: int = Field(1, ge=0)
+    output_stride: Literal[8, 16] = 16
+    loss: Literal["ce", "focal", "dice", "focal_dice"] = "focal_dice"
+    focal_gamma: float = Field(2.0, ge=0)
+    focal_weight: float = Field(1.0, ge=0)
+    dice_weight: float = Field(1.0, ge=0)
+    class_weights: list[float] | None = None
+    mixed_precision: Literal["auto", "off", "mixed_float16", "mixed_bfloat16"] = "auto"
+    freeze_encoder_epochs: int = Field(1, ge=0)
+    encoder_lr_multiplier: float = Field(0.1, gt=0)
+    early_stopping_patience: int = Field(10, ge=1)
+    reduce_lr_patience: int = Field(3, ge=1)
+    augment: AugmentConfig = AugmentConfig()
+
+
+class EvaluateConfig(_Section):
+    out: Path = Path("data/eval")
+    batch_size: int = Field(8, ge=1)
+    tta: list[Literal["identity", "hflip", "vflip", "rot90", "rot180", "rot270"]] = Field(
+        default_factory=lambda: ["identity", "hflip", "vflip", "rot90", "rot270"])
+    latency_runs: int = Field(20, ge=1)
+
+
+class EnsembleConfig(_Section):
+    members: list[str] = Field(default_factory=list)
+    weights: list[float] | None = None
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_match(cls, v, info):
+        members = info.data.get("members", [])
+        if v is not None and len(v) != len(members):
+            raise ValueError(f"ensemble.weights has {len(v)} entries for {len(members)} members")
+        if v is not None and (any(w < 0 for w in v) or sum(v) <= 0):
+            raise ValueError("ensemble.weights must be non-negative with a positive sum")
+        return v
+
+
+class WarehouseConfig(_Section):
+    path: Path = Path("data/warehouse.duckdb")
+
+
 class Config(_Section):
     seed: int = 0
     sample: SampleConfig = SampleConfig()
     data: DataConfig = DataConfig()
     shard: ShardConfig = ShardConfig()
     validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
+    profiles: dict[str, ProfileConfig] = Field(default_factory=lambda: {"cpu": ProfileConfig()})
+    profile: str = "cpu"  # after `profiles`, so its validator can see them
+    models: dict[str, ModelEntry] = Field(default_factory=dict)
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    ensemble: EnsembleConfig = EnsembleConfig()
+    warehouse: WarehouseConfig = WarehouseConfig()
+
+    @field_validator("profile")
+    @classmethod
+    def _profile_known(cls, v: str, info) -> str:
+        profiles = info.data.get("profiles")
+        if profiles is not None and v not in profiles:
+            raise ValueError(f"profile {v!r} is not one of profiles: {sorted(profiles)}")
+        return v
+
+    @property
+    def run_profile(self) -> ProfileConfig:
+        """The size/budget block that `profile` selects."""
+        return self.profiles[self.profile]
+
+    def model(self, name: str) -> ModelEntry:
+        """The `models.<name>` entry, or an error listing the configured names."""
+        try:
+            return self.models[name]
+        except KeyError:
+            raise ConfigError(f"no model {name!r} in params.yaml `models`; configured: {sorted(self.models)}") from None
+
+    def model_width(self, name: str) -> float:
+        entry = self.model(name)
+        return entry.width if entry.width is not None else self.run_profile.width
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
