@@ -48,7 +48,7 @@ def scratch_repo(tmp_path) -> Path:
 
 
 def test_dvc_repro_runs_sample_shard_validate_then_does_nothing(scratch_repo):
-    first = _run(["dvc", "repro"], scratch_repo)
+    first = _run(["dvc", "repro", "validate_data"], scratch_repo)
     for stage in ("sample", "shard", "validate_data"):
         assert f"Running stage '{stage}'" in first.stdout, first.stdout
     report = json.loads((scratch_repo / "data/reports/shard.json").read_text())
@@ -56,7 +56,7 @@ def test_dvc_repro_runs_sample_shard_validate_then_does_nothing(scratch_repo):
     assert report["class_set"] == "voc20"
     assert (scratch_repo / "data/reports/validation/index.html").is_file()
     assert list((scratch_repo / "data/shards/train").glob("part-*.parquet"))
-    second = _run(["dvc", "repro"], scratch_repo)
+    second = _run(["dvc", "repro", "validate_data"], scratch_repo)
     assert "Running stage" not in second.stdout and "Data and pipelines are up to date" in second.stdout
     metrics = _run(["dvc", "metrics", "show", "--json"], scratch_repo)
     assert "shard.json" in metrics.stdout
@@ -65,7 +65,8 @@ def test_dvc_repro_runs_sample_shard_validate_then_does_nothing(scratch_repo):
 @requires_coco_mini
 @pytest.mark.coco_mini
 def test_dvc_exp_run_switches_to_a_real_coco_root(scratch_repo):
-    proc = _run(["dvc", "exp", "run", "-S", f"data.root={COCO_MINI}", "-S", "data.class_set=all80"], scratch_repo)
+    proc = _run(["dvc", "exp", "run", "validate_data", "-S", f"data.root={COCO_MINI}", "-S", "data.class_set=all80"],
+                scratch_repo)
     assert "Running stage 'shard'" in proc.stdout, proc.stdout
     report = json.loads((scratch_repo / "data/reports/shard.json").read_text())
     assert report["source"] == "coco-mini" and report["class_set"] == "all80" and len(report["classes"]) == 81

@@ -39,6 +39,30 @@ def _validate_data(cfg, args) -> dict:
     return {k: v for k, v in summary.items() if k != "expectations"}
 
 
+def _train(cfg, args) -> dict:
+    from seglab.train.fit import run_train
+
+    return run_train(cfg, args.name)
+
+
+def _evaluate(cfg, args) -> dict:
+    from seglab.evaluate.evaluate import run_evaluate
+
+    return run_evaluate(cfg, args.name)
+
+
+def _ensemble(cfg, args) -> dict:
+    from seglab.evaluate.ensemble import run_ensemble
+
+    return run_ensemble(cfg)
+
+
+def _ingest(cfg, args) -> dict:
+    from seglab.warehouse.ingest import run_ingest
+
+    return run_ingest(cfg)
+
+
 def _download_coco(cfg, args) -> dict:
     from seglab.data.download import download_coco
 
@@ -50,6 +74,10 @@ STAGES: dict[str, tuple[Callable, str]] = {
     "sample": (_sample, "generate the embedded default COCO-format dataset (params: sample, seed)"),
     "shard": (_shard, "COCO root -> Parquet shards (params: data, shard)"),
     "validate-data": (_validate_data, "check the shards with the Great Expectations suite (params: validate)"),
+    "train": (_train, "train one model from params `models` (params: profile, train, models.NAME)"),
+    "evaluate": (_evaluate, "evaluate one trained model on the validation split, plain and with TTA"),
+    "ensemble": (_ensemble, "evaluate the weighted ensemble of params `ensemble.members`"),
+    "ingest": (_ingest, "load every evaluation into the DuckDB warehouse (params: warehouse)"),
     "download-coco": (_download_coco, "download and unpack COCO 2017 (needs internet), verifying MD5 checksums"),
 }
 
@@ -61,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for name, (_, help_text) in STAGES.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
+        if name in ("train", "evaluate"):
+            p.add_argument("name", help="a model name from params.yaml `models`")
         if name == "download-coco":
             p.add_argument("--dest", type=Path, default=Path("coco"), help="where the COCO root is created")
             p.add_argument("--parts", nargs="+", default=["annotations", "val2017", "train2017"],
