@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -61,12 +62,16 @@ def spec(name: str) -> ModelSpec:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(available())}") from None
 
 
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _check_input_shape(model: ModelSpec, input_shape: Sequence[Any], multiple: int) -> tuple[int, int, int]:
     shape = tuple(input_shape)
-    if len(shape) != 3 or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape):
+    if len(shape) != 3 or not all(_is_integer(s) for s in shape):
         raise ValueError(f"{model.name}: input_shape must be (height, width, channels) as integers, got {shape!r} "
                          "(sizes must be static; rebuild the model for another size, the weights fit any size)")
-    height, width, channels = shape
+    height, width, channels = (int(s) for s in shape)
     if channels != 3:
         raise ValueError(f"{model.name}: input must be RGB with 3 channels, got input_shape {shape!r}")
     for axis, size in (("height", height), ("width", width)):
@@ -75,8 +80,8 @@ def _check_input_shape(model: ModelSpec, input_shape: Sequence[Any], multiple: i
             nearest = f"{lower}" if lower == upper else f"{lower} or {upper}"
             raise ValueError(
                 f"{model.name}: input {axis} {size} (input_shape {shape!r}) is not a positive multiple of {multiple}, "
-                f"the factor this network downsamples by; nearest valid {axis}: {nearest}. Resize or pad "
-                f"the images (e.g. crop/pad in the data pipeline) to such a size."
+                f"the factor this network downsamples by; nearest valid {axis}: {nearest}. Resize, crop or pad "
+                "the images to such a size."
             )
     return height, width, channels
 
@@ -103,19 +108,19 @@ def build(
     for unet_<backbone>; an option a model does not take is a TypeError listing the ones it takes.
     """
     model_spec = spec(name)
-    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+    if not _is_integer(num_classes) or num_classes < 1:
         raise ValueError(f"{name}: num_classes must be a positive integer, got {num_classes!r}")
-    if not isinstance(width, (int, float)) or isinstance(width, bool) or not math.isfinite(width) or width <= 0:
+    if not isinstance(width, numbers.Real) or isinstance(width, bool) or not math.isfinite(width) or width <= 0:
         raise ValueError(f"{name}: width must be a positive number, got {width!r}")
     unknown = sorted(set(options) - set(model_spec.options))
     if unknown:
         accepted = ", ".join(f"{k}={v!r}" for k, v in model_spec.options.items()) or "none"
         raise TypeError(f"{name}: unexpected option(s) {', '.join(unknown)}; options it takes: {accepted}")
     resolved = {**model_spec.options, **options}
-    _check_input_shape(model_spec, input_shape, model_spec.size_multiple(resolved))
+    shape = _check_input_shape(model_spec, input_shape, model_spec.size_multiple(resolved))
     _check_weights_request(model_spec, weights, width)
 
-    model = model_spec.builder(num_classes, tuple(input_shape), width=float(width), **resolved)
+    model = model_spec.builder(int(num_classes), shape, width=float(width), **resolved)
     if weights is None:
         log.info("%s: random initialisation (weights=None)", name)
     elif isinstance(weights, str) and weights in WEIGHT_KEYWORDS:

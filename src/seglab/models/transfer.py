@@ -81,7 +81,7 @@ def set_encoder_trainable(model: keras.Model, trainable: bool, encoder: str = EN
                     f"cannot unfreeze the encoder of {model.name!r}: its optimizer {optimizer.name!r} was built "
                     "without the encoder's variables (compiled while frozen). Compile with "
                     "seglab.models.transfer.encoder_lr_optimizer(model, optimizer) (multiplier 1.0 is fine), "
-                    "or recompile after unfreezing."
+                    "or compile again with a new optimizer after unfreezing."
                 ) from None
     if compiled:
         # The traced step captured the old trainable set and BatchNorm mode.

@@ -1,0 +1,278 @@
+"""The warehouse's DuckDB schema: tables, views and the migrations that create them.
+
+Tables (one evaluated variant of a model = one *run*, keyed by ``run_id``):
+
+- ``runs``       one row per run: what was trained (model, arch, backbone, weights), on what
+                 (dataset, class set, classes), how (params hash, git revision, sizes, seed),
+                 how fast (timings, throughput, latency) and where it came from (source file).
+                 ``run_json`` keeps the whole ``run`` object, so fields without a column of their
+                 own stay queryable (``run_json->>'$.field'``).
+- ``metrics``    run x split x metric -> value (the mean scores: miou, mdice, accuracy, ...).
+- ``per_class``  run x class -> IoU, Dice, precision, recall, one-vs-rest accuracy, support
+                 (truth pixels) and predicted pixels.
+- ``confusion``  run x true class x predicted class -> pixel count. Only non-zero cells are
+                 stored (a missing cell is 0); ``runs.num_classes`` gives the matrix size.
+- ``history``    run x epoch x metric -> value, the training curves (plain runs only).
+
+Undefined scores (a class absent from truth and prediction) are NULL, never 0 or 1.
+
+Views: ``leaderboard`` (one row per run with its headline scores and costs) and
+``class_scores`` (per_class with the run's name, variant, arch, dataset and class set).
+
+Extending the schema: append a `Migration` with the next version to `MIGRATIONS`. Its
+statements must be idempotent (``CREATE TABLE IF NOT EXISTS``, ``ALTER TABLE ... ADD COLUMN IF
+NOT EXISTS``, ``CREATE OR REPLACE VIEW``); `ensure_schema` applies the ones a warehouse lacks,
+each in its own transaction, and records them in ``schema_version``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+
+__all__ = [
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "TABLES",
+    "Migration",
+    "SchemaError",
+    "WarehouseError",
+    "connect",
+    "ensure_schema",
+    "schema_version",
+]
+
+
+class WarehouseError(RuntimeError):
+    """A warehouse that cannot be opened, read or written as asked."""
+
+
+class SchemaError(WarehouseError):
+    """The database is not a seglab warehouse this code can read or upgrade."""
+
+
+def connect(path: str | Path, *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    """Open the warehouse file; a missing file (read-only) or a lock held elsewhere is a clear error.
+
+    DuckDB lets one process write a database file or several read it, not both at once, so a
+    dashboard holding the file open read-only blocks `seglab ingest` (and the reverse).
+    """
+    path = Path(path)
+    if read_only and not path.is_file():
+        raise WarehouseError(
+            f"{path}: no warehouse there; build it with `seglab ingest` (or `dvc repro`) first"
+        )
+    if not read_only:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return duckdb.connect(str(path), read_only=read_only)
+    except duckdb.Error as e:
+        if isinstance(e, duckdb.IOException) and "lock" in str(e).lower():
+            raise WarehouseError(
+                f"{path}: opened by another process ({'writing' if read_only else 'reading or writing'}); "
+                f"close it (e.g. the dashboard, or a running `seglab ingest`) and retry: {e}"
+            ) from None
+        raise WarehouseError(f"{path}: cannot open as a DuckDB database: {e}") from None
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    description: str
+    statements: tuple[str, ...]
+
+
+_VERSION_TABLE = """
+CREATE TABLE IF NOT EXISTS schema_version (
+    version     INTEGER PRIMARY KEY,
+    description VARCHAR NOT NULL,
+    applied_at  TIMESTAMPTZ NOT NULL DEFAULT current_timestamp
+)
+"""
+
+_V1_RUNS = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id                  VARCHAR PRIMARY KEY,  -- sha256(name + variant + params_hash)[:16]
+    name                    VARCHAR NOT NULL,     -- params.yaml model name, or 'ensemble'
+    variant                 VARCHAR NOT NULL,     -- plain | tta | ensemble
+    split                   VARCHAR NOT NULL,     -- the evaluated split
+    model                   VARCHAR,
+    arch                    VARCHAR,              -- seglab.models registry name
+    backbone                VARCHAR,
+    weights                 VARCHAR,              -- requested: imagenet | imagenet-offline | path | NULL
+    weights_loaded          VARCHAR,              -- what was actually loaded ('random' for none)
+    members                 VARCHAR[],            -- ensemble: member model names
+    member_weights          DOUBLE[],             -- ensemble: their weights in the mean
+    params_hash             VARCHAR,
+    git_rev                 VARCHAR,
+    dataset                 VARCHAR NOT NULL,     -- the shards' source
+    class_set               VARCHAR NOT NULL,     -- all80 | voc20 | JSON list of names
+    classes                 VARCHAR[] NOT NULL,   -- class names by index
+    num_classes             INTEGER NOT NULL,
+    image_size              INTEGER,
+    batch_size              INTEGER,
+    width                   DOUBLE,
+    epochs_planned          INTEGER,
+    epochs_run              INTEGER,
+    best_epoch              INTEGER,
+    best_val_miou           DOUBLE,
+    seconds_per_epoch       DOUBLE,
+    train_seconds           DOUBLE,
+    train_images_per_second DOUBLE,
+    param_count             BIGINT,
+    trainable_param_count   BIGINT,
+    train_images            INTEGER,
+    val_images              INTEGER,
+    seed                    BIGINT,
+    mixed_precision         VARCHAR,
+    strategy                VARCHAR,
+    replicas                INTEGER,
+    tta                     VARCHAR[],            -- TTA transforms merged (variant 'tta')
+    images_per_second       DOUBLE,               -- evaluation throughput
+    latency_ms_p50          DOUBLE,
+    latency_ms_p90          DOUBLE,
+    created_at              TIMESTAMPTZ,          -- when training finished
+    evaluated_at            TIMESTAMPTZ,
+    source_file             VARCHAR NOT NULL,     -- the eval.json it was ingested from
+    source_sha256           VARCHAR NOT NULL,
+    ingested_at             TIMESTAMPTZ NOT NULL,
+    run_json                JSON NOT NULL         -- the whole `run` object as ingested
+)
+"""
+
+_V1_METRICS = """
+CREATE TABLE IF NOT EXISTS metrics (
+    run_id VARCHAR NOT NULL,
+    split  VARCHAR NOT NULL,
+    metric VARCHAR NOT NULL,
+    value  DOUBLE,              -- NULL: undefined (nothing counted)
+    PRIMARY KEY (run_id, split, metric)
+)
+"""
+
+_V1_PER_CLASS = """
+CREATE TABLE IF NOT EXISTS per_class (
+    run_id      VARCHAR NOT NULL,
+    class_index INTEGER NOT NULL,
+    class_name  VARCHAR NOT NULL,
+    iou         DOUBLE,
+    dice        DOUBLE,
+    precision   DOUBLE,
+    recall      DOUBLE,
+    accuracy    DOUBLE,         -- one-vs-rest pixel accuracy (TP + TN) / N
+    support     BIGINT NOT NULL, -- truth pixels of the class
+    predicted   BIGINT NOT NULL, -- pixels predicted as the class
+    PRIMARY KEY (run_id, class_index)
+)
+"""
+
+_V1_CONFUSION = """
+CREATE TABLE IF NOT EXISTS confusion (
+    run_id     VARCHAR NOT NULL,
+    true_index INTEGER NOT NULL,
+    pred_index INTEGER NOT NULL,
+    count      BIGINT NOT NULL,  -- only non-zero cells are stored
+    PRIMARY KEY (run_id, true_index, pred_index)
+)
+"""
+
+_V1_HISTORY = """
+CREATE TABLE IF NOT EXISTS history (
+    run_id VARCHAR NOT NULL,
+    epoch  INTEGER NOT NULL,
+    metric VARCHAR NOT NULL,
+    value  DOUBLE,
+    PRIMARY KEY (run_id, epoch, metric)
+)
+"""
+
+_V1_LEADERBOARD = """
+CREATE OR REPLACE VIEW leaderboard AS
+WITH scores AS (
+    SELECT run_id, split,
+           max(value) FILTER (WHERE metric = 'miou')       AS miou,
+           max(value) FILTER (WHERE metric = 'mdice')      AS mdice,
+           max(value) FILTER (WHERE metric = 'mprecision') AS mprecision,
+           max(value) FILTER (WHERE metric = 'mrecall')    AS mrecall,
+           max(value) FILTER (WHERE metric = 'miou_fg')    AS miou_fg,
+           max(value) FILTER (WHERE metric = 'accuracy')   AS accuracy
+    FROM metrics
+    GROUP BY run_id, split
+)
+SELECT r.run_id, r.name, r.variant, r.model, r.arch, r.backbone, r.weights, r.weights_loaded,
+       r.dataset, r.class_set, r.split,
+       s.miou, s.mdice, s.mprecision, s.mrecall, s.miou_fg, s.accuracy,
+       r.param_count, r.seconds_per_epoch, r.train_seconds, r.images_per_second,
+       r.latency_ms_p50, r.latency_ms_p90, r.image_size, r.width, r.epochs_run, r.best_epoch,
+       r.params_hash, r.git_rev, r.evaluated_at
+FROM runs AS r
+LEFT JOIN scores AS s ON s.run_id = r.run_id AND s.split = r.split
+"""
+
+_V1_CLASS_SCORES = """
+CREATE OR REPLACE VIEW class_scores AS
+SELECT r.name, r.variant, r.arch, r.dataset, r.class_set, r.split, p.*
+FROM per_class AS p
+JOIN runs AS r USING (run_id)
+"""
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "runs, metrics, per_class, confusion, history; leaderboard and class_scores views",
+        (_V1_RUNS, _V1_METRICS, _V1_PER_CLASS, _V1_CONFUSION, _V1_HISTORY, _V1_LEADERBOARD,
+         _V1_CLASS_SCORES),
+    ),
+)
+
+SCHEMA_VERSION = MIGRATIONS[-1].version
+
+# Tables holding one run's rows, children first: what replacing a run deletes.
+TABLES = ("metrics", "per_class", "confusion", "history", "runs")
+
+
+def schema_version(con: duckdb.DuckDBPyConnection) -> int:
+    """The highest migration applied to this database; 0 for an empty one."""
+    exists = con.execute(
+        "SELECT count(*) FROM information_schema.tables "
+        "WHERE table_schema = current_schema() AND table_name = 'schema_version'"
+    ).fetchone()[0]
+    if not exists:
+        return 0
+    version = con.execute("SELECT max(version) FROM schema_version").fetchone()[0]
+    return int(version or 0)
+
+
+def ensure_schema(con: duckdb.DuckDBPyConnection) -> int:
+    """Bring the database up to `SCHEMA_VERSION`; returns that version.
+
+    Each missing migration runs in its own transaction, so a kill leaves the database at the
+    last complete version. A database written by newer code (a higher version) is refused
+    rather than written with a schema this code does not know.
+    """
+    current = schema_version(con)
+    if current > SCHEMA_VERSION:
+        raise SchemaError(
+            f"the warehouse has schema version {current}, newer than this seglab's "
+            f"{SCHEMA_VERSION}; upgrade seglab or rebuild the warehouse with `seglab ingest`"
+        )
+    for migration in MIGRATIONS:
+        if migration.version <= current:
+            continue
+        con.begin()
+        try:
+            con.execute(_VERSION_TABLE)
+            for statement in migration.statements:
+                con.execute(statement)
+            con.execute(
+                "INSERT INTO schema_version (version, description) VALUES (?, ?)",
+                [migration.version, migration.description],
+            )
+            con.commit()
+        except BaseException:
+            con.rollback()
+            raise
+        current = migration.version
+    return current
