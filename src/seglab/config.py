@@ -146,6 +146,18 @@ class WarehouseConfig(_Section):
     path: Path = Path("data/warehouse.duckdb")
 
 
+class ScheduleConfig(_Section):
+    cron: str = "0 3 * * 1"
+    timezone: str = "UTC"
+
+    @field_validator("cron")
+    @classmethod
+    def _five_fields(cls, v: str) -> str:
+        if len(v.split()) != 5:
+            raise ValueError(f"schedule.cron must have 5 fields (minute hour day month weekday), got {v!r}")
+        return v
+
+
 class Config(_Section):
     seed: int = 0
     sample: SampleConfig = SampleConfig()
@@ -159,6 +171,7 @@ class Config(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     ensemble: EnsembleConfig = EnsembleConfig()
     warehouse: WarehouseConfig = WarehouseConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
 
     @field_validator("profile")
     @classmethod

@@ -1,0 +1,42 @@
+"""The DuckDB warehouse: evaluation results as tables (runs, metrics, per_class, confusion,
+history) for SQL and the dashboard.
+
+Write side: `run_ingest(cfg)` / `ingest_eval(con_or_path, eval_json)`. Read side:
+`connect_read_only(path)` and the queries in `seglab.warehouse.queries`. See docs/sql.md.
+"""
+
+from seglab.warehouse.ingest import EvalFileError, ingest_eval, ingest_files, load_eval, open_warehouse, run_ingest
+from seglab.warehouse.queries import (
+    compare_runs,
+    confusion,
+    connect_read_only,
+    deeplab_beats_unet,
+    family_beats,
+    history,
+    leaderboard,
+    per_class_matrix,
+    worst_classes,
+)
+from seglab.warehouse.schema import SCHEMA_VERSION, SchemaError, WarehouseError, ensure_schema
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "EvalFileError",
+    "SchemaError",
+    "WarehouseError",
+    "compare_runs",
+    "confusion",
+    "connect_read_only",
+    "deeplab_beats_unet",
+    "ensure_schema",
+    "family_beats",
+    "history",
+    "ingest_eval",
+    "ingest_files",
+    "leaderboard",
+    "load_eval",
+    "open_warehouse",
+    "per_class_matrix",
+    "run_ingest",
+    "worst_classes",
+]

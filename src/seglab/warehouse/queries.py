@@ -1,0 +1,214 @@
+"""The warehouse's read side: the queries the dashboard and users run, as pandas DataFrames.
+
+All values go in as bound parameters; the only names put into SQL text (a metric column) come
+from a fixed list. Open the warehouse with `connect_read_only`, so a dashboard can never change it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import numpy as np
+import pandas as pd
+
+from seglab.warehouse.schema import SCHEMA_VERSION, SchemaError, WarehouseError, connect, schema_version
+
+__all__ = [
+    "PER_CLASS_METRICS",
+    "compare_runs",
+    "confusion",
+    "connect_read_only",
+    "deeplab_beats_unet",
+    "family_beats",
+    "history",
+    "leaderboard",
+    "per_class_matrix",
+    "worst_classes",
+]
+
+PER_CLASS_METRICS = ("iou", "dice", "precision", "recall", "accuracy", "support", "predicted")
+
+# Architecture families, as regular expressions over runs.arch (seglab.models registry names).
+DEEPLABV3PLUS_ARCH = r"^deeplabv3plus"
+UNET_ARCH = r"(^|_)unet($|_)"  # unet, attention_unet, unet_resnet50, unet_mobilenetv2, ...
+
+
+def connect_read_only(path: str | Path) -> duckdb.DuckDBPyConnection:
+    """Open the warehouse for reading only; clear errors if it is missing or not a warehouse."""
+    con = connect(path, read_only=True)
+    try:
+        version = schema_version(con)
+        if version == 0:
+            raise SchemaError(f"{path}: a DuckDB file but not a seglab warehouse (no schema_version "
+                              "table); build it with `seglab ingest`")
+        if version > SCHEMA_VERSION:
+            raise SchemaError(f"{path}: schema version {version} is newer than this seglab's "
+                              f"{SCHEMA_VERSION}; upgrade seglab")
+    except BaseException:
+        con.close()
+        raise
+    return con
+
+
+def _df(con: duckdb.DuckDBPyConnection, sql: str, params: Any = None) -> pd.DataFrame:
+    return con.execute(sql, params).df()
+
+
+def _require_run(con: duckdb.DuckDBPyConnection, run_id: str) -> tuple[list[str], str, str]:
+    row = con.execute("SELECT classes, name, variant FROM runs WHERE run_id = ?", [run_id]).fetchone()
+    if row is None:
+        raise WarehouseError(f"no run {run_id!r} in the warehouse (see the leaderboard for run ids)")
+    return list(row[0]), row[1], row[2]
+
+
+_FILTERS = """
+    ($dataset IS NULL OR dataset = $dataset)
+    AND ($class_set IS NULL OR class_set = $class_set)
+    AND ($variant IS NULL OR variant = $variant)
+"""
+
+
+def leaderboard(con: duckdb.DuckDBPyConnection, dataset: str | None = None,
+                class_set: str | None = None, variant: str | None = None) -> pd.DataFrame:
+    """One row per run (name, variant, scores, size, speed), best mIoU first."""
+    return _df(con, f"SELECT * FROM leaderboard WHERE {_FILTERS} "
+                    "ORDER BY miou DESC NULLS LAST, name, variant, run_id",
+               {"dataset": dataset, "class_set": class_set, "variant": variant})
+
+
+def per_class_matrix(con: duckdb.DuckDBPyConnection, metric: str = "iou", *,
+                     dataset: str | None = None, class_set: str | None = None,
+                     variant: str | None = None) -> pd.DataFrame:
+    """Runs x classes table of one per-class metric (NaN where undefined).
+
+    Rows: a (name, variant, run_id) index, best mIoU first; columns: class names in class order.
+    """
+    if metric not in PER_CLASS_METRICS:
+        raise ValueError(f"metric must be one of {PER_CLASS_METRICS}; got {metric!r}")
+    long = _df(con, f"""
+        SELECT c.name, c.variant, c.run_id, c.class_index, c.class_name, c.{metric} AS value,
+               l.miou
+        FROM class_scores AS c JOIN leaderboard AS l USING (run_id)
+        WHERE ($dataset IS NULL OR c.dataset = $dataset)
+          AND ($class_set IS NULL OR c.class_set = $class_set)
+          AND ($variant IS NULL OR c.variant = $variant)
+        ORDER BY l.miou DESC NULLS LAST, c.name, c.variant, c.run_id, c.class_index
+    """, {"dataset": dataset, "class_set": class_set, "variant": variant})
+    index = ["name", "variant", "run_id"]
+    if long.empty:
+        return pd.DataFrame(index=pd.MultiIndex.from_arrays([[], [], []], names=index), dtype=float)
+    class_order = long.groupby("class_name", sort=False)["class_index"].min().sort_values(kind="stable")
+    run_order = list(dict.fromkeys(map(tuple, long[index].itertuples(index=False))))
+    matrix = long.pivot(index=index, columns="class_name", values="value")
+    matrix = matrix.reindex(index=pd.MultiIndex.from_tuples(run_order, names=index),
+                            columns=list(class_order.index))
+    matrix.columns.name = None
+    return matrix.astype(float)
+
+
+def compare_runs(con: duckdb.DuckDBPyConnection, run_a: str, run_b: str) -> pd.DataFrame:
+    """Per class: IoU, Dice, precision and recall of runs a and b, and b - a; same classes required."""
+    classes_a, name_a, _ = _require_run(con, run_a)
+    classes_b, name_b, _ = _require_run(con, run_b)
+    if classes_a != classes_b:
+        raise WarehouseError(f"runs {run_a} ({name_a}) and {run_b} ({name_b}) were evaluated on "
+                             f"different class lists ({len(classes_a)} vs {len(classes_b)} classes); "
+                             "per-class comparison needs the same classes")
+    return _df(con, """
+        SELECT a.class_index, a.class_name,
+               a.iou AS iou_a, b.iou AS iou_b, b.iou - a.iou AS iou_delta,
+               a.dice AS dice_a, b.dice AS dice_b, b.dice - a.dice AS dice_delta,
+               a.precision AS precision_a, b.precision AS precision_b,
+               b.precision - a.precision AS precision_delta,
+               a.recall AS recall_a, b.recall AS recall_b, b.recall - a.recall AS recall_delta,
+               a.support AS support_a, b.support AS support_b
+        FROM per_class AS a JOIN per_class AS b USING (class_index)
+        WHERE a.run_id = $a AND b.run_id = $b
+        ORDER BY a.class_index
+    """, {"a": run_a, "b": run_b})
+
+
+def history(con: duckdb.DuckDBPyConnection, run_id: str) -> pd.DataFrame:
+    """The training curves of a run: one row per epoch, one column per logged metric.
+
+    Empty (just an `epoch` column) for runs without training history (TTA, ensemble).
+    """
+    _require_run(con, run_id)
+    long = _df(con, "SELECT epoch, metric, value FROM history WHERE run_id = ? ORDER BY epoch, metric",
+               [run_id])
+    if long.empty:
+        return pd.DataFrame({"epoch": pd.Series([], dtype="int64")})
+    metric_order = list(dict.fromkeys(long["metric"]))
+    wide = long.pivot(index="epoch", columns="metric", values="value")[metric_order]
+    wide.columns.name = None
+    return wide.reset_index()
+
+
+def confusion(con: duckdb.DuckDBPyConnection, run_id: str) -> pd.DataFrame:
+    """The run's dense C x C confusion matrix (int64): rows truth, columns prediction, by class name."""
+    classes, _, _ = _require_run(con, run_id)
+    cells = con.execute("SELECT true_index, pred_index, count FROM confusion WHERE run_id = ?",
+                        [run_id]).fetchnumpy()
+    matrix = np.zeros((len(classes), len(classes)), dtype=np.int64)
+    # Only non-zero cells are stored; the rest are 0.
+    matrix[cells["true_index"], cells["pred_index"]] = cells["count"]
+    frame = pd.DataFrame(matrix, index=pd.Index(classes, name="true"),
+                         columns=pd.Index(classes, name="predicted"))
+    return frame
+
+
+def worst_classes(con: duckdb.DuckDBPyConnection, k: int = 5, *, dataset: str | None = None,
+                  class_set: str | None = None, variant: str | None = None) -> pd.DataFrame:
+    """The `k` classes with the lowest IoU for every run (classes with undefined IoU skipped)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer; got {k!r}")
+    return _df(con, f"""
+        SELECT name, variant, run_id, class_index, class_name, iou, dice, support, predicted,
+               row_number() OVER (PARTITION BY run_id ORDER BY iou, class_index) AS rank
+        FROM class_scores
+        WHERE iou IS NOT NULL AND {_FILTERS}
+        QUALIFY rank <= $k
+        ORDER BY name, variant, run_id, rank
+    """, {"k": k, "dataset": dataset, "class_set": class_set, "variant": variant})
+
+
+def family_beats(con: duckdb.DuckDBPyConnection, challenger_arch: str, baseline_arch: str, *,
+                 variant: str | None = "plain") -> pd.DataFrame:
+    """Classes where the best challenger run has a higher IoU than the best baseline run.
+
+    A family is the runs whose `arch` matches a regular expression; its best run is the one with
+    the highest mIoU per (dataset, class set), so runs are compared only on the same data and
+    classes. `variant` restricts both sides (default the plain models, no TTA); None for any.
+    """
+    return _df(con, """
+        WITH family AS (
+            SELECT run_id, name, dataset, class_set, miou,
+                   CASE WHEN regexp_matches(arch, $challenger) THEN 'challenger'
+                        WHEN regexp_matches(arch, $baseline) THEN 'baseline' END AS side
+            FROM leaderboard
+            WHERE arch IS NOT NULL AND ($variant IS NULL OR variant = $variant)
+        ),
+        best AS (
+            SELECT * FROM family WHERE side IS NOT NULL
+            QUALIFY row_number() OVER (PARTITION BY dataset, class_set, side
+                                       ORDER BY miou DESC NULLS LAST, run_id) = 1
+        )
+        SELECT c.dataset, c.class_set, pc.class_index, pc.class_name,
+               c.name AS challenger_name, c.run_id AS challenger_run_id, pc.iou AS challenger_iou,
+               b.name AS baseline_name, b.run_id AS baseline_run_id, pb.iou AS baseline_iou,
+               pc.iou - pb.iou AS iou_margin
+        FROM best AS c
+        JOIN best AS b ON c.side = 'challenger' AND b.side = 'baseline'
+                      AND c.dataset = b.dataset AND c.class_set = b.class_set
+        JOIN per_class AS pc ON pc.run_id = c.run_id
+        JOIN per_class AS pb ON pb.run_id = b.run_id AND pb.class_index = pc.class_index
+        WHERE pc.iou > pb.iou
+        ORDER BY c.dataset, c.class_set, iou_margin DESC, pc.class_index
+    """, {"challenger": challenger_arch, "baseline": baseline_arch, "variant": variant})
+
+
+def deeplab_beats_unet(con: duckdb.DuckDBPyConnection, *, variant: str | None = "plain") -> pd.DataFrame:
+    """Classes where the best DeepLabV3+ run beats the best U-Net run in IoU (same dataset/classes)."""
+    return family_beats(con, DEEPLABV3PLUS_ARCH, UNET_ARCH, variant=variant)
