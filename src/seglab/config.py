@@ -144,6 +144,7 @@ class EnsembleConfig(_Section):
 
 class WarehouseConfig(_Section):
     path: Path = Path("data/warehouse.duckdb")
+    mirror: bool = False  # true: drop runs whose eval.json is gone (default: runs accumulate)
 
 
 class ScheduleConfig(_Section):

@@ -2,17 +2,17 @@
 
 Drawn with matplotlib's object API on an Agg canvas (no pyplot, no global state, no display), and
 written atomically. Label maps are coloured with one palette for truth and predictions: background
-black, every class a saturated colour (so none is grey), ignore (255) mid grey.
+black, every class a distinct colour (none of them grey), ignore (255) mid grey.
 """
 
 from __future__ import annotations
 
 import colorsys
-import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
@@ -28,16 +28,28 @@ _GOLDEN_RATIO = 0.6180339887498949
 _MAX_ANNOTATED_CLASSES = 30
 
 
+def _qualitative_colors() -> list[tuple[float, float, float]]:
+    """matplotlib's tab20/tab20b/tab20c without their greys: the dark tab20 hues first, so the first
+    classes (VOC's 20 fit) get the most distinct colours."""
+    tab20, tab20b, tab20c = (list(colormaps[name].colors) for name in ("tab20", "tab20b", "tab20c"))
+    ordered = tab20[0::2] + tab20[1::2] + tab20b + tab20c
+    # Drop greys and near-greys: grey means ignore.
+    return [c for c in ordered if max(c) - min(c) > 0.1]
+
+
 def label_palette() -> np.ndarray:
-    """(256, 3) uint8 colours indexed by label value: 0 black, 1..254 distinct hues, 255 grey."""
+    """(256, 3) uint8 colours indexed by label value: 0 black, 1..254 distinct colours, 255 grey."""
     palette = np.zeros((256, 3), np.uint8)
+    qualitative = _qualitative_colors()
     for value in range(1, 255):
-        # Golden-ratio hue steps keep neighbouring class indices far apart in colour; alternating
-        # saturation/brightness separates hues that come round close to each other.
-        hue = (value * _GOLDEN_RATIO) % 1.0
-        saturation = (0.95, 0.65)[value % 2]
-        brightness = (0.95, 0.75, 0.85)[value % 3]
-        palette[value] = [round(255 * c) for c in colorsys.hsv_to_rgb(hue, saturation, brightness)]
+        if value <= len(qualitative):
+            rgb = qualitative[value - 1]
+        else:
+            # Past the hand-made colours (large class sets like all80): golden-ratio hue steps keep
+            # neighbouring indices apart; saturation stays high so that no class looks grey.
+            hue = (value * _GOLDEN_RATIO) % 1.0
+            rgb = colorsys.hsv_to_rgb(hue, (0.95, 0.65)[value % 2], (0.95, 0.75, 0.85)[value % 3])
+        palette[value] = [round(255 * c) for c in rgb]
     palette[IGNORE_INDEX] = IGNORE_COLOR
     return palette
 
@@ -127,7 +139,7 @@ def plot_prediction_grid(
             f"{ {k: len(v) for k, v in predictions.items()} } predictions; each needs one per image"
         )
     columns = [("image", None), ("truth", truths), *((f"prediction ({k})", v) for k, v in predictions.items())]
-    figure = Figure(figsize=(2.6 * len(columns), 2.6 * rows + 1.2))
+    figure = Figure(figsize=(2.6 * len(columns), 2.6 * rows + 1.0), layout="constrained")
     grid = figure.subplots(rows, len(columns), squeeze=False)
     shown: set[int] = set()
     for row in range(rows):
@@ -147,9 +159,8 @@ def plot_prediction_grid(
     handles = [Patch(color=palette[v], label=class_names[v]) for v in sorted(shown) if v < len(class_names)]
     if IGNORE_INDEX in shown:
         handles.append(Patch(color=palette[IGNORE_INDEX], label="ignore"))
-    figure.legend(handles=handles, loc="lower center", ncol=min(6, max(1, len(handles))),
-                  fontsize=8, frameon=False, bbox_to_anchor=(0.5, 0.0))
+    figure.legend(handles=handles, loc="outside lower center", ncol=min(6, max(1, len(handles))),
+                  fontsize=8, frameon=False)
     if title:
         figure.suptitle(title)
-    figure.subplots_adjust(bottom=min(0.3, 0.06 + 0.03 * math.ceil(len(handles) / 6)))
     return _save(figure, path, dpi)

@@ -39,7 +39,7 @@ _HEIGHT, _WIDTH = 1, 2
 
 @dataclass(frozen=True)
 class Transform:
-    """One invertible geometric transform of channels-last batches."""
+    """One invertible geometric transform of channels-last batches (B, H, W, C)."""
 
     name: str
     forward: Callable[[Any], Any]
@@ -63,9 +63,23 @@ def _flip(axis: int) -> Callable[[Any], Any]:
     return lambda x: ops.flip(x, axis=axis)
 
 
-def _quarter_turns(k: int) -> Callable[[Any], Any]:
-    # Counter-clockwise in the (H, W) plane, like numpy.rot90 on axes (1, 2).
-    return lambda x: ops.rot90(x, k=k, axes=(_HEIGHT, _WIDTH))
+def _swap_height_width(x: Any) -> Any:
+    return ops.transpose(x, (0, _WIDTH, _HEIGHT, 3))
+
+
+# Quarter turns counter-clockwise in the (H, W) plane, like numpy.rot90(x, k, axes=(1, 2)), written as
+# a transpose and flips: keras.ops.rot90 (Keras 3.15, TensorFlow backend) returns wrong values for
+# k >= 2 on non-square inputs.
+def _rot90(x: Any) -> Any:
+    return ops.flip(_swap_height_width(x), axis=_HEIGHT)
+
+
+def _rot180(x: Any) -> Any:
+    return ops.flip(ops.flip(x, axis=_HEIGHT), axis=_WIDTH)
+
+
+def _rot270(x: Any) -> Any:
+    return ops.flip(_swap_height_width(x), axis=_WIDTH)
 
 
 _TRANSFORMS: dict[str, Transform] = {
@@ -74,9 +88,9 @@ _TRANSFORMS: dict[str, Transform] = {
         Transform("identity", _identity, _identity),
         Transform("hflip", _flip(_WIDTH), _flip(_WIDTH)),
         Transform("vflip", _flip(_HEIGHT), _flip(_HEIGHT)),
-        Transform("rot90", _quarter_turns(1), _quarter_turns(3), swaps_height_width=True),
-        Transform("rot180", _quarter_turns(2), _quarter_turns(2)),
-        Transform("rot270", _quarter_turns(3), _quarter_turns(1), swaps_height_width=True),
+        Transform("rot90", _rot90, _rot270, swaps_height_width=True),
+        Transform("rot180", _rot180, _rot180),
+        Transform("rot270", _rot270, _rot90, swaps_height_width=True),
     )
 }
 TRANSFORM_NAMES = tuple(_TRANSFORMS)

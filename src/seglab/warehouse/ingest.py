@@ -7,6 +7,11 @@ new rows inserted, then committed. So re-ingesting is idempotent, a changed eval
 its run's old values, and a kill or an error at any point leaves the previous state (DuckDB
 only makes a transaction durable at COMMIT).
 
+Runs accumulate by default: a run_id hashes the model's settings, so a model re-evaluated with
+other settings adds a run and the earlier one stays for comparison (the leaderboard view marks
+the newest as ``latest``). ``mirror=True`` makes the warehouse hold exactly the current files'
+runs instead.
+
 Rows go in as Arrow tables (``INSERT ... BY NAME SELECT``), not row-by-row SQL.
 """
 
@@ -44,7 +49,7 @@ _RUN_FIELD_KINDS: dict[str, str] = {
     "seconds_per_epoch": "float", "train_seconds": "float", "train_images_per_second": "float",
     "param_count": "int", "trainable_param_count": "int", "train_images": "int",
     "val_images": "int", "seed": "int", "mixed_precision": "str", "strategy": "str",
-    "replicas": "int", "tta": "str_list", "images_per_second": "float",
+    "replicas": "int", "tta": "str_list", "eval_images": "int", "images_per_second": "float",
     "latency_ms_p50": "float", "latency_ms_p90": "float", "created_at": "timestamp",
     "evaluated_at": "timestamp",
 }
@@ -414,28 +419,22 @@ def _insert(con: duckdb.DuckDBPyConnection, table: str, rows: pa.Table) -> None:
         con.unregister(view)
 
 
-def _write(con: duckdb.DuckDBPyConnection, files: list[EvalFile], replaced_ids: Iterable[str]) -> dict[str, int]:
-    """Delete `replaced_ids` and the files' runs everywhere, insert the files' rows: one transaction."""
+def _replace(con: duckdb.DuckDBPyConnection, files: list[EvalFile], replaced_ids: Iterable[str]) -> dict[str, int]:
+    """Delete `replaced_ids` from every table, insert the files' rows; the caller holds the transaction."""
     tables = {
         table: pa.Table.from_pylist([row for f in files for row in f.rows[table]],
                                     schema=_TABLE_SCHEMAS[table])
         for table in TABLES
     }
     doomed = pa.table({"run_id": pa.array(sorted(set(replaced_ids)), type=pa.string())})
-    con.begin()
+    con.register("_seglab_doomed_runs", doomed)
     try:
-        con.register("_seglab_doomed_runs", doomed)
-        try:
-            for table in TABLES:  # children first, then runs
-                con.execute(f"DELETE FROM {table} WHERE run_id IN (SELECT run_id FROM _seglab_doomed_runs)")
-        finally:
-            con.unregister("_seglab_doomed_runs")
-        for table in reversed(TABLES):  # runs first
-            _insert(con, table, tables[table])
-        con.commit()
-    except BaseException:
-        con.rollback()
-        raise
+        for table in TABLES:  # children first, then runs
+            con.execute(f"DELETE FROM {table} WHERE run_id IN (SELECT run_id FROM _seglab_doomed_runs)")
+    finally:
+        con.unregister("_seglab_doomed_runs")
+    for table in reversed(TABLES):  # runs first
+        _insert(con, table, tables[table])
     return {table: tables[table].num_rows for table in TABLES}
 
 
@@ -465,28 +464,34 @@ def _runs_from_sources(con: duckdb.DuckDBPyConnection, where_sql: str, params: l
 
 
 def ingest_files(con: duckdb.DuckDBPyConnection, paths: Iterable[str | Path], *,
-                 replace_source: bool = True, prune_under: str | Path | None = None) -> dict[str, Any]:
+                 replace_source: bool = False, prune_under: str | Path | None = None) -> dict[str, Any]:
     """Check every file, then replace their runs in one transaction.
 
     replace_source: also drop runs earlier ingested from the same file that it no longer holds
-        (e.g. its params_hash, hence run_id, changed), so the warehouse mirrors the files.
+        (its params_hash, hence run_id, changed), instead of keeping them as history.
     prune_under: also drop runs ingested from any file under this folder that is not in `paths`
         (a model removed from params.yaml).
     """
     files = [load_eval(p) for p in paths]
     _check_unique_runs(files)
     ensure_schema(con)
-    replaced = {run_id for f in files for run_id in f.run_ids}
-    if replace_source:
-        for f in files:
-            replaced.update(_runs_from_sources(con, "source_file = ?", [f.source_file]))
-    if prune_under is not None:
-        prefix = str(Path(prune_under).resolve()).rstrip("/") + "/"
-        kept = [f.source_file for f in files]
-        replaced.update(_runs_from_sources(
-            con, "starts_with(source_file, ?) AND NOT list_contains(?, source_file)", [prefix, kept]))
-    rows = _write(con, files, replaced)
     new_ids = {run_id for f in files for run_id in f.run_ids}
+    con.begin()
+    try:
+        replaced = set(new_ids)
+        if replace_source:
+            for f in files:
+                replaced.update(_runs_from_sources(con, "source_file = ?", [f.source_file]))
+        if prune_under is not None:
+            prefix = str(Path(prune_under).resolve()).rstrip("/") + "/"
+            kept = [f.source_file for f in files]
+            replaced.update(_runs_from_sources(
+                con, "starts_with(source_file, ?) AND NOT list_contains(?, source_file)", [prefix, kept]))
+        rows = _replace(con, files, replaced)
+        con.commit()
+    except BaseException:
+        con.rollback()
+        raise
     return {
         "files": [str(f.path) for f in files],
         "runs": sorted(new_ids),
@@ -496,11 +501,11 @@ def ingest_files(con: duckdb.DuckDBPyConnection, paths: Iterable[str | Path], *,
 
 
 def ingest_eval(con_or_path: duckdb.DuckDBPyConnection | str | Path, eval_json_path: str | Path, *,
-                replace_source: bool = True) -> dict[str, Any]:
+                replace_source: bool = False) -> dict[str, Any]:
     """Ingest one eval.json into a warehouse (a connection, or the path of the database file).
 
     Idempotent: the file's runs replace any earlier rows of the same run_id (and, with
-    `replace_source`, runs earlier ingested from this file), all in one transaction.
+    `replace_source`, every run earlier ingested from this file), all in one transaction.
     """
     if isinstance(con_or_path, duckdb.DuckDBPyConnection):
         return ingest_files(con_or_path, [eval_json_path], replace_source=replace_source)
@@ -511,13 +516,16 @@ def ingest_eval(con_or_path: duckdb.DuckDBPyConnection | str | Path, eval_json_p
         con.close()
 
 
-def run_ingest(cfg) -> dict[str, Any]:
-    """The `ingest` stage: every ``<evaluate.out>/*/eval.json`` into ``warehouse.path``.
+def run_ingest(cfg, *, mirror: bool | None = None) -> dict[str, Any]:
+    """The `ingest` stage: every ``<evaluate.out>/*/eval.json`` into ``warehouse.path``, one transaction.
 
-    The warehouse then holds exactly the runs of those files: runs from eval.json files under
-    ``evaluate.out`` that are gone (or no longer hold them) are removed in the same transaction.
-    Runs ingested from elsewhere with `ingest_eval` are left alone.
+    mirror: None reads ``warehouse.mirror`` from params. False keeps runs from earlier settings as history. True makes the runs that
+        came from ``evaluate.out`` exactly those of the current files: runs of eval.json files
+        that are gone, or that now hold other run ids, are removed in the same transaction.
+        Runs ingested from elsewhere with `ingest_eval` are left alone either way.
     """
+    if mirror is None:
+        mirror = cfg.warehouse.mirror
     eval_dir = Path(cfg.evaluate.out)
     paths = sorted(eval_dir.glob("*/eval.json"))
     if not paths:
@@ -525,7 +533,7 @@ def run_ingest(cfg) -> dict[str, Any]:
                             "(or `dvc repro`) first")
     con = open_warehouse(cfg.warehouse.path)
     try:
-        summary = ingest_files(con, paths, replace_source=True, prune_under=eval_dir)
+        summary = ingest_files(con, paths, replace_source=mirror, prune_under=eval_dir if mirror else None)
         total = {table: con.execute(f"SELECT count(*) FROM {table}").fetchone()[0] for table in TABLES}
         con.execute("CHECKPOINT")  # fold the WAL into the file: DVC caches a single file
     finally:

@@ -63,27 +63,39 @@ def _require_run(con: duckdb.DuckDBPyConnection, run_id: str) -> tuple[list[str]
     return list(row[0]), row[1], row[2]
 
 
+# Filters shared by the queries over `leaderboard` / `class_scores`; NULL means "any".
 _FILTERS = """
     ($dataset IS NULL OR dataset = $dataset)
     AND ($class_set IS NULL OR class_set = $class_set)
     AND ($variant IS NULL OR variant = $variant)
+    AND (latest OR NOT $latest_only)
 """
 
 
+def _filter_params(dataset, class_set, variant, latest_only) -> dict[str, Any]:
+    return {"dataset": dataset, "class_set": class_set, "variant": variant, "latest_only": bool(latest_only)}
+
+
 def leaderboard(con: duckdb.DuckDBPyConnection, dataset: str | None = None,
-                class_set: str | None = None, variant: str | None = None) -> pd.DataFrame:
-    """One row per run (name, variant, scores, size, speed), best mIoU first."""
+                class_set: str | None = None, variant: str | None = None, *,
+                latest_only: bool = True) -> pd.DataFrame:
+    """One row per run (name, variant, scores, size, speed), best mIoU first.
+
+    latest_only: only the newest run of each model and variant per dataset/class set; False
+    adds the runs of earlier settings.
+    """
     return _df(con, f"SELECT * FROM leaderboard WHERE {_FILTERS} "
                     "ORDER BY miou DESC NULLS LAST, name, variant, run_id",
-               {"dataset": dataset, "class_set": class_set, "variant": variant})
+               _filter_params(dataset, class_set, variant, latest_only))
 
 
 def per_class_matrix(con: duckdb.DuckDBPyConnection, metric: str = "iou", *,
                      dataset: str | None = None, class_set: str | None = None,
-                     variant: str | None = None) -> pd.DataFrame:
+                     variant: str | None = None, latest_only: bool = True) -> pd.DataFrame:
     """Runs x classes table of one per-class metric (NaN where undefined).
 
     Rows: a (name, variant, run_id) index, best mIoU first; columns: class names in class order.
+    Filters as in `leaderboard`.
     """
     if metric not in PER_CLASS_METRICS:
         raise ValueError(f"metric must be one of {PER_CLASS_METRICS}; got {metric!r}")
@@ -94,8 +106,9 @@ def per_class_matrix(con: duckdb.DuckDBPyConnection, metric: str = "iou", *,
         WHERE ($dataset IS NULL OR c.dataset = $dataset)
           AND ($class_set IS NULL OR c.class_set = $class_set)
           AND ($variant IS NULL OR c.variant = $variant)
+          AND (c.latest OR NOT $latest_only)
         ORDER BY l.miou DESC NULLS LAST, c.name, c.variant, c.run_id, c.class_index
-    """, {"dataset": dataset, "class_set": class_set, "variant": variant})
+    """, _filter_params(dataset, class_set, variant, latest_only))
     index = ["name", "variant", "run_id"]
     if long.empty:
         return pd.DataFrame(index=pd.MultiIndex.from_arrays([[], [], []], names=index), dtype=float)
@@ -131,7 +144,7 @@ def compare_runs(con: duckdb.DuckDBPyConnection, run_a: str, run_b: str) -> pd.D
 
 
 def history(con: duckdb.DuckDBPyConnection, run_id: str) -> pd.DataFrame:
-    """The training curves of a run: one row per epoch, one column per logged metric.
+    """The training curves of a run: one row per epoch, then one column per logged metric (A-Z).
 
     Empty (just an `epoch` column) for runs without training history (TTA, ensemble).
     """
@@ -140,8 +153,7 @@ def history(con: duckdb.DuckDBPyConnection, run_id: str) -> pd.DataFrame:
                [run_id])
     if long.empty:
         return pd.DataFrame({"epoch": pd.Series([], dtype="int64")})
-    metric_order = list(dict.fromkeys(long["metric"]))
-    wide = long.pivot(index="epoch", columns="metric", values="value")[metric_order]
+    wide = long.pivot(index="epoch", columns="metric", values="value")
     wide.columns.name = None
     return wide.reset_index()
 
@@ -160,8 +172,12 @@ def confusion(con: duckdb.DuckDBPyConnection, run_id: str) -> pd.DataFrame:
 
 
 def worst_classes(con: duckdb.DuckDBPyConnection, k: int = 5, *, dataset: str | None = None,
-                  class_set: str | None = None, variant: str | None = None) -> pd.DataFrame:
-    """The `k` classes with the lowest IoU for every run (classes with undefined IoU skipped)."""
+                  class_set: str | None = None, variant: str | None = None,
+                  latest_only: bool = True) -> pd.DataFrame:
+    """The `k` classes with the lowest IoU for every run (classes with undefined IoU skipped).
+
+    Filters as in `leaderboard`.
+    """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive integer; got {k!r}")
     return _df(con, f"""
@@ -171,16 +187,17 @@ def worst_classes(con: duckdb.DuckDBPyConnection, k: int = 5, *, dataset: str | 
         WHERE iou IS NOT NULL AND {_FILTERS}
         QUALIFY rank <= $k
         ORDER BY name, variant, run_id, rank
-    """, {"k": k, "dataset": dataset, "class_set": class_set, "variant": variant})
+    """, {"k": k, **_filter_params(dataset, class_set, variant, latest_only)})
 
 
 def family_beats(con: duckdb.DuckDBPyConnection, challenger_arch: str, baseline_arch: str, *,
-                 variant: str | None = "plain") -> pd.DataFrame:
+                 variant: str | None = "plain", latest_only: bool = True) -> pd.DataFrame:
     """Classes where the best challenger run has a higher IoU than the best baseline run.
 
     A family is the runs whose `arch` matches a regular expression; its best run is the one with
     the highest mIoU per (dataset, class set), so runs are compared only on the same data and
     classes. `variant` restricts both sides (default the plain models, no TTA); None for any.
+    latest_only: choose among the newest run of each model (see `leaderboard`).
     """
     return _df(con, """
         WITH family AS (
@@ -189,6 +206,7 @@ def family_beats(con: duckdb.DuckDBPyConnection, challenger_arch: str, baseline_
                         WHEN regexp_matches(arch, $baseline) THEN 'baseline' END AS side
             FROM leaderboard
             WHERE arch IS NOT NULL AND ($variant IS NULL OR variant = $variant)
+              AND (latest OR NOT $latest_only)
         ),
         best AS (
             SELECT * FROM family WHERE side IS NOT NULL
@@ -206,9 +224,11 @@ def family_beats(con: duckdb.DuckDBPyConnection, challenger_arch: str, baseline_
         JOIN per_class AS pb ON pb.run_id = b.run_id AND pb.class_index = pc.class_index
         WHERE pc.iou > pb.iou
         ORDER BY c.dataset, c.class_set, iou_margin DESC, pc.class_index
-    """, {"challenger": challenger_arch, "baseline": baseline_arch, "variant": variant})
+    """, {"challenger": challenger_arch, "baseline": baseline_arch, "variant": variant,
+          "latest_only": bool(latest_only)})
 
 
-def deeplab_beats_unet(con: duckdb.DuckDBPyConnection, *, variant: str | None = "plain") -> pd.DataFrame:
+def deeplab_beats_unet(con: duckdb.DuckDBPyConnection, *, variant: str | None = "plain",
+                       latest_only: bool = True) -> pd.DataFrame:
     """Classes where the best DeepLabV3+ run beats the best U-Net run in IoU (same dataset/classes)."""
-    return family_beats(con, DEEPLABV3PLUS_ARCH, UNET_ARCH, variant=variant)
+    return family_beats(con, DEEPLABV3PLUS_ARCH, UNET_ARCH, variant=variant, latest_only=latest_only)

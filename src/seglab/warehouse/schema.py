@@ -16,8 +16,10 @@ Tables (one evaluated variant of a model = one *run*, keyed by ``run_id``):
 
 Undefined scores (a class absent from truth and prediction) are NULL, never 0 or 1.
 
-Views: ``leaderboard`` (one row per run with its headline scores and costs) and
-``class_scores`` (per_class with the run's name, variant, arch, dataset and class set).
+Runs accumulate: a model re-evaluated with other settings gets a new run_id and its earlier run
+stays. Views: ``leaderboard`` (one row per run with its headline scores and costs, and ``latest``:
+whether it is the newest run of its name and variant on its dataset, class set and split) and
+``class_scores`` (per_class with the run's name, variant, arch, dataset, class set and ``latest``).
 
 Extending the schema: append a `Migration` with the next version to `MIGRATIONS`. Its
 statements must be idempotent (``CREATE TABLE IF NOT EXISTS``, ``ALTER TABLE ... ADD COLUMN IF
@@ -68,6 +70,9 @@ def connect(path: str | Path, *, read_only: bool = False) -> duckdb.DuckDBPyConn
         path.parent.mkdir(parents=True, exist_ok=True)
     try:
         return duckdb.connect(str(path), read_only=read_only)
+    except duckdb.ConnectionException as e:
+        raise WarehouseError(f"{path}: already open in this process in another mode "
+                             f"({'read-write' if read_only else 'read-only'}); close that connection first: {e}") from None
     except duckdb.Error as e:
         if isinstance(e, duckdb.IOException) and "lock" in str(e).lower():
             raise WarehouseError(
@@ -130,6 +135,7 @@ CREATE TABLE IF NOT EXISTS runs (
     strategy                VARCHAR,
     replicas                INTEGER,
     tta                     VARCHAR[],            -- TTA transforms merged (variant 'tta')
+    eval_images             INTEGER,              -- images of the split evaluated
     images_per_second       DOUBLE,               -- evaluation throughput
     latency_ms_p50          DOUBLE,
     latency_ms_p90          DOUBLE,
@@ -206,16 +212,20 @@ SELECT r.run_id, r.name, r.variant, r.model, r.arch, r.backbone, r.weights, r.we
        s.miou, s.mdice, s.mprecision, s.mrecall, s.miou_fg, s.accuracy,
        r.param_count, r.seconds_per_epoch, r.train_seconds, r.images_per_second,
        r.latency_ms_p50, r.latency_ms_p90, r.image_size, r.width, r.epochs_run, r.best_epoch,
-       r.params_hash, r.git_rev, r.evaluated_at
+       r.params_hash, r.git_rev, r.evaluated_at,
+       -- The newest run of this model and variant on this data; older ones are kept as history.
+       row_number() OVER (PARTITION BY r.name, r.variant, r.dataset, r.class_set, r.split
+                          ORDER BY r.evaluated_at DESC NULLS LAST, r.ingested_at DESC, r.run_id) = 1
+           AS latest
 FROM runs AS r
 LEFT JOIN scores AS s ON s.run_id = r.run_id AND s.split = r.split
 """
 
 _V1_CLASS_SCORES = """
 CREATE OR REPLACE VIEW class_scores AS
-SELECT r.name, r.variant, r.arch, r.dataset, r.class_set, r.split, p.*
+SELECT l.name, l.variant, l.arch, l.dataset, l.class_set, l.split, l.latest, p.*
 FROM per_class AS p
-JOIN runs AS r USING (run_id)
+JOIN leaderboard AS l USING (run_id)
 """
 
 MIGRATIONS: tuple[Migration, ...] = (

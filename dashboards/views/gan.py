@@ -1,0 +1,84 @@
+"""GAN augmenters: sample galleries, synthetic-data validation, per-class effect on segmenters.
+
+Works before the GAN stages have run: each section says what it is waiting for and what to run.
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+import dashboard_support as ds
+
+GALLERY_SIZE = 12  # earlier sample grids shown under the latest one
+
+st.title("GAN augmenters")
+cfg = ds.settings()
+
+# ---- sample galleries ---------------------------------------------------------------------------
+st.subheader("Samples")
+samples = ds.gan_samples(cfg.gan_dir)
+missing = [g for g in ds.GAN_NAMES if g not in samples]
+if not samples:
+    st.info(f"No GAN sample grids under `{cfg.gan_dir}` (expected `<gan>/samples/*.png`). Train the "
+            "augmenters: " + ", ".join(f"`dvc repro train_gan@{g}`" for g in ds.GAN_NAMES) + ".")
+else:
+    tabs = st.tabs(list(samples))
+    for tab, (gan, images) in zip(tabs, samples.items()):
+        with tab:
+            latest = images[-1]
+            st.image(str(latest), caption=f"{gan}: {latest.name} (latest of {len(images)})")
+            earlier = images[-1 - GALLERY_SIZE:-1]
+            if earlier:
+                st.caption(f"Earlier samples ({len(earlier)} of {len(images) - 1}):")
+                columns = st.columns(4)
+                for i, image in enumerate(earlier):
+                    columns[i % 4].image(str(image), caption=image.stem)
+    if missing:
+        st.caption("No samples yet for " + ", ".join(missing) + ": "
+                   + ", ".join(f"`dvc repro train_gan@{g}`" for g in missing) + ".")
+
+# ---- synthetic validation -----------------------------------------------------------------------
+st.subheader("Synthetic-data validation")
+found = ds.check_warehouse(cfg)
+if isinstance(found, ds.WarehouseProblem):
+    getattr(st, found.severity)(found.message)
+    st.stop()
+wh = found
+validation = ds.load_synthetic_validation(wh.path, wh.stamp)
+if validation is None:
+    st.info("The warehouse has no `synthetic_validation` table yet. It is written when the GAN "
+            "stages synthesize and validate data: run `dvc repro` after "
+            + ", ".join(f"`train_gan@{g}`" for g in ds.GAN_NAMES) + ".")
+elif validation.empty:
+    st.info("The `synthetic_validation` table is empty.")
+else:
+    st.dataframe(validation, hide_index=True)
+    st.caption(f"{len(validation)} rows; columns: " + ", ".join(map(str, validation.columns)))
+
+# ---- per-class effect ---------------------------------------------------------------------------
+st.subheader("Per-class effect of each augmenter")
+metric = st.selectbox("Score", ["iou", "dice", "precision", "recall"],
+                      format_func=ds.PER_CLASS_LABELS.get, key="gan_metric")
+effects = ds.load_augmenter_effects(wh.path, wh.stamp, metric)
+if effects.empty:
+    st.info("No run in the warehouse was trained with a GAN augmenter yet (an augmented run names it "
+            "in its train.json / eval.json as `augmenter`). Its effect is measured against the run "
+            "with the same architecture, weights, size, data and class set trained without one.")
+else:
+    effects["pair"] = (effects["augmenter"] + ": " + effects["name"] + " vs " + effects["baseline_name"])
+    classes = list(dict.fromkeys(effects.sort_values("class_index")["class_name"]))
+    pairs = list(dict.fromkeys(effects["pair"]))
+    label = f"{ds.PER_CLASS_LABELS[metric]} change"
+    st.altair_chart(
+        ds.heatmap(effects, x="class_name", y="pair", value="delta", x_order=classes, y_order=pairs,
+                   title=label, diverging=True,
+                   tooltip=["pair", "class_name", "augmented", "baseline", "delta"]),
+        width="content",
+    )
+    summary = (effects.groupby(["augmenter", "name", "baseline_name"], sort=False)["delta"]
+               .agg(mean_change="mean", classes_improved=lambda d: int((d > 0).sum()),
+                    classes_worse=lambda d: int((d < 0).sum()))
+               .reset_index())
+    st.dataframe(summary, hide_index=True,
+                 column_config={"mean_change": st.column_config.NumberColumn(format="%+.3f")})
+    st.caption("Change = augmented - baseline, per class; red: the augmenter hurt the class.")
