@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--params", type=Path, default=REPO / "params.yaml")
     p.add_argument("--profile", help="profile of params.yaml to use (default: its `profile`)")
+    p.add_argument("--image-size", type=int, help="override the profile's image_size")
     p.add_argument("--models", help="comma-separated names from params `models` (default: all)")
     p.add_argument("--epochs", type=int, default=3, help="epochs per real-input run (the first is warm-up)")
     p.add_argument("--cached-epochs", type=int, default=2, help="epochs per cached-input run (the first is warm-up)")
@@ -117,6 +118,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.profile:
         cfg = cfg.model_copy(update={"profile": args.profile})
         cfg.run_profile  # noqa: B018 - fails on an unknown profile
+    if args.image_size:
+        profiles = {**cfg.profiles, cfg.profile: cfg.run_profile.model_copy(update={"image_size": args.image_size})}
+        cfg = cfg.model_copy(update={"profiles": profiles})
     names = args.models.split(",") if args.models else list(cfg.models)
     dtype_models = [n for n in args.dtype_models.split(",") if n] if args.dtype_models else []
     profile = cfg.run_profile

@@ -402,8 +402,10 @@ def read_leaderboard(path: Path):
 
 def leaderboard_table(board) -> list[dict[str, Any]]:
     """JSON-ready rows (NaN -> None, timestamps -> ISO text, scores rounded) for a table artifact."""
-    columns = [c for c in LEADERBOARD_COLUMNS if c in board.columns]
-    return json.loads(board[columns].round(4).to_json(orient="records", date_format="iso"))
+    frame = board[[c for c in LEADERBOARD_COLUMNS if c in board.columns]].copy()
+    numeric = frame.select_dtypes("number").columns
+    frame[numeric] = frame[numeric].round(4)
+    return json.loads(frame.to_json(orient="records", date_format="iso"))
 
 
 def _publish(report: PipelineReport, repo: Path) -> None:

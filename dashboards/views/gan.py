@@ -65,7 +65,8 @@ if effects.empty:
             "in its train.json / eval.json as `augmenter`). Its effect is measured against the run "
             "with the same architecture, weights, size, data and class set trained without one.")
 else:
-    effects["pair"] = (effects["augmenter"] + ": " + effects["name"] + " vs " + effects["baseline_name"])
+    effects["pair"] = (effects["augmenter"] + ": " + effects["name"] + " vs " + effects["baseline_name"]
+                       + " (" + effects["variant"] + ")")
     classes = list(dict.fromkeys(effects.sort_values("class_index")["class_name"]))
     pairs = list(dict.fromkeys(effects["pair"]))
     label = f"{ds.PER_CLASS_LABELS[metric]} change"
@@ -75,7 +76,7 @@ else:
                    tooltip=["pair", "class_name", "augmented", "baseline", "delta"]),
         width="content",
     )
-    summary = (effects.groupby(["augmenter", "name", "baseline_name"], sort=False)["delta"]
+    summary = (effects.groupby(["augmenter", "name", "baseline_name", "variant"], sort=False)["delta"]
                .agg(mean_change="mean", classes_improved=lambda d: int((d > 0).sum()),
                     classes_worse=lambda d: int((d < 0).sum()))
                .reset_index())

@@ -35,10 +35,12 @@ for column, chosen in (("dataset", datasets), ("class_set", class_sets), ("varia
     if chosen:
         shown = shown[shown[column].isin(chosen)]
 
-order = st.columns([2, 1, 5])
+order = st.columns([2, 2, 4], vertical_alignment="bottom")
 sort_label = order[0].selectbox("Sort by", list(SORTABLE), key="lb_sort")
 sort_column = SORTABLE[sort_label]
-descending = order[1].toggle("Descending", value=sort_column not in ASCENDING_BY_DEFAULT, key="lb_desc")
+# One toggle per column, so each starts at its own sensible direction and remembers the user's.
+descending = order[1].toggle("Descending", value=sort_column not in ASCENDING_BY_DEFAULT,
+                             key=f"lb_desc_{sort_column}")
 shown = shown.sort_values(sort_column, ascending=not descending, na_position="last", kind="stable")
 
 if shown.empty:

@@ -19,10 +19,12 @@ board = ds.load_leaderboard(wh.path, wh.stamp)
 labels = ds.run_labels(board)
 ids = list(board["run_id"])
 
-# ?run=<run_id> preselects a run, so a run's view can be linked.
+# ?run=<run_id> preselects a run, so a run's view can be linked; otherwise the best plain model
+# (it has training curves, unlike TTA and ensemble runs).
 requested = st.query_params.get("run")
-run_id = st.selectbox("Run", ids, index=ids.index(requested) if requested in ids else 0,
-                      format_func=labels.get, key="runs_run")
+plain = board.index[board["variant"] == "plain"]
+default = ids.index(requested) if requested in ids else (int(plain[0]) if len(plain) else 0)
+run_id = st.selectbox("Run", ids, index=default, format_func=labels.get, key="runs_run")
 st.query_params["run"] = run_id
 row = board.set_index("run_id").loc[run_id]
 try:
@@ -94,8 +96,9 @@ else:
         long = history.melt(id_vars="epoch", value_vars=group, var_name="metric").dropna()
         lines = alt.Chart(long).mark_line(point=True).encode(
             x=alt.X("epoch:Q", title="epoch", axis=alt.Axis(tickMinStep=1)),
-            y=alt.Y("value:Q", title=title, scale=alt.Scale(zero=False,
-                                                            type="log" if title == "learning rate" else "linear")),
+            y=alt.Y("value:Q", title=title,
+                    scale=alt.Scale(zero=False, type="log" if title == "learning rate" else "linear"),
+                    axis=alt.Axis(format=".0e") if title == "learning rate" else alt.Axis()),
             color=alt.Color("metric:N", title=None),
             tooltip=["epoch", "metric", alt.Tooltip("value:Q", format=".4g")],
         )

@@ -29,6 +29,7 @@ CLASS_SET = "voc8-test"
 MODELS = {
     "unet": ("unet", None, None, 0.55, None),
     "deeplabv3plus_mobilenetv2_imagenet": ("deeplabv3plus_mobilenetv2", "mobilenetv2", "imagenet-offline", 0.8, None),
+    "deeplabv3plus_mobilenetv2_scratch": ("deeplabv3plus_mobilenetv2", "mobilenetv2", None, 0.6, None),
     "unet_dcgan": ("unet", None, None, 0.62, "dcgan"),
 }
 
@@ -39,6 +40,7 @@ class FixtureWarehouse:
     warehouse: Path
     eval_dir: Path
     gan_dir: Path
+    classes: list[str] = field(default_factory=lambda: list(CLASSES))
     runs: list[dict] = field(default_factory=list)  # {run_id, name, variant, miou}
 
     def env(self) -> dict[str, str]:

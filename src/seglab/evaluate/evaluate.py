@@ -317,7 +317,7 @@ def evaluate_predictors(
             start = time.perf_counter()
             probabilities = np.asarray(predictor.predict_on_batch(images))
             results[variant].predict_seconds += time.perf_counter() - start
-            _check_finite(probabilities, variant, batch_index)
+            _check_finite(probabilities[:real], variant, batch_index)
             results[variant].timed_images += real
             predicted = np.argmax(probabilities[:real], axis=-1)
             results[variant].confusion.update(labels, predicted)

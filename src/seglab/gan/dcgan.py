@@ -95,14 +95,18 @@ class DCGANTrainer(GanTrainer):
         images, one_hot = data
         real = ops.concatenate([images, one_hot], axis=-1)
         z = tf.random.stateless_normal((ops.shape(images)[0], self.latent_dim), seed=self.noise_seed())
-        # Two tapes over one forward pass: the generator's gradient is taken against the
+        # One forward pass serves both updates: the generator's gradient is taken against the
         # discriminator as it was before this step's update (as in the TensorFlow DCGAN tutorial).
-        with tf.GradientTape() as g_tape, tf.GradientTape() as d_tape:
+        # One persistent tape rather than two nested ones: two tapes make TensorFlow wrap every
+        # cond (SpectralNormalization has one) for higher-order gradients, which multiplies the
+        # tracing time.
+        with tf.GradientTape(persistent=True) as tape:
             fake_image, fake_probabilities = self.generator(z, training=True)
             fake = ops.concatenate([fake_image, straight_through_one_hot(fake_probabilities)], axis=-1)
             real_logits = self.discriminator(real, training=True)
             fake_logits = self.discriminator(fake, training=True)
             d_loss, g_loss = self.adversarial_losses(real_logits, fake_logits)
-        self.apply(self.d_optimizer, d_tape, d_loss, self.discriminator)
-        self.apply(self.g_optimizer, g_tape, g_loss, self.generator)
+        self.apply(self.d_optimizer, tape, d_loss, self.discriminator)
+        self.apply(self.g_optimizer, tape, g_loss, self.generator)
+        del tape
         return self.track(d_loss=d_loss, g_loss=g_loss, d_real=ops.mean(real_logits), d_fake=ops.mean(fake_logits))

@@ -132,7 +132,7 @@ class Pix2PixTrainer(GanTrainer):
     def train_step(self, data):
         images, layouts = data
         real = ops.concatenate([images, layouts], axis=-1)
-        with tf.GradientTape() as g_tape, tf.GradientTape() as d_tape:
+        with tf.GradientTape(persistent=True) as tape:  # one tape for both updates (see dcgan)
             fake_image, _ = self.generator(layouts, training=True)
             fake = ops.concatenate([fake_image, layouts], axis=-1)
             real_logits = self.discriminator(real, training=True)
@@ -141,8 +141,9 @@ class Pix2PixTrainer(GanTrainer):
             g_adversarial = bce_generator_loss(fake_logits)
             l1 = ops.mean(ops.abs(images - fake_image))
             g_loss = g_adversarial + self.l1_weight * l1
-        self.apply(self.d_optimizer, d_tape, d_loss, self.discriminator)
-        self.apply(self.g_optimizer, g_tape, g_loss, self.generator)
+        self.apply(self.d_optimizer, tape, d_loss, self.discriminator)
+        self.apply(self.g_optimizer, tape, g_loss, self.generator)
+        del tape
         return self.track(d_loss=d_loss, g_loss=g_loss, g_adversarial=g_adversarial, l1=l1,
                           d_real=ops.mean(real_logits), d_fake=ops.mean(fake_logits))
 

@@ -114,7 +114,7 @@ def _level_channels(width: int, level: int, max_multiplier: int = 8) -> int:
 
 
 def _attention_resolution(image_size: int, attention_resolution: int | None) -> int:
-    resolution = image_size // 2 if attention_resolution is None else int(attention_resolution)
+    resolution = image_size // 4 if attention_resolution is None else int(attention_resolution)
     if resolution not in [2 ** k for k in range(3, int(math.log2(image_size)) + 1)]:
         raise ValueError(f"attention_resolution must be a power of two in 8..{image_size}, got {attention_resolution}")
     return resolution
@@ -124,7 +124,7 @@ def build_generator(num_classes: int, image_size: int = 64, *, latent_dim: int =
                     attention_resolution: int | None = None, name: str = "sagan_generator") -> keras.Model:
     """z (B, latent_dim) -> [image (B, S, S, 3) in [-1, 1], label probabilities (B, S, S, C + 1)].
 
-    `attention_resolution` (default S/2) is the feature-map side where the self-attention block sits.
+    `attention_resolution` (default S/4) is the feature-map side where the self-attention block sits.
     """
     size = check_image_size(image_size)
     attend_at = _attention_resolution(size, attention_resolution)

@@ -72,7 +72,7 @@ class GanSettings:
     beta_1: float = 0.5
     beta_2: float = 0.999
     l1_weight: float = 100.0                 # pix2pix only
-    attention_resolution: int | None = None  # sagan only; None: image_size / 2
+    attention_resolution: int | None = None  # sagan only; None: image_size / 4
     sample_every: int = 5
     sample_count: int = 8
     seed: int = 0

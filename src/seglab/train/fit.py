@@ -662,7 +662,7 @@ def train_model(
         # The optimizer must be built for the trainable set the committed state was saved with.
         committed = backup.committed()
         if freezing:
-            trainable = committed[1]["states"]["encoder"]["trainable"] if committed else False
+            trainable = bool(committed and committed[1]["states"].get("encoder", {}).get("trainable", False))
             set_encoder_trainable(model, trainable)
         model.compile(
             optimizer=optimizer,
@@ -919,6 +919,7 @@ def run_train(cfg: Any, name: str, *, callbacks: Sequence[keras.callbacks.Callba
     write_text_atomic(state_dir / "run.json", json.dumps(plan.run_key) + "\n")
 
     train_data, val_data = training_datasets(cfg, plan, cache_decoded_max_images=cache_decoded_max_images)
+    keras.utils.set_random_seed(cfg.seed)  # the same initial weights on every run of these settings
     log.info("train@%s: %s (weights %s, width %g) at %d px, batch %d, %d epochs x %d steps, policy %s",
              name, plan.arch, plan.weights, plan.width, plan.image_size, settings.batch_size, settings.epochs,
              settings.steps_per_epoch, plan.policy)

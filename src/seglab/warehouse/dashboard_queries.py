@@ -131,11 +131,12 @@ def run_read_only_sql(con: duckdb.DuckDBPyConnection, sql: str, *, max_rows: int
 
 def table_exists(con: duckdb.DuckDBPyConnection, name: str) -> bool:
     """Whether a table or view called `name` is in the warehouse's main schema."""
-    row = con.execute(
+    # fetchall, not fetchone: DuckDB refuses other work on a connection with an unfinished result.
+    rows = con.execute(
         "SELECT count(*) FROM information_schema.tables "
         "WHERE table_schema = current_schema() AND table_name = ?", [name]
-    ).fetchone()
-    return bool(row[0])
+    ).fetchall()
+    return bool(rows[0][0])
 
 
 def warehouse_columns(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
@@ -150,16 +151,16 @@ def warehouse_columns(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
 
 
 def count_runs(con: duckdb.DuckDBPyConnection) -> int:
-    return int(con.execute("SELECT count(*) FROM runs").fetchone()[0])
+    return int(con.execute("SELECT count(*) FROM runs").fetchall()[0][0])
 
 
 def run_details(con: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, Any]:
     """The run's `runs` row as a dict (without the bulky run_json); WarehouseError if unknown."""
     cursor = con.execute("SELECT * EXCLUDE (run_json) FROM runs WHERE run_id = ?", [run_id])
-    row = cursor.fetchone()
-    if row is None:
+    rows = cursor.fetchall()
+    if not rows:
         raise WarehouseError(f"no run {run_id!r} in the warehouse (see the leaderboard for run ids)")
-    return dict(zip([d[0] for d in cursor.description], row))
+    return dict(zip([d[0] for d in cursor.description], rows[0]))
 
 
 def synthetic_validation(con: duckdb.DuckDBPyConnection) -> pd.DataFrame | None:
@@ -177,7 +178,7 @@ def augmenter_effects(con: duckdb.DuckDBPyConnection, metric: str = "iou") -> pd
 
     An augmented run names its augmenter in run_json (`AUGMENTER_FIELDS`); its baseline is the
     best run without one that has the same arch, weights, width, image size, dataset, class set
-    and variant, so only the training data differs. Columns: augmenter, name, run_id,
+    and variant, so only the training data differs. Columns: augmenter, name, variant, run_id,
     baseline_name, baseline_run_id, class_index, class_name, augmented, baseline, delta
     (augmented - baseline). Empty when no run names an augmenter.
     """
@@ -192,7 +193,7 @@ def augmenter_effects(con: duckdb.DuckDBPyConnection, metric: str = "iou") -> pd
             FROM runs AS r JOIN leaderboard AS l USING (run_id)
         ),
         pairs AS (
-            SELECT a.augmenter, a.name, a.run_id, b.name AS baseline_name,
+            SELECT a.augmenter, a.name, a.variant, a.run_id, b.name AS baseline_name,
                    b.run_id AS baseline_run_id
             FROM tagged AS a
             JOIN tagged AS b
@@ -204,11 +205,11 @@ def augmenter_effects(con: duckdb.DuckDBPyConnection, metric: str = "iou") -> pd
             QUALIFY row_number() OVER (PARTITION BY a.run_id
                                        ORDER BY b.miou DESC NULLS LAST, b.run_id) = 1
         )
-        SELECT p.augmenter, p.name, p.run_id, p.baseline_name, p.baseline_run_id,
+        SELECT p.augmenter, p.name, p.variant, p.run_id, p.baseline_name, p.baseline_run_id,
                pa.class_index, pa.class_name, pa.{metric} AS augmented, pb.{metric} AS baseline,
                pa.{metric} - pb.{metric} AS delta
         FROM pairs AS p
         JOIN per_class AS pa ON pa.run_id = p.run_id
         JOIN per_class AS pb ON pb.run_id = p.baseline_run_id AND pb.class_index = pa.class_index
-        ORDER BY p.augmenter, p.name, pa.class_index
+        ORDER BY p.augmenter, p.name, p.variant, pa.class_index
     """).df()

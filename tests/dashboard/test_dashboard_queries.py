@@ -1,0 +1,134 @@
+"""The dashboard's own queries and its SQL guard, without Streamlit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from seglab.warehouse import dashboard_queries as dq
+from seglab.warehouse.queries import connect_read_only
+from seglab.warehouse.schema import WarehouseError
+
+
+@pytest.fixture
+def con(fixture_warehouse):
+    connection = dq.harden(connect_read_only(fixture_warehouse.warehouse))
+    yield connection
+    connection.close()
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT name FROM runs",
+    "  select name from runs ;  ",
+    "WITH r AS (SELECT name FROM runs) SELECT * FROM r",
+    "FROM leaderboard",
+    "SHOW TABLES",
+    "DESCRIBE per_class",
+    "SUMMARIZE metrics",
+    "SELECT name FROM runs -- a trailing comment",
+    "/* leading comment */ SELECT 1",
+])
+def test_single_selects_pass_the_guard_and_run(con, sql):
+    statement = dq.check_read_only_sql(con, sql)
+    assert not statement.endswith(";")
+    result = dq.run_read_only_sql(con, sql, max_rows=50)
+    assert len(result.frame) >= 1 and not result.truncated
+
+
+@pytest.mark.parametrize(("sql", "reason"), [
+    ("INSERT INTO runs SELECT * FROM runs", "INSERT statement"),
+    ("DELETE FROM runs", "DELETE statement"),
+    ("DROP VIEW leaderboard", "DROP statement"),
+    ("CREATE TEMP TABLE t AS SELECT 1", "CREATE statement"),
+    ("ATTACH ':memory:' AS scratch", "ATTACH statement"),
+    ("DETACH scratch", "DETACH statement"),
+    ("SET memory_limit = '1GB'", "SET statement"),
+    ("PRAGMA table_info('runs')", "PRAGMA statement"),
+    ("CALL pragma_version()", "CALL statement"),
+    ("EXPORT DATABASE '/tmp/x'", "EXPORT statement"),
+    ("INSTALL httpfs", "LOAD statement"),
+    ("BEGIN TRANSACTION", "TRANSACTION statement"),
+    ("EXPLAIN SELECT 1", "EXPLAIN statement"),
+    ("SELECT 1; SELECT 2", "holds 2 (SELECT, SELECT)"),
+    ("SELECT FROM WHERE", "does not parse"),
+    ("-- only a comment", "no statement"),
+    ("", "empty"),
+])
+def test_everything_else_is_refused_with_the_reason(con, sql, reason):
+    with pytest.raises(dq.SqlRefused) as refused:
+        dq.run_read_only_sql(con, sql)
+    assert reason in str(refused.value)
+
+
+def test_row_limit_marks_truncation(con, fixture_warehouse):
+    total = len(fixture_warehouse.runs) * len(fixture_warehouse.classes)
+    result = dq.run_read_only_sql(con, "SELECT * FROM per_class ORDER BY run_id, class_index", max_rows=10)
+    assert len(result.frame) == 10 and result.truncated
+    full = dq.run_read_only_sql(con, "SELECT * FROM per_class", max_rows=total)
+    assert len(full.frame) == total and not full.truncated
+    ordered = dq.run_read_only_sql(con, "SELECT class_index FROM per_class ORDER BY class_index DESC",
+                                   max_rows=3)
+    assert list(ordered.frame["class_index"]) == [len(fixture_warehouse.classes) - 1] * 3
+
+
+def test_a_slow_query_is_interrupted(con):
+    with pytest.raises(dq.SqlTimeout, match="longer than 0.2 s"):
+        dq.run_read_only_sql(con, "SELECT sum(a.range * b.range) FROM range(1000000) AS a, "
+                                  "range(1000000) AS b", timeout_s=0.2)
+    assert dq.run_read_only_sql(con, "SELECT 1 AS one").frame["one"][0] == 1  # still usable
+
+
+def test_hardened_connection_reads_no_files(con, fixture_warehouse):
+    with pytest.raises(Exception, match="disabled by configuration"):
+        dq.run_read_only_sql(con, f"SELECT * FROM read_text('{fixture_warehouse.eval_dir}/unet/eval.json')")
+
+
+def test_bad_limits_are_errors(con):
+    with pytest.raises(ValueError, match="max_rows"):
+        dq.run_read_only_sql(con, "SELECT 1", max_rows=0)
+    with pytest.raises(ValueError, match="timeout_s"):
+        dq.run_read_only_sql(con, "SELECT 1", timeout_s=0)
+
+
+def test_run_details_and_unknown_run(con, fixture_warehouse):
+    unet = fixture_warehouse.run("unet", "plain")
+    details = dq.run_details(con, unet["run_id"])
+    assert details["name"] == "unet" and details["classes"] == fixture_warehouse.classes
+    assert "run_json" not in details
+    with pytest.raises(WarehouseError, match="no run 'nope'"):
+        dq.run_details(con, "nope")
+
+
+def test_optional_tables(con, empty_warehouse):
+    assert dq.table_exists(con, "runs") and dq.table_exists(con, "leaderboard")
+    frame = dq.synthetic_validation(con)
+    assert list(frame["gan"]) == ["dcgan", "sagan"]
+    empty = connect_read_only(empty_warehouse)
+    try:
+        assert dq.synthetic_validation(empty) is None
+        assert dq.count_runs(empty) == 0
+        assert dq.augmenter_effects(empty).empty
+    finally:
+        empty.close()
+
+
+def test_augmenter_effect_is_the_per_class_difference_to_the_matching_baseline(con, fixture_warehouse):
+    effects = dq.augmenter_effects(con, "iou")
+    assert set(effects["augmenter"]) == {"dcgan"}
+    for variant in ("plain", "tta"):
+        rows = effects[effects["variant"] == variant]
+        augmented = fixture_warehouse.run("unet_dcgan", variant)["run_id"]
+        baseline = fixture_warehouse.run("unet", variant)["run_id"]
+        assert set(rows["run_id"]) == {augmented} and set(rows["baseline_run_id"]) == {baseline}
+        iou = con.execute("SELECT run_id, class_index, iou FROM per_class ORDER BY class_index").df()
+        expected = (iou[iou["run_id"] == augmented]["iou"].to_numpy(dtype=float)
+                    - iou[iou["run_id"] == baseline]["iou"].to_numpy(dtype=float))
+        np.testing.assert_allclose(rows["delta"].to_numpy(dtype=float), expected)
+    with pytest.raises(ValueError, match="metric must be one of"):
+        dq.augmenter_effects(con, "iou; DROP TABLE runs")
+
+
+def test_schema_listing_names_every_table(con):
+    columns = dq.warehouse_columns(con)
+    assert {"runs", "metrics", "per_class", "confusion", "history", "leaderboard",
+            "synthetic_validation"} <= set(columns["table_name"])

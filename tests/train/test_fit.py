@@ -1,0 +1,380 @@
+"""The train stage: contract outputs, the recipe's moving parts, and resuming after a kill.
+
+Runs train tiny models (U-Net at width 0.125, 32 px, 4 steps per epoch) on shards written per
+module, so the whole file stays well under two minutes on two cores.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from seglab.config import Config
+from seglab.data.classes import ClassSet
+from seglab.data.coco import LabelRules, encode_png
+from seglab.data.shards import shard_metadata, write_shards
+from seglab.train import fit
+from seglab.train.fit import (
+    HISTORY_COLUMNS,
+    PlateauScaledSchedule,
+    ScheduleReduceLROnPlateau,
+    TrainSettings,
+    dtype_policy,
+    params_hash,
+    resolve_mixed_precision,
+    run_train,
+    train_model,
+    warmup_cosine_schedule,
+)
+
+CLASSES = ("background", "cat", "dog", "car")
+PALETTE = np.array([[0, 0, 0], [230, 30, 30], [30, 220, 40], [40, 60, 230]], np.uint8)
+CONTRACT_FIELDS = (
+    "model", "arch", "backbone", "weights", "weights_loaded", "width", "image_size", "batch_size", "epochs_planned",
+    "epochs_run", "best_epoch", "best_val_miou", "seconds_per_epoch", "train_seconds", "train_images_per_second",
+    "param_count", "trainable_param_count", "classes", "class_set", "dataset", "train_images", "val_images", "seed",
+    "params_hash", "mixed_precision", "strategy", "replicas", "git_rev", "created_at",
+)
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _jpeg(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def _rows(split: str, count: int, rng: np.random.Generator) -> list[dict]:
+    rows = []
+    for i in range(count):
+        grid = rng.choice([0, 1, 2, 3, 255], size=(5, 6), p=[0.4, 0.2, 0.15, 0.15, 0.1])
+        label = np.kron(grid, np.ones((8, 8), np.int64)).astype(np.uint8)  # 40 x 48
+        image = np.where(label[..., None] == 255, 128, PALETTE[np.minimum(label, 3)]).astype(np.uint8)
+        counts = np.bincount(label.ravel(), minlength=256)
+        rows.append({
+            "image_id": i, "file_name": f"{i:06d}.jpg", "split": split, "source": "tiny-test",
+            "height": 40, "width": 48, "orig_height": 40, "orig_width": 48,
+            "image": _jpeg(image), "label": encode_png(label),
+            "class_pixels": [int(c) for c in counts[: len(CLASSES)]], "ignore_pixels": int(counts[255]),
+        })
+    return rows
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(0)
+    class_set = ClassSet("custom", CLASSES, tuple(range(len(CLASSES))))
+    for split, count in (("train", 16), ("val", 8)):
+        write_shards(_rows(split, count, rng), root / split, shard_metadata(class_set, split, LabelRules()), 16.0)
+    return root
+
+
+def make_cfg(shards: Path, root: Path, *, epochs: int = 3, train: dict | None = None,
+             model: dict | None = None) -> Config:
+    return Config.model_validate({
+        "seed": 0,
+        "shard": {"out": str(shards)},
+        "profile": "tiny",
+        "profiles": {"tiny": {"image_size": 32, "batch_size": 4, "epochs": epochs, "width": 0.125,
+                              "learning_rate": 3e-3}},
+        "models": {"tiny": model or {"arch": "unet", "weights": None}},
+        "train": {"out": str(root / "models"), "metrics": str(root / "metrics"), "state": str(root / "state"),
+                  "mixed_precision": "off", "warmup_epochs": 1, **(train or {})},
+    })
+
+
+def read_history(path: Path) -> list[dict]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+# ----------------------------------------------------------------------------------- the stage
+
+
+def test_run_train_writes_the_contract_files(shards, tmp_path, caplog):
+    cfg = make_cfg(shards, tmp_path, epochs=3, train={"mixed_precision": "mixed_bfloat16"})
+    # A resume state left by other settings: discarded (logged), never loaded (it would not load).
+    state = tmp_path / "state" / "tiny"
+    (state / "backup" / "epoch-0002").mkdir(parents=True)
+    (state / "run.json").write_text(json.dumps({"params_hash": "0" * 64, "shards": "x"}))
+    (state / "backup" / "LATEST").write_text("epoch-0002")
+    before = keras.config.dtype_policy().name
+    with caplog.at_level(logging.WARNING, logger="seglab.train.fit"):
+        info = run_train(cfg, "tiny", verbose=0)
+    assert "discarding a training state from other settings" in caplog.text
+
+    # The global policy is back; the model itself trained (and is saved) under bfloat16.
+    assert keras.config.dtype_policy().name == before == "float32"
+    out = tmp_path / "models" / "tiny"
+    train_json = json.loads((out / "train.json").read_text())
+    assert train_json == json.loads(json.dumps(info))
+    assert set(CONTRACT_FIELDS) <= set(train_json)
+    assert train_json["mixed_precision"] == "mixed_bfloat16"
+    assert train_json["classes"] == list(CLASSES) and train_json["class_set"] == "custom"
+    assert train_json["dataset"] == "tiny-test"
+    assert (train_json["train_images"], train_json["val_images"]) == (16, 8)
+    assert train_json["weights_loaded"] == "random" and train_json["backbone"] is None
+    assert train_json["params_hash"] == params_hash(cfg, "tiny")
+    assert train_json["epochs_planned"] == 3 and train_json["resumed_from_epoch"] == 0
+    assert train_json["param_count"] > train_json["trainable_param_count"] > 0  # BN moving stats
+
+    metrics_dir = tmp_path / "metrics" / "tiny"
+    history = read_history(metrics_dir / "history.csv")
+    assert len(history) == train_json["epochs_run"] == 3
+    assert list(history[0])[: len(HISTORY_COLUMNS)] == list(HISTORY_COLUMNS)
+    assert [int(r["epoch"]) for r in history] == [1, 2, 3]
+    val_miou = [float(r["val_miou"]) for r in history]
+    # The kept model is the first epoch with the highest val mIoU (ModelCheckpoint, strict improvement).
+    assert train_json["best_epoch"] == 1 + int(np.argmax(val_miou))
+    assert train_json["best_val_miou"] == pytest.approx(max(val_miou))
+    lrs = [float(r["lr"]) for r in history]
+    assert lrs[-1] < lrs[0]  # cosine decay
+    summary = json.loads((metrics_dir / "train_metrics.json").read_text())
+    assert set(summary) == {"best_val_miou", "epochs_run", "seconds_per_epoch", "train_images_per_second",
+                            "param_count"}
+
+    model = keras.models.load_model(out / "model.keras")
+    assert model.compiled is False or model.optimizer is None  # an inference artifact
+    logits = model.predict(np.zeros((2, 32, 32, 3), np.float32), verbose=0)
+    assert logits.shape == (2, 32, 32, len(CLASSES)) and logits.dtype == np.float32
+    assert not (tmp_path / "state" / "tiny").exists()  # resume state removed after success
+
+
+def test_params_hash_tracks_the_run_settings(shards, tmp_path):
+    base = params_hash(make_cfg(shards, tmp_path), "tiny")
+    assert base == params_hash(make_cfg(shards, tmp_path), "tiny")
+    assert base != params_hash(make_cfg(shards, tmp_path, epochs=4), "tiny")
+    assert base != params_hash(make_cfg(shards, tmp_path, train={"loss": "ce"}), "tiny")
+    assert base != params_hash(make_cfg(shards, tmp_path, model={"arch": "unet", "width": 0.25}), "tiny")
+
+
+def test_unknown_model_and_too_few_images_fail_clearly(shards, tmp_path):
+    cfg = make_cfg(shards, tmp_path)
+    with pytest.raises(ValueError, match="no model 'nope'"):
+        run_train(cfg, "nope")
+    big_batch = cfg.model_copy(update={"profiles": {"tiny": cfg.run_profile.model_copy(update={"batch_size": 64})}})
+    with pytest.raises(ValueError, match="fewer than one batch of 64"):
+        run_train(big_batch, "tiny")
+
+
+# ----------------------------------------------------------------------------------- resume
+
+DRIVER = textwrap.dedent("""
+    import json, sys, time
+    import keras
+    from seglab.config import Config
+    from seglab.train.fit import run_train
+
+    class SlowEpochStart(keras.callbacks.Callback):
+        # Leaves a window after each commit in which the test can kill the process.
+        def on_epoch_begin(self, epoch, logs=None):
+            time.sleep(float(sys.argv[2]))
+
+    cfg = Config.model_validate(json.loads(open(sys.argv[1]).read()))
+    run_train(cfg, "tiny", callbacks=[SlowEpochStart()], verbose=0)
+""")
+
+
+def test_resume_after_kill_continues_with_history_intact(shards, tmp_path):
+    epochs, kill_after = 4, 2
+    cfg = make_cfg(shards, tmp_path, epochs=epochs)
+    (tmp_path / "cfg.json").write_text(cfg.model_dump_json(by_alias=True))
+    (tmp_path / "driver.py").write_text(DRIVER)
+    backup = tmp_path / "state" / "tiny" / "backup"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), str(tmp_path / "cfg.json"), "3"],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 180
+        while not ((backup / "LATEST").is_file() and (backup / "LATEST").read_text() == f"epoch-{kill_after:04d}"):
+            if proc.poll() is not None:
+                pytest.fail(f"training exited before epoch {kill_after} was committed:\n{proc.stderr.read().decode()}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"no commit of epoch {kill_after} within 180 s")
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (tmp_path / "models" / "tiny").exists()  # nothing published by the killed run
+    committed = json.loads((backup / f"epoch-{kill_after:04d}" / "state.json").read_text())
+    before = committed["states"]["history"]["rows"]
+    assert [r["epoch"] for r in before] == [1, 2]
+
+    # Leftovers of a kill in the middle of the next commit must be ignored, not loaded.
+    (backup / f".epoch-{kill_after + 1:04d}.tmp").mkdir()
+    (backup / f".epoch-{kill_after + 1:04d}.tmp" / "latest.weights.h5").write_bytes(b"half-written")
+    (backup / "checkpoints" / f"best-epoch{kill_after + 1:03d}.weights.h5").write_bytes(b"half-written")
+
+    info = run_train(cfg, "tiny", verbose=0)
+    assert info["resumed_from_epoch"] == kill_after
+    assert info["epochs_run"] == epochs
+    history = read_history(tmp_path / "metrics" / "tiny" / "history.csv")
+    assert [int(r["epoch"]) for r in history] == list(range(1, epochs + 1))  # each epoch exactly once
+    for old, new in zip(before, history):  # the epochs before the kill are kept as they were logged
+        for key in ("loss", "val_loss", "val_miou", "lr"):
+            assert float(new[key]) == pytest.approx(old[key], rel=1e-12)
+    # The learning-rate schedule went on from the restored step, not from step 0.
+    assert float(history[kill_after]["lr"]) < float(history[kill_after - 1]["lr"])
+    assert not (tmp_path / "state" / "tiny").exists()
+    keras.models.load_model(tmp_path / "models" / "tiny" / "model.keras")
+
+
+# ----------------------------------------------------------------------------------- recipe
+
+
+def tiny_segmenter(num_classes: int = 4) -> keras.Model:
+    """A segmenter with an encoder nested as a layer named "encoder", like the zoo's backbone models."""
+    image = keras.Input((32, 32, 3))
+    x = keras.layers.Rescaling(1 / 255)(image)
+    x = keras.layers.Conv2D(8, 3, padding="same", name="enc_conv")(x)
+    x = keras.layers.BatchNormalization(name="enc_bn")(x)
+    encoder = keras.Model(image, keras.layers.Activation("relu")(x), name="encoder")
+    inputs = keras.Input((32, 32, 3))
+    y = keras.layers.Conv2D(num_classes, 1, name="decoder_conv")(encoder(inputs))
+    return keras.Model(inputs, keras.layers.Activation("linear", dtype="float32", name="logits")(y))
+
+
+def random_batches(count: int, num_classes: int = 4, seed: int = 0) -> tf.data.Dataset:
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(0, 255, (count * 4, 32, 32, 3)).astype(np.float32)
+    labels = rng.integers(0, num_classes, (count * 4, 32, 32)).astype(np.int32)
+    return tf.data.Dataset.from_tensor_slices((images, labels)).batch(4)
+
+
+class WeightSnapshots(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.snapshots = []
+
+    def _take(self):
+        model = self.model
+        self.snapshots.append({
+            "encoder": [w.numpy().copy() for w in model.get_layer("encoder").weights],
+            "decoder": [w.numpy().copy() for w in model.get_layer("decoder_conv").weights],
+            "encoder_trainable": model.get_layer("encoder").trainable,
+        })
+
+    def on_train_begin(self, logs=None):
+        self._take()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._take()
+
+
+def _changed(before, after) -> bool:
+    return any(not np.array_equal(a, b) for a, b in zip(before, after))
+
+
+def test_encoder_frozen_then_unfrozen_at_the_given_epoch(tmp_path):
+    keras.utils.set_random_seed(0)
+    settings = TrainSettings(num_classes=4, epochs=3, steps_per_epoch=2, batch_size=4, learning_rate=1e-2,
+                             warmup_epochs=0, freeze_encoder_epochs=2, encoder_lr_multiplier=0.5,
+                             optimizer="adamw")
+    snapshots = WeightSnapshots()
+    result = train_model(tiny_segmenter, random_batches(2).repeat(), random_batches(1, seed=1), settings,
+                         state_dir=tmp_path / "state", callbacks=[snapshots], verbose=0)
+    initial, epoch1, epoch2, epoch3 = snapshots.snapshots
+    # Frozen for epochs 1 and 2: kernels, BatchNorm scale/offset and moving statistics all unchanged.
+    assert not _changed(initial["encoder"], epoch1["encoder"])
+    assert not _changed(epoch1["encoder"], epoch2["encoder"])
+    assert _changed(initial["decoder"], epoch1["decoder"]) and _changed(epoch1["decoder"], epoch2["decoder"])
+    # Unfrozen from epoch 3 on.
+    assert _changed(epoch2["encoder"], epoch3["encoder"])
+    assert epoch3["encoder_trainable"] and not epoch2["encoder_trainable"]
+    assert result.epochs_run == 3
+
+
+def test_freezing_a_model_without_encoder_is_refused(tmp_path):
+    settings = TrainSettings(num_classes=4, epochs=1, steps_per_epoch=1, batch_size=4, learning_rate=1e-3,
+                             freeze_encoder_epochs=1)
+
+    def no_encoder():
+        inputs = keras.Input((32, 32, 3))
+        return keras.Model(inputs, keras.layers.Conv2D(4, 1)(inputs))
+
+    with pytest.raises(ValueError, match="no layer named 'encoder'"):
+        train_model(no_encoder, random_batches(1).repeat(), random_batches(1), settings, state_dir=tmp_path)
+
+
+def test_plateau_lowers_the_schedule_scale_not_its_shape():
+    schedule = PlateauScaledSchedule(warmup_cosine_schedule(1e-2, total_steps=100, warmup_steps=10))
+    inputs = keras.Input((4,))
+    model = keras.Model(inputs, keras.layers.Dense(1)(inputs))
+    model.compile(optimizer=keras.optimizers.Adam(schedule), loss="mse")
+    callback = ScheduleReduceLROnPlateau(schedule, monitor="val_miou", mode="max", patience=2, factor=0.5,
+                                         min_scale=0.2)
+    callback.set_model(model)
+    callback.on_train_begin()
+    scales = []
+    for epoch, value in enumerate([0.5, 0.6, 0.6, 0.55, 0.6, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5]):
+        callback.on_epoch_end(epoch, {"val_miou": value})
+        scales.append(float(schedule.scale.numpy()))
+    # Two epochs without improvement -> halve; never below min_scale.
+    assert scales[:4] == [1.0, 1.0, 1.0, 0.5]
+    assert min(scales) == pytest.approx(0.2) and scales[-1] == pytest.approx(0.2)
+    base = warmup_cosine_schedule(1e-2, total_steps=100, warmup_steps=10)
+    assert float(schedule(50)) == pytest.approx(0.2 * float(base(50)), rel=1e-6)
+
+
+def test_warmup_then_cosine_decay():
+    schedule = warmup_cosine_schedule(1e-3, total_steps=40, warmup_steps=10)
+    values = np.array([float(schedule(step)) for step in range(41)])
+    assert values[0] == pytest.approx(1e-4)
+    assert values[10] == pytest.approx(1e-3)
+    assert np.all(np.diff(values[:11]) > 0) and np.all(np.diff(values[10:]) < 0)
+    assert values[40] == pytest.approx(0.0, abs=1e-12)
+    no_warmup = warmup_cosine_schedule(1e-3, total_steps=5, warmup_steps=0)
+    assert float(no_warmup(0)) == pytest.approx(1e-3)
+
+
+def test_mixed_precision_resolution_and_policy_restore():
+    assert resolve_mixed_precision("off") == "float32"
+    assert resolve_mixed_precision("mixed_bfloat16") == "mixed_bfloat16"
+    if not tf.config.list_physical_devices("GPU"):
+        assert resolve_mixed_precision("auto") == fit.CPU_AUTO_POLICY
+    with pytest.raises(ValueError, match="mixed_precision"):
+        resolve_mixed_precision("fp8")
+    with pytest.raises(RuntimeError, match="boom"):
+        with dtype_policy("mixed_bfloat16"):
+            assert keras.config.dtype_policy().name == "mixed_bfloat16"
+            raise RuntimeError("boom")
+    assert keras.config.dtype_policy().name == "float32"
+
+
+def test_strategy_selection(monkeypatch):
+    monkeypatch.delenv("TF_CONFIG", raising=False)
+    strategy = fit.get_strategy()
+    assert strategy.num_replicas_in_sync == 1
+    monkeypatch.setenv("TF_CONFIG", "{not json")
+    with pytest.raises(ValueError, match="TF_CONFIG is not valid JSON"):
+        fit.get_strategy()
+
+
+def test_settings_validation_names_the_field():
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        TrainSettings(num_classes=4, epochs=1, steps_per_epoch=0, batch_size=4, learning_rate=1e-3)
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainSettings(num_classes=4, epochs=1, steps_per_epoch=1, batch_size=4, learning_rate=1e-3, optimizer="sgd")
+    assert math.isfinite(TrainSettings(num_classes=4, epochs=1, steps_per_epoch=1, batch_size=4,
+                                       learning_rate=1e-3).learning_rate)
