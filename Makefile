@@ -10,7 +10,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export GX_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: install repro test clean-venv
+.PHONY: install repro test browser dashboard clean-venv
 
 install: $(STAMP)
 
@@ -27,10 +27,19 @@ $(STAMP): pyproject.toml
 repro: $(STAMP)
 	dvc repro
 
-test: $(STAMP)
+test: $(STAMP) browser
 	@# pytest exits 5 when a selection collects no tests: report it plainly rather than as a failure.
 	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
+
+# The dashboard's browser test drives Debian's Chromium (never a downloaded browser).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends chromium chromium-driver; }
+
+dashboard: $(STAMP)
+	streamlit run dashboards/app.py
 
 clean-venv:
 	rm -rf $(VENV)

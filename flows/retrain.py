@@ -177,8 +177,9 @@ def _rank(value: Any) -> str:
 
 
 def render_retrain_report(status: dict[str, list[Any]], pipeline: PipelineReport | None,
-                          changes: LeaderboardChanges | None, error: BaseException | None = None) -> str:
-    """The Markdown of the retraining artifact."""
+                          changes: LeaderboardChanges | None, error: BaseException | None = None,
+                          leaderboard_note: str | None = None) -> str:
+    """The Markdown of the retraining artifact; `leaderboard_note` replaces the leaderboard section."""
     if not status:
         return ("# seglab retraining: nothing changed\n\n`dvc status` reports every stage up to date "
                 "(data, code and params as recorded in dvc.lock), so nothing was run.\n")
@@ -193,7 +194,9 @@ def render_retrain_report(status: dict[str, list[Any]], pipeline: PipelineReport
     if error is not None:
         lines += ["", "## Error", "", "```", str(error)[:4000], "```"]
     lines += ["", "## Leaderboard"]
-    if changes is None:
+    if leaderboard_note is not None:
+        lines += ["", leaderboard_note]
+    elif changes is None:
         lines += ["", "Not compared (the warehouse could not be read)."]
     elif changes.empty:
         lines += ["", f"Unchanged: {len(changes.models)} model(s), no new runs."]
@@ -256,7 +259,10 @@ def retrain_if_changed(repo: str = ".", targets: list[str] | None = None, retrie
     pipeline = outcome if isinstance(outcome, PipelineReport) else getattr(outcome, "report", None)
     after, after_ok = _snapshot(warehouse, logger)
     changes = compare_leaderboards(before, after) if before_ok and after_ok else None
-    markdown = render_retrain_report(status, pipeline, changes, error)
+    note = None
+    if before_ok and after_ok and before is None and after is None:
+        note = f"No warehouse at `{warehouse}` yet (the `ingest` stage creates it)."
+    markdown = render_retrain_report(status, pipeline, changes, error, leaderboard_note=note)
     create_markdown_artifact(key=REPORT_ARTIFACT_KEY, markdown=markdown,
                              description=f"seglab retraining: {len(status)} stage(s) out of date")
     if changes is not None:

@@ -44,8 +44,7 @@ else:
     long["run"] = long["run_id"].map(labels)
     st.altair_chart(
         ds.heatmap(long, x="class", y="run", value="value", x_order=classes,
-                   y_order=[labels[r] for r in run_ids], title=ds.PER_CLASS_LABELS[metric],
-                   domain=None if metric in ("support", "predicted") else (0.0, 1.0)),
+                   y_order=[labels[r] for r in run_ids], title=ds.PER_CLASS_LABELS[metric]),
         width="content",
     )
     st.caption(f"{len(run_ids)} runs (best mIoU first) x {len(classes)} classes: "

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import duckdb
@@ -272,6 +274,36 @@ def test_sql_page_cannot_read_files(app):
     at = run_sql(app("views/sql.py"), f"SELECT * FROM read_text('{APP}')")
     message = texts(at.error)
     assert message.startswith("Query failed:") and "disabled by configuration" in message, message
+
+
+# ---- settings ------------------------------------------------------------------------------------
+
+
+def test_settings_come_from_arguments_then_environment_then_params(tmp_path):
+    spec = importlib.util.spec_from_file_location("dashboard_support_under_test",
+                                                  APP.parent / "dashboard_support.py")
+    support = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = support  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(support)
+    finally:
+        del sys.modules[spec.name]
+    repo = APP.parents[1]
+
+    defaults = support.load_settings(argv=[], environ={})
+    assert defaults.warehouse == repo / "data" / "warehouse.duckdb"
+    assert defaults.eval_dir == repo / "data" / "eval" and defaults.gan_dir == repo / "data" / "gan"
+
+    env = {"SEGLAB_WAREHOUSE": str(tmp_path / "env.duckdb"), "SEGLAB_GAN_DIR": str(tmp_path / "g")}
+    from_env = support.load_settings(argv=["-q", "tests/"], environ=env)  # foreign args ignored
+    assert from_env.warehouse == tmp_path / "env.duckdb" and from_env.gan_dir == tmp_path / "g"
+
+    from_args = support.load_settings(argv=["--warehouse", str(tmp_path / "arg.duckdb"),
+                                            "--eval-dir", str(tmp_path / "e")], environ=env)
+    assert from_args.warehouse == tmp_path / "arg.duckdb" and from_args.eval_dir == tmp_path / "e"
+    assert from_args.gan_dir == tmp_path / "g"
+    # No prefix matching: an abbreviation is not taken for --warehouse.
+    assert support.load_settings(argv=["--ware", "x"], environ={}).warehouse == defaults.warehouse
 
 
 # ---- empty states and freshness ------------------------------------------------------------------

@@ -53,12 +53,16 @@ def _free_port() -> int:
 def served_app(fixture_warehouse, tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("streamlit") / "streamlit.log"
-    env = {**os.environ, **fixture_warehouse.env(), "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEGLAB_")}
+    env["STREAMLIT_BROWSER_GATHER_USAGE_STATS"] = "false"
     with log.open("w") as out:
         server = subprocess.Popen(
             [sys.executable, "-m", "streamlit", "run", str(APP), "--server.headless", "true",
              "--server.address", "127.0.0.1", "--server.port", str(port),
-             "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false"],
+             "--server.fileWatcherType", "none", "--browser.gatherUsageStats", "false",
+             # The README's form: the app's own options after `--`.
+             "--", "--warehouse", str(fixture_warehouse.warehouse),
+             "--gan-dir", str(fixture_warehouse.gan_dir)],
             cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -167,15 +167,17 @@ def test_per_image_rejects_are_excluded_and_counted(data, reference, tmp_path):
     labels[3][:] = 0                                       # nothing labelled
     images[4] = images[4] + 300.0                          # beyond 255
     images[5] = images[5][..., 0]                          # greyscale
+    labels[6] = labels[6][:32, :32]                        # label map smaller than its image
     outcome = validate(images, labels, reference, tmp_path)
     s = outcome.summary
-    assert s["rejected_by_rule"] == {"not_constant": 1, "finite": 1, "labels_in_class_set": 1,
-                                     "labelled_area": 1, "value_max": 1, "rgb": 1}
-    assert outcome.accepted.tolist() == [False] * 6 + [True] * 18
-    assert (s["accepted"], s["rejected"], s["rejected_per_image"], s["rejected_by_batch"]) == (18, 6, 6, 0)
-    assert [r["rules"] for r in s["rejected_samples"]] == [["not_constant"], ["finite"], ["labels_in_class_set"],
-                                                          ["labelled_area"], ["value_max"], ["rgb"]]
-    assert s["batch"]["images"] == 18  # batch figures over the survivors only
+    assert s["rejected_by_rule"] == {"not_constant": 1, "finite": 1, "labels_in_class_set": 1, "labelled_area": 1,
+                                     "value_max": 1, "rgb": 1, "label_height": 1, "label_width": 1}
+    assert outcome.accepted.tolist() == [False] * 7 + [True] * 17
+    assert (s["accepted"], s["rejected"], s["rejected_per_image"], s["rejected_by_batch"]) == (17, 7, 7, 0)
+    assert [r["rules"] for r in s["rejected_samples"]] == [
+        ["not_constant"], ["finite"], ["labels_in_class_set"], ["labelled_area"], ["value_max"], ["rgb"],
+        ["label_height", "label_width"]]
+    assert s["batch"]["images"] == 17  # batch figures over the survivors only
 
 
 def test_profile_columns_describe_each_sample():
@@ -260,7 +262,7 @@ def _png(label: np.ndarray) -> bytes:
 
 
 def write_synthetic(root: Path, gan: str, images, labels, real_shards: Path, *, classes=None, seed=7,
-                    rows_per_file=10, drop_generator=False) -> Path:
+                    rows_per_file=10, drop_generator=False, truncate_rows=()) -> Path:
     """Synthetic shards as `synthesize` writes them: SHARD_SCHEMA + generator columns, real class list."""
     fields = list(SHARD_SCHEMA) + ([] if drop_generator else list(GENERATOR_FIELDS))
     metadata = dict(pq.read_schema(sorted((real_shards / "train").glob("*.parquet"))[0]).metadata)
@@ -276,6 +278,8 @@ def write_synthetic(root: Path, gan: str, images, labels, real_shards: Path, *, 
                      "orig_width": label.shape[1], "image": _jpeg(image), "label": _png(label),
                      "class_pixels": [int(c) for c in counts[:NUM_CLASSES]], "ignore_pixels": int(counts[255]),
                      "generator": gan, "generator_seed": seed})
+        if i in truncate_rows:
+            rows[-1]["image"] = rows[-1]["image"][:200]  # a JPEG cut short
     out = root / gan / "train"
     out.mkdir(parents=True)
     for start in range(0, len(rows), rows_per_file):
@@ -292,36 +296,37 @@ def run_stage(tmp_path, real_shards, gan):
 
 @pytest.fixture(scope="module")
 def stage_run(data, real_shards, tmp_path_factory):
-    """The stage on shards whose rows 0 (black) and 13 (label out of range) are broken, 10 rows a file."""
+    """The stage on shards whose rows 0 (black), 13 (label out of range) and 21 (truncated JPEG) are
+    broken, 10 rows a file."""
     tmp_path = tmp_path_factory.mktemp("stage")
     images, labels = perturbed(data["images"], seed=3), [lb.copy() for lb in data["labels"]]
     images[0] = np.zeros_like(images[0])
     labels[13][labels[13] == 0] = 77
-    write_synthetic(tmp_path / "synthetic", "mygan", images, labels, real_shards)
+    write_synthetic(tmp_path / "synthetic", "mygan", images, labels, real_shards, truncate_rows=(21,))
     return tmp_path, run_stage(tmp_path, real_shards, "mygan")
 
 
 def test_stage_writes_accepted_shards_with_the_same_schema(stage_run, real_shards):
     tmp_path, summary = stage_run
-    assert (summary["accepted"], summary["rejected"]) == (22, 2)
-    assert summary["rejected_by_rule"] == {"not_constant": 1, "labels_in_class_set": 1}
+    assert (summary["accepted"], summary["rejected"]) == (21, 3)
+    assert summary["rejected_by_rule"] == {"not_constant": 1, "labels_in_class_set": 1, "decodable": 1}
     assert {(r["shard_file"], r["shard_row"]) for r in summary["rejected_samples"]} == {
-        ("train/part-00000.parquet", 0), ("train/part-00001.parquet", 3)}
+        ("train/part-00000.parquet", 0), ("train/part-00001.parquet", 3), ("train/part-00002.parquet", 1)}
     assert (summary["generator"], summary["generator_seed"]) == (["mygan"], [7])
     valid = accepted_synthetic_shards(tmp_path / "synthetic_valid" / "mygan")
     assert valid == tmp_path / "synthetic_valid" / "mygan"
     files = sorted((valid / "train").glob("part-*.parquet"))
     source = pq.read_schema(tmp_path / "synthetic" / "mygan" / "train" / "part-00000.parquet")
-    assert [pq.read_metadata(f).num_rows for f in files] == [9, 9, 4]  # input files kept, minus rejects
+    assert [pq.read_metadata(f).num_rows for f in files] == [9, 9, 3]  # input files kept, minus rejects
     for f in files:
         schema = pq.read_schema(f)
         assert schema.remove_metadata().equals(source.remove_metadata())
         assert schema.metadata[b"seglab.generator"] == b"mygan"
         verdict = json.loads(schema.metadata[b"seglab.synthetic_validation"])
-        assert verdict["accepted"] == 22 and verdict["params_hash"] == summary["params_hash"]
+        assert verdict["accepted"] == 21 and verdict["params_hash"] == summary["params_hash"]
     assert read_classes(files[0]) == read_classes(sorted((real_shards / "train").glob("*.parquet"))[0])
     kept = read_split(valid, "train", columns=["image_id", "source"])
-    assert sorted(kept.column("image_id").to_pylist()) == [i for i in range(24) if i not in (0, 13)]
+    assert sorted(kept.column("image_id").to_pylist()) == [i for i in range(24) if i not in (0, 13, 21)]
     report = tmp_path / "reports" / "mygan"
     assert (report / "index.html").is_file() and (report / "summary.json").is_file()
     assert not (valid / NONE_ACCEPTED).exists()
@@ -332,9 +337,9 @@ def test_stage_output_feeds_the_training_pipeline(stage_run, real_shards):
 
     tmp_path, _ = stage_run
     dataset = make_dataset([real_shards, tmp_path / "synthetic_valid" / "mygan"], "train", image_size=(32, 32),
-                           batch_size=70, training=False)
+                           batch_size=80, training=False)
     images, labels = next(iter(dataset))
-    assert images.shape == (70, 32, 32, 3)  # 48 real + 22 accepted synthetic
+    assert images.shape == (69, 32, 32, 3)  # 48 real + 21 accepted synthetic
 
 
 def test_everything_rejected_means_real_data_only(data, real_shards, tmp_path, caplog):
@@ -374,17 +379,17 @@ def test_warehouse_ingestion_is_idempotent(stage_run, tmp_path):
     db = tmp_path / "warehouse.duckdb"
     for _ in range(2):
         result = ingest_synthetic_validation(db, summary_path)
-    assert result == {"gan": "mygan", "params_hash": summary["params_hash"], "accepted": 22, "rejected": 2,
+    assert result == {"gan": "mygan", "params_hash": summary["params_hash"], "accepted": 21, "rejected": 3,
                       "source_file": str(summary_path.resolve())}
     with duckdb.connect(str(db)) as con:
         rows = con.execute("SELECT gan, generator, generator_seed, images, accepted, rejected, success, kid_mean, "
                            "diversity, channel_mean_delta_r FROM synthetic_validation").fetchall()
-        assert rows == [("mygan", "mygan", 7, 24, 22, 2, True, pytest.approx(summary["batch"]["kid_mean"]),
+        assert rows == [("mygan", "mygan", 7, 24, 21, 3, True, pytest.approx(summary["batch"]["kid_mean"]),
                          pytest.approx(summary["batch"]["diversity"]),
                          pytest.approx(summary["batch"]["channel_mean_delta_r"]))]
         by_rule = con.execute("SELECT key, value::INT FROM synthetic_validation, json_each(rejected_by_rule) "
                               "ORDER BY key").fetchall()
-        assert by_rule == [("labels_in_class_set", 1), ("not_constant", 1)]
+        assert by_rule == [("decodable", 1), ("labels_in_class_set", 1), ("not_constant", 1)]
 
     # Another validation (other params_hash) adds a row; a broken file changes nothing.
     changed = json.loads(summary_path.read_text()) | {"params_hash": "0123456789abcdef"}

@@ -99,6 +99,9 @@ PROFILE_COLUMNS = ROW_KEYS + (
 )
 BATCH_FIGURES = ("diversity", *(f"channel_mean_delta_{c}" for c in CHANNELS),
                  *(f"channel_std_delta_{c}" for c in CHANNELS), "kid_mean")
+DEFAULT_SYNTHETIC = Path("data/synthetic")
+DEFAULT_VALID = Path("data/synthetic_valid")
+DEFAULT_REPORT = Path("data/reports/synthetic")
 NONE_ACCEPTED = "NONE_ACCEPTED"
 VALIDATION_FILE = "validation.json"
 MAX_SAMPLES_IN_SUMMARY = 100
@@ -114,7 +117,8 @@ class SyntheticChecks:
     image repeated 0.45, uniform noise and black 0.83.
     """
 
-    image_size: tuple[int, int] | None = None  # expected (height, width); None: the batch's most common size
+    image_size: int | tuple[int, int] | None = None  # expected (height, width) or side; None: the batch's most
+    #                                                 common size (a stray size is still caught)
     resolution: int | None = None        # side both sets are compared at; None: min(expected size)
     min_std: float = 5.0                 # per-image pixel std, [0, 255] units (real sample images: >= 15.9)
     min_labelled_share: float = 0.005    # share of pixels labelled with a class > 0 (real: >= 0.0099)
@@ -133,10 +137,11 @@ class SyntheticChecks:
     def __post_init__(self) -> None:
         problems = []
         if self.image_size is not None:
-            size = tuple(self.image_size)
-            if len(size) != 2 or not all(isinstance(s, (int, np.integer)) and s >= 1 for s in size):
-                problems.append(f"image_size must be (height, width) of positive integers or None, got {self.image_size!r}")
-            object.__setattr__(self, "image_size", tuple(int(s) for s in size))
+            size = (self.image_size,) * 2 if isinstance(self.image_size, (int, np.integer)) else tuple(self.image_size)
+            if len(size) == 2 and all(isinstance(s, (int, np.integer)) and s >= 1 for s in size):
+                object.__setattr__(self, "image_size", (int(size[0]), int(size[1])))
+            else:
+                problems.append(f"image_size must be a side, (height, width) or None, got {self.image_size!r}")
         for name in ("min_std", "mean_tol", "std_tol", "kid_max", "diversity_min"):
             if not float(getattr(self, name)) >= 0:
                 problems.append(f"{name} must be >= 0, got {getattr(self, name)!r}")
@@ -797,18 +802,23 @@ def checks_from_config(cfg: "Config") -> SyntheticChecks:
     values = section.model_dump() if section is not None else {}
     known = set(SyntheticChecks.__dataclass_fields__)
     settings = {k: v for k, v in values.items() if k in known}
-    size = settings.get("image_size")
-    if isinstance(size, int):
-        settings["image_size"] = (size, size)
     settings.setdefault("seed", cfg.seed)
     return replace(SyntheticChecks(), **settings)
 
 
 def run_validate_synthetic(cfg: "Config", gan_name: str, *, checks: SyntheticChecks | None = None,
-                           synthetic_root: str | Path = "data/synthetic", valid_root: str | Path = "data/synthetic_valid",
-                           report_root: str | Path = "data/reports/synthetic") -> dict:
+                           synthetic_root: str | Path | None = None, valid_root: str | Path | None = None,
+                           report_root: str | Path | None = None) -> dict:
     """The `validate_synthetic@<gan>` stage: `data/synthetic/<gan>` -> `data/synthetic_valid/<gan>` +
-    `data/reports/synthetic/<gan>/{index.html, summary.json}`."""
+    `data/reports/synthetic/<gan>/{index.html, summary.json}`, against the real `<shard.out>/train`.
+
+    Folders: the arguments, else params (`gan.synthetic_out`, `validate_synthetic.out`,
+    `validate_synthetic.report`) where those exist, else the defaults above.
+    """
+    section = getattr(cfg, "validate_synthetic", None)
+    synthetic_root = synthetic_root or getattr(getattr(cfg, "gan", None), "synthetic_out", None) or DEFAULT_SYNTHETIC
+    valid_root = valid_root or getattr(section, "out", None) or DEFAULT_VALID
+    report_root = report_root or getattr(section, "report", None) or DEFAULT_REPORT
     checks = checks or checks_from_config(cfg)
     return validate_synthetic(Path(synthetic_root) / gan_name, cfg.shard.out, Path(valid_root) / gan_name,
                               Path(report_root) / gan_name, gan=gan_name, checks=checks)
