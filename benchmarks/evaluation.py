@@ -7,6 +7,8 @@ probabilities (`evaluate.tta` transforms) on every batch, so both are timed unde
 
 - images/s: val images over the wall time of the model calls (after one untimed warm-up call that
   traces the graph), median of `--runs` passes;
+- CPU ms/image: process CPU time (all threads) during those calls per image, median of the passes:
+  hardly affected by other jobs sharing the cores, unlike images/s;
 - latency: one image per call, p50 / p90 ms over `--latency-runs` calls (from the last pass);
 - mIoU of both (the same in every pass: evaluation is deterministic), to show what TTA buys.
 
@@ -70,31 +72,36 @@ def measure(cfg, models_dir: Path, name: str, *, batch_size: int, tta: list[str]
     }
     for variant in ("plain", "tta"):
         per_run = [p.results[variant].images_per_second for p in passes]
+        cpu_per_run = [p.results[variant].cpu_ms_per_image for p in passes]
         result = last.results[variant]
         row[variant] = {
             "images_per_second_runs": per_run,
             "images_per_second": statistics.median(per_run),
+            "cpu_ms_per_image_runs": cpu_per_run,
+            "cpu_ms_per_image": statistics.median(cpu_per_run),
             "latency_ms_p50": result.latency_percentile(50),
             "latency_ms_p90": result.latency_percentile(90),
             "miou": result.confusion.result()["miou"],
         }
     row["tta_slowdown"] = row["plain"]["images_per_second"] / row["tta"]["images_per_second"]
-    # Whole passes (data pipeline, both predictors, latency calls): robust to other load on the cores.
+    row["tta_cpu_ratio"] = row["tta"]["cpu_ms_per_image"] / row["plain"]["cpu_ms_per_image"]
+    # Whole passes (data pipeline, both predictors, latency calls).
     row["cpu_seconds_per_pass"] = statistics.median(cpu_seconds)
     return row
 
 
 def render(rows: list[dict]) -> str:
     lines = [
-        "| model | params | input | images/s plain | images/s TTA | TTA slowdown | latency p50/p90 ms plain "
-        "| latency p50/p90 ms TTA | mIoU plain | mIoU TTA |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | params | input | images/s plain | images/s TTA | TTA slowdown | CPU ms/image plain / TTA "
+        "| latency p50/p90 ms plain | latency p50/p90 ms TTA | mIoU plain | mIoU TTA |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         p, t = r["plain"], r["tta"]
         lines.append(
             f"| {r['model']} | {r['param_count'] / 1e6:.2f} M | {r['image_size'][0]}x{r['image_size'][1]} "
             f"| {p['images_per_second']:.1f} | {t['images_per_second']:.1f} | {r['tta_slowdown']:.2f}x "
+            f"| {p['cpu_ms_per_image']:.1f} / {t['cpu_ms_per_image']:.1f} "
             f"| {p['latency_ms_p50']:.1f} / {p['latency_ms_p90']:.1f} | {t['latency_ms_p50']:.1f} / {t['latency_ms_p90']:.1f} "
             f"| {p['miou']:.4f} | {t['miou']:.4f} |"
         )

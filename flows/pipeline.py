@@ -105,6 +105,26 @@ def classify_failure(output: str, returncode: int) -> str | None:
     return None
 
 
+_EXCEPTION_LINE = re.compile(r"^(?:[\w.]+\.)?\w*(?:Error|Exception|Exit)\b:?.*$")
+
+
+def _failure_summary(output: str, returncode: int) -> str:
+    """DVC's own error line, plus the cause above it: the `seglab <stage>:` error message the CLI
+    printed (with up to 3 detail lines), else the last Python exception line."""
+    lines = [line.strip() for line in output.splitlines() if line.strip()]
+    dvc_error = next((line for line in reversed(lines) if line.startswith("ERROR:")), None)
+    cli_error = next((i for i in range(len(lines) - 1, -1, -1) if lines[i].startswith("seglab ")), None)
+    if cli_error is not None:
+        detail = [line for line in lines[cli_error + 1:cli_error + 4] if not line.startswith("ERROR:")]
+        cause = " ".join([lines[cli_error], *detail])
+    else:
+        cause = next((line for line in reversed(lines) if _EXCEPTION_LINE.match(line)), None)
+    summary = dvc_error[len("ERROR:"):].strip() if dvc_error else f"dvc repro exited with {returncode}"
+    if cause and len(cause) > 300:  # e.g. an exception that prints a whole tensor
+        cause = cause[:300] + " …"
+    return f"{summary} ({cause})" if cause and cause not in summary else summary
+
+
 class PipelineError(RuntimeError):
     """The DVC project cannot be read or planned (not a DVC repo, bad dvc.yaml, unknown target)."""
 
@@ -119,10 +139,10 @@ class StageFailed(RuntimeError):
         self.output_tail = output_tail
         self.attempt = attempt
         self.transient_reason = transient_reason
-        kind = f"transient failure ({transient_reason})" if transient_reason else "deterministic failure, not retried"
+        kind = f"transient: {transient_reason}" if transient_reason else "deterministic, not retried"
         last_lines = "\n".join(output_tail.splitlines()[-15:])
-        super().__init__(f"stage {stage!r}: dvc repro exited with {returncode} on attempt {attempt}: "
-                         f"{kind}\n{last_lines}")
+        super().__init__(f"stage {stage!r} failed on attempt {attempt} ({kind}): "
+                         f"{_failure_summary(output_tail, returncode)}\n{last_lines}")
 
 
 class TransientStageFailure(StageFailed):

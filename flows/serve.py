@@ -41,7 +41,7 @@ def retrain_schedule(repo: str | Path = ".", params: str | Path = "params.yaml",
     settings = load_config(params_path).schedule
     cron = cron or settings.cron
     timezone = timezone or settings.timezone
-    source = "override" if timezone != settings.timezone else f"{params_path}: schedule.timezone"
+    source = "timezone override" if timezone != settings.timezone else f"{params_path}: schedule.timezone"
     try:
         zoneinfo.ZoneInfo(timezone)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):

@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # GX logs every expectation at INFO; our own summary says what matters.
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
     handler, _ = STAGES[args.stage]
     try:
         cfg = load_config(args.params)
@@ -112,7 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"seglab {args.stage}: {e}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError, ConnectionError) as e:
+    except (ConnectionError, TimeoutError) as e:
+        # Transient by nature: EX_TEMPFAIL tells schedulers (flows/pipeline.py) a retry may succeed.
+        print(f"seglab {args.stage}: temporary failure: {e}", file=sys.stderr)
+        return 75
+    except (ValueError, FileNotFoundError) as e:
         # Bad input: the message already names the file/record and the rule; no traceback needed.
         print(f"seglab {args.stage}: error: {e}", file=sys.stderr)
         return 1

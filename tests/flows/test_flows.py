@@ -246,7 +246,7 @@ def test_deterministic_failure_is_not_retried_and_blocks_downstream(prefect_serv
     assert isinstance(error, PipelineFailed)
     statuses = [(s.stage, s.status, s.attempts) for s in error.report.stages]
     assert statuses == [("sample", "failed", 1), ("shard", "blocked", 0), ("validate_data", "blocked", 0)]
-    assert "exited with 2" in error.report.stages[0].detail
+    assert "exited with 2" in error.report.stages[0].detail and "data.crowd" in error.report.stages[0].detail
 
     flow_run_id = state.state_details.flow_run_id
     [task_run] = _task_runs(flow_run_id)  # shard and validate_data never started

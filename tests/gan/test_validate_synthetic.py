@@ -12,6 +12,7 @@ import io
 import json
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import duckdb
 import numpy as np
@@ -30,6 +31,7 @@ from seglab.gan.validate import (
     VALIDATION_FILE,
     SyntheticChecks,
     accepted_synthetic_shards,
+    checks_from_config,
     kernel_inception_distance,
     mean_pairwise_distance,
     polynomial_mmd2_unbiased,
@@ -200,6 +202,19 @@ def test_reference_at_another_resolution_is_refused(data, reference, tmp_path):
         validate(*_wrong_size(data), reference, tmp_path, checks=SyntheticChecks())
 
 
+def test_checks_come_from_params_when_the_section_exists():
+    from pydantic import BaseModel
+
+    class Section(BaseModel):  # the shape params.yaml's `validate_synthetic` section takes
+        image_size: int | None = None
+        kid_max: float = 0.15
+        out: str = "data/synthetic_valid"
+
+    cfg = SimpleNamespace(seed=5, validate_synthetic=Section(image_size=32, kid_max=0.2))
+    assert checks_from_config(cfg) == SyntheticChecks(image_size=(32, 32), kid_max=0.2, seed=5)
+    assert checks_from_config(SimpleNamespace(seed=1)) == SyntheticChecks(seed=1)
+
+
 def test_bad_settings_are_named():
     with pytest.raises(ValueError, match="min_labelled_share must be in \\[0, 1\\].*min_images must be >= 2"):
         SyntheticChecks(min_labelled_share=2, min_images=1)
@@ -288,9 +303,9 @@ def write_synthetic(root: Path, gan: str, images, labels, real_shards: Path, *, 
     return root / gan
 
 
-def run_stage(tmp_path, real_shards, gan):
+def run_stage(tmp_path, real_shards, gan, checks=CHECKS):
     cfg = Config.model_validate({"shard": {"out": str(real_shards)}})
-    return run_validate_synthetic(cfg, gan, checks=CHECKS, synthetic_root=tmp_path / "synthetic",
+    return run_validate_synthetic(cfg, gan, checks=checks, synthetic_root=tmp_path / "synthetic",
                                   valid_root=tmp_path / "synthetic_valid", report_root=tmp_path / "reports")
 
 
@@ -343,8 +358,12 @@ def test_stage_output_feeds_the_training_pipeline(stage_run, real_shards):
 
 
 def test_everything_rejected_means_real_data_only(data, real_shards, tmp_path, caplog):
-    write_synthetic(tmp_path / "synthetic", "deadgan", *_black(data), real_shards)
-    summary = run_stage(tmp_path, real_shards, "deadgan")
+    synthetic = write_synthetic(tmp_path / "synthetic", "deadgan", *_black(data), real_shards)
+    # As synthesize writes it: pairs enlarged from the generator's 32 px to 64 px.
+    (synthetic / "synthesize.json").write_text(json.dumps({"image_size": 64, "gan_image_size": 32}))
+    summary = run_stage(tmp_path, real_shards, "deadgan", checks=SyntheticChecks())
+    assert (summary["settings"]["image_size"], summary["settings"]["resolution"]) == ([64, 64], 32)
+    assert summary["sizes_from"] == str(synthetic / "synthesize.json")
     valid = tmp_path / "synthetic_valid" / "deadgan"
     assert summary["accepted"] == 0 and not summary["success"]
     assert "training on real data only" in (valid / NONE_ACCEPTED).read_text()

@@ -248,6 +248,9 @@ class VariantResult:
     variant: str
     confusion: ConfusionMatrix
     predict_seconds: float = 0.0
+    # Process CPU time (all threads) during the same calls: unlike wall time it hardly moves when other
+    # jobs share the cores. It includes whatever tf.data prefetching ran meanwhile (small next to a model).
+    predict_cpu_seconds: float = 0.0
     timed_images: int = 0
     latency_ms: np.ndarray = field(default_factory=lambda: np.zeros(0))
     grid_predictions: list[np.ndarray] = field(default_factory=list)
@@ -255,6 +258,10 @@ class VariantResult:
     @property
     def images_per_second(self) -> float:
         return self.timed_images / self.predict_seconds if self.predict_seconds > 0 else float("nan")
+
+    @property
+    def cpu_ms_per_image(self) -> float:
+        return 1000.0 * self.predict_cpu_seconds / self.timed_images if self.timed_images else float("nan")
 
     def latency_percentile(self, q: float) -> float:
         return float(np.percentile(self.latency_ms, q)) if self.latency_ms.size else float("nan")
@@ -314,9 +321,10 @@ def evaluate_predictors(
         grid_inputs += [images[i].astype(np.uint8) for i in range(take)]
         grid_truths += [labels[i].astype(np.uint8) for i in range(take)]
         for variant, predictor in predictors.items():
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             probabilities = np.asarray(predictor.predict_on_batch(images))
             results[variant].predict_seconds += time.perf_counter() - start
+            results[variant].predict_cpu_seconds += time.process_time() - cpu_start
             _check_finite(probabilities[:real], variant, batch_index)
             results[variant].timed_images += real
             predicted = np.argmax(probabilities[:real], axis=-1)

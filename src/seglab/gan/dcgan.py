@@ -1,8 +1,9 @@
 """DCGAN (Radford et al. 2016) generating an image and its label map jointly.
 
 Generator: noise z -> Dense to a 4x4 map -> transposed-conv blocks (BatchNorm, ReLU) doubling the
-resolution and halving the channels up to the image size -> a 1x1 head per output: tanh for the
-3 image channels, softmax for the C + 1 label channels (classes + ignore; argmax at the end).
+resolution and halving the channels -> a last stride-2 transposed conv per output, reaching the
+image size: tanh for the 3 image channels, softmax for the C + 1 label channels (classes +
+ignore; argmax at the end).
 Discriminator: strided 4x4 convs (LeakyReLU 0.2, BatchNorm except on the first) down to 4x4, then
 one logit, on the concatenated (image, label channels). Non-saturating BCE loss, Adam(beta_1 0.5).
 """
@@ -47,15 +48,18 @@ def build_generator(num_classes: int, image_size: int = 64, *, latent_dim: int =
     x = layers.Reshape((4, 4, _level_channels(width, upsamplings)))(x)
     x = layers.BatchNormalization(momentum=_BN_MOMENTUM, name="project_bn")(x)
     x = layers.ReLU()(x)
-    for i in range(upsamplings):
-        channels = _level_channels(width, upsamplings - 1 - i)
+    for i in range(upsamplings - 1):
+        channels = _level_channels(width, upsamplings - 2 - i)
         x = layers.Conv2DTranspose(channels, 4, strides=2, padding="same", use_bias=False, kernel_initializer=_INIT,
                                    name=f"up{i}")(x)
         x = layers.BatchNormalization(momentum=_BN_MOMENTUM, name=f"up{i}_bn")(x)
         x = layers.ReLU()(x)
-    image = layers.Conv2D(3, 3, padding="same", activation="tanh", kernel_initializer=_INIT, name="image")(x)
-    label = layers.Conv2D(label_channels(num_classes), 3, padding="same", kernel_initializer=_INIT,
-                          name="label_logits")(x)
+    # DCGAN's last layer is the transposed conv that reaches the image size, without BatchNorm;
+    # here it has one head per output.
+    image = layers.Conv2DTranspose(3, 4, strides=2, padding="same", activation="tanh", kernel_initializer=_INIT,
+                                   name="image")(x)
+    label = layers.Conv2DTranspose(label_channels(num_classes), 4, strides=2, padding="same",
+                                   kernel_initializer=_INIT, name="label_logits")(x)
     label = layers.Softmax(name="label")(label)
     return keras.Model(z, [image, label], name=name)
 

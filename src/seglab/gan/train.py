@@ -39,6 +39,8 @@ __all__ = [
     "GANS",
     "GanSettings",
     "build_trainer",
+    "gan_paths",
+    "gan_section",
     "is_conditional",
     "run_train_gan",
     "settings_from_config",
@@ -113,6 +115,7 @@ class GanSettings:
 
 
 def _as_mapping(section: Any) -> dict[str, Any]:
+    """A params section (pydantic model, mapping, plain object or None) as a dict."""
     if section is None:
         return {}
     if isinstance(section, Mapping):
@@ -127,12 +130,17 @@ _NON_TRAINING_KEYS = {"names", "out", "state", "synthetic_out", "synth_images", 
                       "jpeg_quality", "max_shard_mb", *GANS}
 
 
+def gan_section(cfg: Any) -> dict[str, Any]:
+    """The `gan` section of params as a dict ({} where params has none: every default applies)."""
+    return _as_mapping(getattr(cfg, "gan", None))
+
+
 def settings_from_config(cfg: Any, gan: str) -> GanSettings:
     """`GanSettings` for `gan` from params: `gan.<key>` for all augmenters, `gan.<gan>.<key>` for one.
 
     Without a `gan` section every setting keeps its default. `seed` is the top-level one.
     """
-    section = _as_mapping(getattr(cfg, "gan", None))
+    section = gan_section(cfg)
     common = {k: v for k, v in section.items() if k not in _NON_TRAINING_KEYS and v is not None}
     specific = {k: v for k, v in _as_mapping(section.get(gan)).items() if v is not None}
     return GanSettings.for_gan(gan, **{**common, **specific, "seed": int(getattr(cfg, "seed", 0))})
@@ -140,7 +148,7 @@ def settings_from_config(cfg: Any, gan: str) -> GanSettings:
 
 def gan_paths(cfg: Any) -> dict[str, Path]:
     """Output, work and synthetic folders from the `gan` params section (defaults where absent)."""
-    section = _as_mapping(getattr(cfg, "gan", None))
+    section = gan_section(cfg)
     return {
         "out": Path(section.get("out") or "data/gan"),
         "state": Path(section.get("state") or "data/gan_state"),
