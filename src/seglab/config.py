@@ -147,6 +147,27 @@ class WarehouseConfig(_Section):
     mirror: bool = False  # true: drop runs whose eval.json is gone (default: runs accumulate)
 
 
+class ValidateSyntheticConfig(_Section):
+    """Thresholds of the GX gate on synthetic data (calibration: seglab.gan.validate.SyntheticChecks)."""
+
+    out: Path = Path("data/synthetic_valid")
+    report: Path = Path("data/reports/synthetic")
+    image_size: int | None = None        # None: from synthesize.json beside the shards
+    resolution: int | None = None        # compare real and synthetic at this resolution (None: the GAN's)
+    min_std: float = Field(5.0, ge=0)
+    min_labelled_share: float = Field(0.005, ge=0, le=1)
+    min_images: int = Field(8, ge=1)
+    diversity_min: float = Field(0.1, ge=0)
+    diversity_size: int = Field(64, ge=8)
+    mean_tol: float = Field(30.0, ge=0)
+    std_tol: float = Field(20.0, ge=0)
+    kid_max: float = 0.15
+    kid_subsets: int = Field(100, ge=1)
+    kid_subset_size: int = Field(100, ge=2)
+    feature_size: int = Field(224, ge=32)
+    reference_images: int = Field(500, ge=2)
+
+
 class ScheduleConfig(_Section):
     cron: str = "0 3 * * 1"
     timezone: str = "UTC"
@@ -172,6 +193,7 @@ class Config(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     ensemble: EnsembleConfig = EnsembleConfig()
     warehouse: WarehouseConfig = WarehouseConfig()
+    validate_synthetic: ValidateSyntheticConfig = ValidateSyntheticConfig()
     schedule: ScheduleConfig = ScheduleConfig()
 
     @field_validator("profile")

@@ -239,6 +239,12 @@ def test_kid_matches_the_unbiased_polynomial_mmd_formula():
     # Subsets as large as the sets: every subset is the whole set, so the mean is that value, std 0.
     mean, std = kernel_inception_distance(x, y[:12], subsets=5, subset_size=100)
     assert mean == pytest.approx(_mmd2_by_definition(x, y[:12]), rel=1e-10) and std == pytest.approx(0, abs=1e-12)
+    # Smaller subsets: the mean of the formula over the same seeded draws.
+    rng = np.random.default_rng(3)
+    draws = [(rng.choice(12, 5, replace=False), rng.choice(15, 5, replace=False)) for _ in range(4)]
+    expected = [_mmd2_by_definition(x[i], y[j]) for i, j in draws]
+    mean, std = kernel_inception_distance(x, y, subsets=4, subset_size=5, seed=3)
+    assert (mean, std) == (pytest.approx(np.mean(expected), rel=1e-10), pytest.approx(np.std(expected), rel=1e-9))
 
 
 def test_kid_near_zero_for_one_distribution_large_for_two():

@@ -305,6 +305,18 @@ def test_encoder_frozen_then_unfrozen_at_the_given_epoch(tmp_path):
     assert result.epochs_run == 3
 
 
+def test_mixed_float16_with_frozen_encoder_trains(tmp_path):
+    """The GPU default path (loss scaling + encoder learning-rate wrapper + unfreeze) runs end to end."""
+    settings = TrainSettings(num_classes=4, epochs=2, steps_per_epoch=2, batch_size=4, learning_rate=1e-3,
+                             freeze_encoder_epochs=1, encoder_lr_multiplier=0.1)
+    result = train_model(tiny_segmenter, random_batches(2).repeat(), random_batches(1, seed=1), settings,
+                         state_dir=tmp_path / "state", mixed_precision="mixed_float16", verbose=0)
+    assert isinstance(result.model.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert result.model.get_layer("decoder_conv").dtype_policy.name == "mixed_float16"
+    assert all(math.isfinite(row["loss"]) for row in result.history) and result.epochs_run == 2
+    assert keras.config.dtype_policy().name == "float32"
+
+
 def test_freezing_a_model_without_encoder_is_refused(tmp_path):
     settings = TrainSettings(num_classes=4, epochs=1, steps_per_epoch=1, batch_size=4, learning_rate=1e-3,
                              freeze_encoder_epochs=1)

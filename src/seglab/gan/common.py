@@ -47,11 +47,13 @@ __all__ = [
     "from_gan_range",
     "gan_dataset",
     "label_channels",
+    "label_prior",
     "labels_to_one_hot",
     "layouts_from_shards",
     "probabilities_to_labels",
     "render",
     "save_sample_grid",
+    "set_label_prior",
     "shard_rows",
     "straight_through_one_hot",
     "to_gan_range",
@@ -193,6 +195,41 @@ def layouts_from_shards(shard_dir: str | Path, split: str, *, image_size: int, s
     if limit is not None:
         images_array, labels_array = images_array[:limit], labels_array[:limit]
     return images_array, labels_array, classes
+
+
+def label_prior(shard_dir: str | Path, split: str, *, smoothing: float = 1.0) -> np.ndarray:
+    """Share of pixels per label channel (classes, then ignore) over a split, from `class_pixels`.
+
+    Generators start their label logits at log(prior): an untrained generator then paints the
+    dominant class (background) everywhere, a layout real data also has, instead of the
+    per-pixel noise of a uniform softmax, which a discriminator rejects at once and which
+    leaves the generator no useful gradient (observed: the discriminator wins within ~100 steps
+    and the generator collapses). `smoothing` pixels are added per channel so no class gets -inf.
+    """
+    from seglab.data.shards import read_split
+
+    table = read_split(shard_dir, split, columns=["class_pixels", "ignore_pixels"])
+    class_pixels = np.asarray(table.column("class_pixels").to_pylist(), dtype=np.float64)
+    if class_pixels.ndim != 2 or len(class_pixels) == 0:
+        raise ValueError(f"{Path(shard_dir) / split}: no class_pixels to derive a label prior from")
+    counts = np.append(class_pixels.sum(axis=0), float(np.sum(table.column("ignore_pixels").to_pylist())))
+    counts += smoothing
+    return counts / counts.sum()
+
+
+def set_label_prior(generator: keras.Model, prior: np.ndarray | None, layer: str = "label_logits") -> None:
+    """Set the bias of the generator's label-logit layer to log(prior) (None: leave it at zero)."""
+    if prior is None:
+        return
+    prior = np.asarray(prior, dtype=np.float64)
+    target = generator.get_layer(layer)
+    conv = getattr(target, "layer", target)  # a SpectralNormalization wrapper holds the conv
+    if conv.bias is None or tuple(conv.bias.shape) != prior.shape:
+        raise ValueError(f"label prior has {prior.shape[0]} channels; {generator.name}/{layer} has "
+                         f"{None if conv.bias is None else tuple(conv.bias.shape)}")
+    if (prior <= 0).any() or not np.isclose(prior.sum(), 1.0):
+        raise ValueError("label prior must be positive shares summing to 1")
+    conv.bias.assign(np.log(prior).astype(np.float32))
 
 
 # -------------------------------------------------------------------------------------- losses

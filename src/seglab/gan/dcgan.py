@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import layers, ops
 
@@ -22,6 +23,7 @@ from seglab.gan.common import (
     bce_generator_loss,
     check_image_size,
     label_channels,
+    set_label_prior,
     straight_through_one_hot,
 )
 
@@ -38,8 +40,12 @@ def _level_channels(width: int, level: int, max_multiplier: int = 8) -> int:
 
 
 def build_generator(num_classes: int, image_size: int = 64, *, latent_dim: int = 64, width: int = 32,
-                    name: str = "dcgan_generator") -> keras.Model:
-    """z (B, latent_dim) -> [image (B, S, S, 3) in [-1, 1], label probabilities (B, S, S, C + 1)]."""
+                    label_prior: np.ndarray | None = None, name: str = "dcgan_generator") -> keras.Model:
+    """z (B, latent_dim) -> [image (B, S, S, 3) in [-1, 1], label probabilities (B, S, S, C + 1)].
+
+    `label_prior`: pixel shares of the C + 1 label channels; the label logits start at their log
+    (see `seglab.gan.common.label_prior`).
+    """
     size = check_image_size(image_size)
     upsamplings = int(math.log2(size)) - 2  # 4x4 -> size
     z = keras.Input((latent_dim,), name="z")
@@ -61,7 +67,9 @@ def build_generator(num_classes: int, image_size: int = 64, *, latent_dim: int =
     label = layers.Conv2DTranspose(label_channels(num_classes), 4, strides=2, padding="same",
                                    kernel_initializer=_INIT, name="label_logits")(x)
     label = layers.Softmax(name="label")(label)
-    return keras.Model(z, [image, label], name=name)
+    generator = keras.Model(z, [image, label], name=name)
+    set_label_prior(generator, label_prior)
+    return generator
 
 
 def build_discriminator(num_classes: int, image_size: int = 64, *, width: int = 32,

@@ -29,9 +29,10 @@ from __future__ import annotations
 import math
 
 import keras
+import numpy as np
 from keras import layers, ops
 
-from seglab.gan.common import check_image_size, label_channels
+from seglab.gan.common import check_image_size, label_channels, set_label_prior
 from seglab.gan.dcgan import DCGANTrainer
 
 __all__ = [
@@ -141,10 +142,12 @@ def _attention_resolution(image_size: int, attention_resolution: int | None) -> 
 
 
 def build_generator(num_classes: int, image_size: int = 64, *, latent_dim: int = 64, width: int = 32,
-                    attention_resolution: int | None = None, name: str = "sagan_generator") -> keras.Model:
+                    attention_resolution: int | None = None, label_prior: np.ndarray | None = None,
+                    name: str = "sagan_generator") -> keras.Model:
     """z (B, latent_dim) -> [image (B, S, S, 3) in [-1, 1], label probabilities (B, S, S, C + 1)].
 
-    `attention_resolution` (default S/4) is the feature-map side where the self-attention block sits.
+    `attention_resolution` (default S/4) is the feature-map side where the self-attention block
+    sits; `label_prior` as in `seglab.gan.dcgan.build_generator`.
     """
     size = check_image_size(image_size)
     attend_at = _attention_resolution(size, attention_resolution)
@@ -165,9 +168,12 @@ def build_generator(num_classes: int, image_size: int = 64, *, latent_dim: int =
             x = SelfAttention(name="attention")(x)
     image = _sn(layers.Conv2D(3, 3, padding="same", name="image_conv"))(x)
     image = layers.Activation("tanh", name="image")(image)
-    label = _sn(layers.Conv2D(label_channels(num_classes), 3, padding="same", name="label_logits"))(x)
+    label = SpectralNorm(layers.Conv2D(label_channels(num_classes), 3, padding="same", name="label_conv"),
+                         name="label_logits")(x)
     label = layers.Softmax(name="label")(label)
-    return keras.Model(z, [image, label], name=name)
+    generator = keras.Model(z, [image, label], name=name)
+    set_label_prior(generator, label_prior)
+    return generator
 
 
 def build_discriminator(num_classes: int, image_size: int = 64, *, width: int = 32,

@@ -161,20 +161,25 @@ def is_conditional(gan: str) -> bool:
     return gan in _CONDITIONAL
 
 
-def build_trainer(settings: GanSettings, num_classes: int):
-    """The generator, discriminator and their `GanTrainer`, compiled with the settings' optimisers."""
+def build_trainer(settings: GanSettings, num_classes: int, *, label_prior: np.ndarray | None = None):
+    """The generator, discriminator and their `GanTrainer`, compiled with the settings' optimisers.
+
+    `label_prior` (noise generators): the training data's label-channel shares, where the label
+    logits start (`seglab.gan.common.label_prior`).
+    """
     from seglab.gan import dcgan, pix2pix, sagan
 
     s = settings
     if s.gan == "dcgan":
         trainer = dcgan.DCGANTrainer(
-            dcgan.build_generator(num_classes, s.image_size, latent_dim=s.latent_dim, width=s.width),
+            dcgan.build_generator(num_classes, s.image_size, latent_dim=s.latent_dim, width=s.width,
+                                  label_prior=label_prior),
             dcgan.build_discriminator(num_classes, s.image_size, width=s.width),
             num_classes=num_classes, latent_dim=s.latent_dim, seed=s.seed)
     elif s.gan == "sagan":
         trainer = sagan.SAGANTrainer(
             sagan.build_generator(num_classes, s.image_size, latent_dim=s.latent_dim, width=s.width,
-                                  attention_resolution=s.attention_resolution),
+                                  attention_resolution=s.attention_resolution, label_prior=label_prior),
             sagan.build_discriminator(num_classes, s.image_size, width=s.width,
                                       attention_resolution=s.attention_resolution),
             num_classes=num_classes, latent_dim=s.latent_dim, seed=s.seed)
@@ -329,7 +334,7 @@ def train_gan(
     Resumes from `<state_dir>/<gan>/` when an interrupted run with the same settings and data left
     one there; removes it once the output is complete.
     """
-    from seglab.gan.common import gan_dataset
+    from seglab.gan.common import gan_dataset, label_prior
 
     started = time.perf_counter()
     shard_dir, out_dir, state_dir = Path(shard_dir), Path(out_dir), Path(state_dir)
@@ -340,7 +345,8 @@ def train_gan(
     fingerprint = {"params_hash": settings.params_hash, "data": _data_digest(shard_dir, split), "classes": classes}
     _prepare_work_dir(work, fingerprint)
 
-    trainer = build_trainer(settings, len(classes))
+    prior = None if is_conditional(settings.gan) else label_prior(shard_dir, split)
+    trainer = build_trainer(settings, len(classes), label_prior=prior)
     epoch_log = EpochLog(work / "history.csv", work / "samples", epochs=settings.epochs,
                          sample_every=settings.sample_every,
                          sample_inputs=sample_inputs(settings, len(classes), shard_dir, split),

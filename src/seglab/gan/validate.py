@@ -77,7 +77,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from seglab.atomic import atomic_dir, atomic_path, write_text_atomic
+from seglab.atomic import atomic_dir, write_text_atomic
 from seglab.data.classes import IGNORE_INDEX
 from seglab.data.shards import SHARD_SCHEMA, decode_rgb, read_classes, shard_files
 from seglab.data.validate import _DATA_DOCS_SITE, _ephemeral_context, _summarise_result
@@ -282,8 +282,8 @@ def square_resize(image: np.ndarray, size: int) -> np.ndarray:
     side = min(height, width)
     top, left = (height - side) // 2, (width - side) // 2
     crop = np.clip(array[top:top + side, left:left + side, :3], 0, 255)
-    # PIL's float mode keeps the values exact (no uint8 rounding) channel by channel.
-    channels = [np.asarray(Image.fromarray(np.ascontiguousarray(crop[..., c]), mode="F")
+    # float32 arrays open in PIL's float mode "F": no uint8 rounding before the resize.
+    channels = [np.asarray(Image.fromarray(np.ascontiguousarray(crop[..., c]))
                            .resize((size, size), Image.Resampling.BILINEAR)) for c in range(3)]
     return np.stack(channels, axis=-1)
 
@@ -325,9 +325,11 @@ def polynomial_mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
     m, n, d = len(x), len(y), x.shape[1]
     if m < 2 or n < 2:
         raise ValueError(f"the unbiased MMD² needs >= 2 samples per set, got {m} and {n}")
-    k_xx = (x @ x.T / d + 1.0) ** 3
-    k_yy = (y @ y.T / d + 1.0) ** 3
-    k_xy = (x @ y.T / d + 1.0) ** 3
+    return _mmd2_from_kernels((x @ x.T / d + 1.0) ** 3, (y @ y.T / d + 1.0) ** 3, (x @ y.T / d + 1.0) ** 3)
+
+
+def _mmd2_from_kernels(k_xx: np.ndarray, k_yy: np.ndarray, k_xy: np.ndarray) -> float:
+    m, n = len(k_xx), len(k_yy)
     # The unbiased estimator leaves out each sample's kernel with itself (the diagonals).
     return float((k_xx.sum() - np.trace(k_xx)) / (m * (m - 1))
                  + (k_yy.sum() - np.trace(k_yy)) / (n * (n - 1))
@@ -345,12 +347,21 @@ def kernel_inception_distance(
     size = min(subset_size, len(features_a), len(features_b))
     if size < 2:
         raise ValueError(f"KID needs >= 2 samples in each set, got {len(features_a)} and {len(features_b)}")
+    if features_a.ndim != 2 or features_b.ndim != 2 or features_a.shape[1] != features_b.shape[1]:
+        raise ValueError(f"expected two (n, d) feature arrays with the same d, got {features_a.shape} and "
+                         f"{features_b.shape}")
+    d = features_a.shape[1]
+    # Kernels of all pairs once; each subset's estimate then only indexes them.
+    k_aa = (features_a @ features_a.T / d + 1.0) ** 3
+    k_bb = (features_b @ features_b.T / d + 1.0) ** 3
+    k_ab = (features_a @ features_b.T / d + 1.0) ** 3
     rng = np.random.default_rng(seed)
-    values = np.array([
-        polynomial_mmd2_unbiased(features_a[rng.choice(len(features_a), size, replace=False)],
-                                 features_b[rng.choice(len(features_b), size, replace=False)])
-        for _ in range(subsets)])
-    return float(values.mean()), float(values.std())
+    values = []
+    for _ in range(subsets):
+        i = rng.choice(len(features_a), size, replace=False)
+        j = rng.choice(len(features_b), size, replace=False)
+        values.append(_mmd2_from_kernels(k_aa[np.ix_(i, i)], k_bb[np.ix_(j, j)], k_ab[np.ix_(i, j)]))
+    return float(np.mean(values)), float(np.std(values))
 
 
 def mean_pairwise_distance(images: np.ndarray, size: int = 64) -> float:
@@ -808,11 +819,9 @@ def _write_accepted(tables: list[pa.Table], files: list[Path], accepted: np.ndar
                         b"seglab.synthetic_validation": json.dumps(verdict, default=str).encode()}
             # The generator's schema and sharding as they were, payloads stored uncompressed like real shards.
             compression = {n: ("NONE" if n in ("image", "label") else "ZSTD") for n in kept.schema.names}
-            target = tmp / split / f"part-{written:05d}.parquet"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(target) as part:
-                pq.write_table(kept.replace_schema_metadata(metadata), part, compression=compression,
-                               row_group_size=64)
+            (tmp / split).mkdir(exist_ok=True)
+            pq.write_table(kept.replace_schema_metadata(metadata), tmp / split / f"part-{written:05d}.parquet",
+                           compression=compression, row_group_size=64)
             written += 1
         verdict["files"] = written
         if not written:

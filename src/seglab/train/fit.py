@@ -907,9 +907,10 @@ def run_train(cfg: Any, name: str, *, callbacks: Sequence[keras.callbacks.Callba
     train_metrics.json}`` (module doc); resumes from ``<train.state>/<name>`` after a kill.
     `callbacks` are added to the recipe's (before the end-of-epoch commit).
     """
+    # First: MultiWorkerMirroredStrategy must be created before TensorFlow's runtime starts.
+    strategy = strategy or get_strategy()
     plan = plan_run(cfg, name)
     settings, shards, t = plan.settings, plan.shards, cfg.train
-    strategy = strategy or get_strategy()
     chief = _is_chief(strategy)
     state_dir = Path(t.state) / name
     if not chief:  # other workers keep their own backups and write no outputs
