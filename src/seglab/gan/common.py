@@ -18,8 +18,9 @@ softmax's gradient.
 
 `GanTrainer` is the `keras.Model` that `fit` drives: it owns the generator, the discriminator,
 one optimizer each and loss trackers; the subclasses (dcgan, sagan, pix2pix) write `train_step`.
-All its state (both networks, both optimizers, the noise seed generator) is reached through its
-attributes, so `keras.callbacks.BackupAndRestore` saves and restores all of it.
+All its state (both networks, both optimizers) is reached through its attributes, so
+`keras.callbacks.BackupAndRestore` saves and restores all of it; the noise stream is keyed on the
+generator optimizer's step, so a resumed run continues it.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ __all__ = [
     "label_channels",
     "label_prior",
     "labels_to_one_hot",
+    "level_channels",
     "layouts_from_shards",
     "probabilities_to_labels",
     "render",
@@ -113,6 +115,11 @@ def from_gan_range(images) -> np.ndarray:
     """[-1, 1] -> uint8 [0, 255] (NumPy), clipping what a generator overshoots."""
     images = np.asarray(images, dtype=np.float32)
     return np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
+
+
+def level_channels(width: int, level: int, max_multiplier: int = 8) -> int:
+    """Channels `level` halvings below full resolution: width x 2^level, at most width x max_multiplier."""
+    return int(width) * min(2 ** int(level), max_multiplier)
 
 
 def check_image_size(image_size: int, *, minimum: int = 16) -> int:

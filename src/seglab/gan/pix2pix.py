@@ -38,6 +38,7 @@ from seglab.gan.common import (
     bce_generator_loss,
     check_image_size,
     label_channels,
+    level_channels,
 )
 
 __all__ = [
@@ -55,11 +56,7 @@ _BN_MOMENTUM = 0.9
 LAYOUT_KINDS = ("real", "transformed", "recombined")
 
 
-def _level_channels(width: int, level: int, max_multiplier: int = 8) -> int:
-    return int(width) * min(2 ** level, max_multiplier)
-
-
-def build_generator(num_classes: int, image_size: int = 64, *, width: int = 32, dropout: float = 0.5,
+def build_generator(num_classes: int, image_size: int = 64, *, width: int = 16, dropout: float = 0.5,
                     name: str = "pix2pix_generator") -> keras.Model:
     """layout one-hot (B, S, S, C + 1) -> [image (B, S, S, 3) in [-1, 1], the layout unchanged]."""
     size = check_image_size(image_size)
@@ -68,7 +65,7 @@ def build_generator(num_classes: int, image_size: int = 64, *, width: int = 32, 
     skips = []
     x = layout
     for i in range(downsamplings):
-        x = layers.Conv2D(_level_channels(width, i), 4, strides=2, padding="same", use_bias=i == 0,
+        x = layers.Conv2D(level_channels(width, i), 4, strides=2, padding="same", use_bias=i == 0,
                           kernel_initializer=_INIT, name=f"down{i}")(x)
         if i > 0:
             x = layers.BatchNormalization(momentum=_BN_MOMENTUM, name=f"down{i}_bn")(x)
@@ -76,7 +73,7 @@ def build_generator(num_classes: int, image_size: int = 64, *, width: int = 32, 
         skips.append(x)
     for i, skip in enumerate(reversed(skips[:-1])):
         level = downsamplings - 2 - i
-        x = layers.Conv2DTranspose(_level_channels(width, level), 4, strides=2, padding="same", use_bias=False,
+        x = layers.Conv2DTranspose(level_channels(width, level), 4, strides=2, padding="same", use_bias=False,
                                    kernel_initializer=_INIT, name=f"up{i}")(x)
         x = layers.BatchNormalization(momentum=_BN_MOMENTUM, name=f"up{i}_bn")(x)
         if i < 2 and dropout > 0:  # pix2pix's noise: dropout in the deepest decoder blocks
@@ -94,7 +91,7 @@ def default_patch_layers(image_size: int) -> int:
     return min(3, max(1, int(math.log2(image_size)) - 4))
 
 
-def build_discriminator(num_classes: int, image_size: int = 64, *, width: int = 32, patch_layers: int | None = None,
+def build_discriminator(num_classes: int, image_size: int = 64, *, width: int = 16, patch_layers: int | None = None,
                         name: str = "pix2pix_discriminator") -> keras.Model:
     """(B, S, S, 3 + C + 1) image and layout -> (B, P, P, 1) patch logits."""
     size = check_image_size(image_size)
@@ -104,12 +101,12 @@ def build_discriminator(num_classes: int, image_size: int = 64, *, width: int = 
     inputs = keras.Input((size, size, 3 + label_channels(num_classes)), name="image_and_label")
     x = inputs
     for i in range(patch_layers):
-        x = layers.Conv2D(_level_channels(width, i), 4, strides=2, padding="same", use_bias=i == 0,
+        x = layers.Conv2D(level_channels(width, i), 4, strides=2, padding="same", use_bias=i == 0,
                           kernel_initializer=_INIT, name=f"down{i}")(x)
         if i > 0:
             x = layers.BatchNormalization(momentum=_BN_MOMENTUM, name=f"down{i}_bn")(x)
         x = layers.LeakyReLU(0.2)(x)
-    x = layers.Conv2D(_level_channels(width, patch_layers), 4, padding="same", use_bias=False,
+    x = layers.Conv2D(level_channels(width, patch_layers), 4, padding="same", use_bias=False,
                       kernel_initializer=_INIT, name="patch_features")(x)
     x = layers.BatchNormalization(momentum=_BN_MOMENTUM, name="patch_features_bn")(x)
     x = layers.LeakyReLU(0.2)(x)

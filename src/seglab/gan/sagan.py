@@ -32,7 +32,7 @@ import keras
 import numpy as np
 from keras import layers, ops
 
-from seglab.gan.common import check_image_size, label_channels, set_label_prior
+from seglab.gan.common import check_image_size, label_channels, level_channels, set_label_prior
 from seglab.gan.dcgan import DCGANTrainer
 
 __all__ = [
@@ -130,10 +130,6 @@ class SelfAttention(layers.Layer):
                 "spectral_norm": self.spectral_norm}
 
 
-def _level_channels(width: int, level: int, max_multiplier: int = 8) -> int:
-    return int(width) * min(2 ** level, max_multiplier)
-
-
 def _attention_resolution(image_size: int, attention_resolution: int | None) -> int:
     resolution = image_size // 4 if attention_resolution is None else int(attention_resolution)
     if resolution not in [2 ** k for k in range(3, int(math.log2(image_size)) + 1)]:
@@ -141,7 +137,7 @@ def _attention_resolution(image_size: int, attention_resolution: int | None) -> 
     return resolution
 
 
-def build_generator(num_classes: int, image_size: int = 64, *, latent_dim: int = 64, width: int = 32,
+def build_generator(num_classes: int, image_size: int = 64, *, latent_dim: int = 64, width: int = 16,
                     attention_resolution: int | None = None, label_prior: np.ndarray | None = None,
                     name: str = "sagan_generator") -> keras.Model:
     """z (B, latent_dim) -> [image (B, S, S, 3) in [-1, 1], label probabilities (B, S, S, C + 1)].
@@ -153,14 +149,14 @@ def build_generator(num_classes: int, image_size: int = 64, *, latent_dim: int =
     attend_at = _attention_resolution(size, attention_resolution)
     upsamplings = int(math.log2(size)) - 2
     z = keras.Input((latent_dim,), name="z")
-    channels = _level_channels(width, upsamplings)
+    channels = level_channels(width, upsamplings)
     x = _sn(layers.Dense(4 * 4 * channels, name="project"))(z)
     x = layers.Reshape((4, 4, channels))(x)
     resolution = 4
     for i in range(upsamplings):
         x = layers.UpSampling2D(2, interpolation="nearest")(x)
         resolution *= 2
-        x = _sn(layers.Conv2D(_level_channels(width, upsamplings - 1 - i), 3, padding="same", use_bias=False,
+        x = _sn(layers.Conv2D(level_channels(width, upsamplings - 1 - i), 3, padding="same", use_bias=False,
                               name=f"up{i}"))(x)
         x = layers.BatchNormalization(momentum=_BN_MOMENTUM, name=f"up{i}_bn")(x)
         x = layers.ReLU()(x)
@@ -176,7 +172,7 @@ def build_generator(num_classes: int, image_size: int = 64, *, latent_dim: int =
     return generator
 
 
-def build_discriminator(num_classes: int, image_size: int = 64, *, width: int = 32,
+def build_discriminator(num_classes: int, image_size: int = 64, *, width: int = 16,
                         attention_resolution: int | None = None, name: str = "sagan_discriminator") -> keras.Model:
     """(B, S, S, 3 + C + 1) image and label channels -> (B, 1) logit (unbounded, for the hinge loss)."""
     size = check_image_size(image_size)
@@ -186,12 +182,12 @@ def build_discriminator(num_classes: int, image_size: int = 64, *, width: int = 
     x = inputs
     resolution = size
     for i in range(downsamplings):
-        x = _sn(layers.Conv2D(_level_channels(width, i), 4, strides=2, padding="same", name=f"down{i}"))(x)
+        x = _sn(layers.Conv2D(level_channels(width, i), 4, strides=2, padding="same", name=f"down{i}"))(x)
         x = layers.LeakyReLU(0.1)(x)
         resolution //= 2
         if resolution == attend_at:
             x = SelfAttention(name="attention")(x)
-    x = _sn(layers.Conv2D(_level_channels(width, downsamplings), 3, padding="same", name="top"))(x)
+    x = _sn(layers.Conv2D(level_channels(width, downsamplings), 3, padding="same", name="top"))(x)
     x = layers.LeakyReLU(0.1)(x)
     x = layers.GlobalAveragePooling2D()(x)
     logit = _sn(layers.Dense(1, name="logit"))(x)
