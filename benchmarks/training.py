@@ -4,19 +4,23 @@ For every model of params.yaml `models` (or `--models`), with the run's own code
 (`seglab.train.fit.plan_run` / `training_datasets` / `train_model`: same model, optimizer, loss,
 metric, callbacks and per-epoch commit as `seglab train`):
 
-1. **real input**: `--epochs` epochs of `steps_per_epoch` steps (the profile's: train images //
-   batch) on the real pipeline (shard decode, random crop, augmentation, batching, prefetch)
-   with the full validation pass. The first epoch (tracing, cache fill) is reported apart; step time
-   and images/s are the means over the later epochs' training phases.
-2. **cached input**: the same number of steps on batches taken once from that pipeline and held in
-   memory (`take(steps).cache().repeat()`), so no step waits for input. The input-wait share is
-   `1 - cached step / real step` (what the pipeline adds to a step, including CPU it takes from
-   the model on shared cores); negative values mean noise larger than the effect.
-3. **dtype** (`--dtype-models`): steps on cached batches under `mixed_bfloat16` against float32.
+1. **real vs cached input, paired**: one training run whose epochs alternate between the real
+   pipeline (shard decode, random crop, augmentation, batching, prefetch) and the same number of
+   batches taken once from it and held in memory, so no step of those epochs waits for input.
+   Each epoch has the profile's `steps_per_epoch` steps plus the full validation pass. The first
+   epoch (tracing, cache fill) is reported apart; then `--pairs` real and `--pairs` cached epochs
+   alternate, so load from other jobs on the machine hits both kinds alike. Step time = median
+   training-phase time per epoch / steps. Input-wait share = 1 - cached step / real step.
+   The same is computed from the process CPU time (all threads) of the training phase, which
+   other jobs hardly move: the share of the step's CPU the input pipeline takes.
+2. **dtype** (`--dtype-models`): cached-input epochs under `mixed_bfloat16` against float32,
+   alternating runs (float32, bfloat16, float32, bfloat16; each a fresh model with one warm-up
+   epoch), medians of each kind.
 
 The encoder stays unfrozen (freeze epochs 0) so that every measured epoch runs the same step; the
 estimate of a whole `train@<model>` stage at the profile is
-`first epoch + (profile epochs - 1) x mean later epoch` (training + validation + commit).
+`first epoch + (profile epochs - 1) x median real epoch` (training + validation + commit), without
+process start-up.
 
 Prints a Markdown table and the JSON record; `--json PATH` also writes the record.
 Run: `.venv/bin/python benchmarks/training.py` from the repository root (needs `data/shards`:
@@ -43,6 +47,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from seglab.atomic import write_text_atomic  # noqa: E402
@@ -91,31 +96,68 @@ class TrainCpuTime(keras.callbacks.Callback):
             self._start = None
 
 
-def measure(plan, train_data, val_data, *, epochs: int, policy: str) -> dict:
-    """Train `epochs` epochs with the stage's code; timings from the per-epoch history rows."""
+def in_memory(train_data: tf.data.Dataset, steps: int) -> tf.data.Dataset:
+    """`steps` batches of the pipeline, materialised once: an input that never makes a step wait."""
+    images, labels = zip(*((x.numpy(), y.numpy()) for x, y in train_data.take(steps)))
+    return tf.data.Dataset.from_tensor_slices((np.stack(images), np.stack(labels)))
+
+
+def _train(plan, data, val_data, *, epochs: int, policy: str) -> tuple[list[dict], list[float], int]:
     settings = dataclasses.replace(plan.settings, epochs=epochs, freeze_encoder_epochs=0)
     keras.backend.clear_session()
     cpu = TrainCpuTime()
     with tempfile.TemporaryDirectory(prefix="seglab-bench-") as state:
-        result = train_model(plan.build, train_data, val_data, settings, state_dir=state, mixed_precision=policy,
+        result = train_model(plan.build, data, val_data, settings, state_dir=state, mixed_precision=policy,
                              callbacks=[cpu], verbose=0)
-    rows = result.history
-    later = rows[1:] or rows
-    steps = settings.steps_per_epoch
-    train_seconds = statistics.fmean(r["train_seconds"] for r in later)
+    return result.history, cpu.seconds, int(result.model.count_params())
+
+
+def _summary(rows: list[dict], cpu_seconds: list[float], steps: int, batch: int) -> dict:
+    train_s = statistics.median(r["train_seconds"] for r in rows)
     return {
-        "policy": policy,
-        "first_epoch_s": rows[0]["seconds"],
-        "epoch_s": statistics.fmean(r["seconds"] for r in later),
-        "step_ms": 1000 * train_seconds / steps,
-        "step_cpu_ms": 1000 * statistics.fmean(cpu.seconds[1:] or cpu.seconds) / steps,
-        "images_per_s": steps * settings.batch_size / train_seconds,
-        "param_count": int(result.model.count_params()),
+        "epochs": len(rows),
+        "epoch_s": statistics.median(r["seconds"] for r in rows),
+        "step_ms": 1000 * train_s / steps,
+        "step_cpu_ms": 1000 * statistics.median(cpu_seconds) / steps,
+        "images_per_s": steps * batch / train_s,
     }
 
 
-def cached_batches(train_data: tf.data.Dataset, steps: int) -> tf.data.Dataset:
-    return train_data.take(steps).cache().repeat()
+def measure_input(plan, train_data, val_data, *, pairs: int) -> dict:
+    """Epoch 1 real (warm-up), then real and cached epochs alternating (`pairs` of each)."""
+    steps, batch = plan.settings.steps_per_epoch, plan.settings.batch_size
+    memory = in_memory(train_data, steps)
+    # Epoch e takes its batches from the real pipeline when e is odd (1-based), else from memory.
+    choice = tf.data.Dataset.from_tensor_slices(np.array([0] * steps + [1] * steps, np.int64)).repeat()
+    alternating = tf.data.Dataset.choose_from_datasets([train_data, memory.repeat()], choice)
+    rows, cpu, params = _train(plan, alternating, val_data, epochs=1 + 2 * pairs, policy="float32")
+    real = [i for i in range(1, len(rows)) if i % 2 == 0]  # 0-based: epochs 3, 5, ... are real
+    cached = [i for i in range(1, len(rows)) if i % 2 == 1]
+    out = {
+        "param_count": params,
+        "first_epoch_s": rows[0]["seconds"],
+        "real": _summary([rows[i] for i in real], [cpu[i] for i in real], steps, batch),
+        "cached": _summary([rows[i] for i in cached], [cpu[i] for i in cached], steps, batch),
+    }
+    out["input_wait_share"] = 1 - out["cached"]["step_ms"] / out["real"]["step_ms"]
+    out["input_cpu_share"] = 1 - out["cached"]["step_cpu_ms"] / out["real"]["step_cpu_ms"]
+    return out
+
+
+def measure_dtype(plan, train_data, val_data, *, epochs: int, repeats: int) -> dict:
+    """float32 vs mixed_bfloat16 on in-memory batches; runs alternate, medians over `repeats` each."""
+    steps, batch = plan.settings.steps_per_epoch, plan.settings.batch_size
+    memory = in_memory(train_data, steps).repeat()
+    runs: dict[str, list[dict]] = {"float32": [], "mixed_bfloat16": []}
+    for _ in range(repeats):
+        for policy in runs:
+            rows, cpu, _ = _train(plan, memory, val_data, epochs=epochs, policy=policy)
+            runs[policy].append(_summary(rows[1:], cpu[1:], steps, batch))
+    out = {policy: {key: statistics.median(r[key] for r in results) for key in results[0]}
+           for policy, results in runs.items()}
+    out["bf16_speedup"] = out["float32"]["step_ms"] / out["mixed_bfloat16"]["step_ms"]
+    out["bf16_cpu_speedup"] = out["float32"]["step_cpu_ms"] / out["mixed_bfloat16"]["step_cpu_ms"]
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -124,11 +166,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--profile", help="profile of params.yaml to use (default: its `profile`)")
     p.add_argument("--image-size", type=int, help="override the profile's image_size")
     p.add_argument("--models", help="comma-separated names from params `models` (default: all)")
-    p.add_argument("--epochs", type=int, default=3, help="epochs per real-input run (the first is warm-up)")
-    p.add_argument("--cached-epochs", type=int, default=2, help="epochs per cached-input run (the first is warm-up)")
-    p.add_argument("--dtype-models", default="unet,deeplabv3plus_mobilenetv2_imagenet,unet_efficientnet_lite0_imagenet",
+    p.add_argument("--pairs", type=int, default=3, help="real and cached epochs measured per model (each)")
+    p.add_argument("--dtype-models", default="unet,deeplabv3plus_resnet50,unet_mobilenetv2_imagenet",
                    help="comma-separated models also measured under mixed_bfloat16 ('' for none)")
-    p.add_argument("--no-cached", action="store_true", help="skip the cached-input runs (no input-wait share)")
+    p.add_argument("--dtype-epochs", type=int, default=3, help="epochs per dtype run (the first is warm-up)")
+    p.add_argument("--dtype-repeats", type=int, default=2, help="runs of each dtype per model (alternating)")
     p.add_argument("--json", type=Path, help="also write the record here")
     args = p.parse_args(argv)
 
@@ -158,46 +200,42 @@ def main(argv: list[str] | None = None) -> dict:
         plan = plan_run(cfg, name)
         train_data, val_data = training_datasets(cfg, plan)
         entry: dict = {"arch": plan.arch, "weights": plan.weights, "width": plan.width,
-                       "steps_per_epoch": plan.settings.steps_per_epoch}
-        entry["real"] = measure(plan, train_data, val_data, epochs=args.epochs, policy="float32")
-        print(f"{name}: real input {entry['real']['step_ms']:.0f} ms/step, "
-              f"{entry['real']['images_per_s']:.1f} images/s", flush=True)
-        if not args.no_cached or name in dtype_models:
-            memory = cached_batches(train_data, plan.settings.steps_per_epoch)
-            entry["cached"] = measure(plan, memory, val_data, epochs=args.cached_epochs, policy="float32")
-            entry["input_wait_share"] = 1 - entry["cached"]["step_ms"] / entry["real"]["step_ms"]
-            entry["input_cpu_share"] = 1 - entry["cached"]["step_cpu_ms"] / entry["real"]["step_cpu_ms"]
-            print(f"{name}: cached input {entry['cached']['step_ms']:.0f} ms/step "
-                  f"(input wait {100 * entry['input_wait_share']:.1f} %)", flush=True)
-            if name in dtype_models:
-                entry["cached_bf16"] = measure(plan, memory, val_data, epochs=args.cached_epochs,
-                                               policy="mixed_bfloat16")
-                entry["bf16_speedup"] = entry["cached"]["step_ms"] / entry["cached_bf16"]["step_ms"]
-                entry["bf16_cpu_speedup"] = entry["cached"]["step_cpu_ms"] / entry["cached_bf16"]["step_cpu_ms"]
-                print(f"{name}: mixed_bfloat16 {entry['cached_bf16']['step_ms']:.0f} ms/step "
-                      f"({entry['bf16_speedup']:.2f}x float32; CPU time {entry['bf16_cpu_speedup']:.2f}x)", flush=True)
-        real = entry["real"]
-        entry["estimated_stage_s"] = real["first_epoch_s"] + (profile.epochs - 1) * real["epoch_s"]
+                       "steps_per_epoch": plan.settings.steps_per_epoch,
+                       **measure_input(plan, train_data, val_data, pairs=args.pairs)}
+        entry["estimated_stage_s"] = entry["first_epoch_s"] + (profile.epochs - 1) * entry["real"]["epoch_s"]
+        print(f"{name}: {entry['real']['step_ms']:.0f} ms/step real input, {entry['cached']['step_ms']:.0f} "
+              f"cached (input wait {100 * entry['input_wait_share']:.1f} % wall, "
+              f"{100 * entry['input_cpu_share']:.1f} % CPU)", flush=True)
+        if name in dtype_models:
+            entry["dtype"] = measure_dtype(plan, train_data, val_data, epochs=args.dtype_epochs,
+                                           repeats=args.dtype_repeats)
+            print(f"{name}: mixed_bfloat16 {entry['dtype']['bf16_speedup']:.2f}x float32 speed "
+                  f"({entry['dtype']['bf16_cpu_speedup']:.2f}x in CPU time)", flush=True)
         record["models"][name] = entry
     record["seconds"] = time.perf_counter() - started
     record["load_average_end"] = os.getloadavg()
     record["estimated_total_train_s"] = sum(m["estimated_stage_s"] for m in record["models"].values())
 
     print()
-    print(f"| model | params | step ms (real input) | step CPU ms | images/s | input wait (wall / CPU) "
-          f"| first epoch s | epoch s | est. train@ s ({profile.epochs} epochs) | bf16 / fp32 step ms (CPU ms) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print(f"| model | params | step ms, real input | step ms, cached | images/s | input wait: wall / CPU "
+          f"| first epoch s | epoch s | est. train@ s ({profile.epochs} epochs) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, m in record["models"].items():
-        wait = (f"{100 * m['input_wait_share']:.1f} % / {100 * m['input_cpu_share']:.1f} %"
-                if "input_wait_share" in m else "–")
-        bf16 = (f"{m['cached_bf16']['step_ms']:.0f} / {m['cached']['step_ms']:.0f} "
-                f"({m['cached_bf16']['step_cpu_ms']:.0f} / {m['cached']['step_cpu_ms']:.0f})"
-                if "cached_bf16" in m else "–")
-        r = m["real"]
-        print(f"| {name} | {r['param_count'] / 1e6:.2f} M | {r['step_ms']:.0f} | {r['step_cpu_ms']:.0f} "
-              f"| {r['images_per_s']:.1f} | {wait} | {r['first_epoch_s']:.1f} | {r['epoch_s']:.1f} "
-              f"| {m['estimated_stage_s']:.0f} | {bf16} |")
-    print(f"\nestimated train@ total: {record['estimated_total_train_s']:.0f} s; benchmark took {record['seconds']:.0f} s")
+        r, c = m["real"], m["cached"]
+        print(f"| {name} | {m['param_count'] / 1e6:.2f} M | {r['step_ms']:.0f} | {c['step_ms']:.0f} "
+              f"| {r['images_per_s']:.1f} | {100 * m['input_wait_share']:.1f} % / {100 * m['input_cpu_share']:.1f} % "
+              f"| {m['first_epoch_s']:.1f} | {r['epoch_s']:.1f} | {m['estimated_stage_s']:.0f} |")
+    dtype_rows = [(n, m["dtype"]) for n, m in record["models"].items() if "dtype" in m]
+    if dtype_rows:
+        print()
+        print("| model | float32 step ms (CPU ms) | mixed_bfloat16 step ms (CPU ms) | bf16 speed-up: wall / CPU |")
+        print("|---|---:|---:|---:|")
+        for name, d in dtype_rows:
+            f, b = d["float32"], d["mixed_bfloat16"]
+            print(f"| {name} | {f['step_ms']:.0f} ({f['step_cpu_ms']:.0f}) | {b['step_ms']:.0f} ({b['step_cpu_ms']:.0f}) "
+                  f"| {d['bf16_speedup']:.2f}x / {d['bf16_cpu_speedup']:.2f}x |")
+    print(f"\nestimated train@ total: {record['estimated_total_train_s']:.0f} s; benchmark took "
+          f"{record['seconds']:.0f} s")
     print(json.dumps(record, indent=2))
     if args.json:
         write_text_atomic(args.json, json.dumps(record, indent=2) + "\n")

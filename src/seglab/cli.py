@@ -63,6 +63,25 @@ def _ingest(cfg, args) -> dict:
     return run_ingest(cfg)
 
 
+def _train_gan(cfg, args) -> dict:
+    from seglab.gan.train import run_train_gan
+
+    return run_train_gan(cfg, args.name)
+
+
+def _synthesize(cfg, args) -> dict:
+    from seglab.gan.synthesize import run_synthesize
+
+    return run_synthesize(cfg, args.name)
+
+
+def _validate_synthetic(cfg, args) -> dict:
+    from seglab.gan.validate import run_validate_synthetic
+
+    summary = run_validate_synthetic(cfg, args.name)
+    return {k: v for k, v in summary.items() if k not in ("expectations", "rejected_samples")}
+
+
 def _download_coco(cfg, args) -> dict:
     from seglab.data.download import download_coco
 
@@ -78,6 +97,10 @@ STAGES: dict[str, tuple[Callable, str]] = {
     "evaluate": (_evaluate, "evaluate one trained model on the validation split, plain and with TTA"),
     "ensemble": (_ensemble, "evaluate the weighted ensemble of params `ensemble.members`"),
     "ingest": (_ingest, "load every evaluation into the DuckDB warehouse (params: warehouse)"),
+    "train-gan": (_train_gan, "train one GAN augmenter (dcgan | sagan | pix2pix; params: gan)"),
+    "synthesize": (_synthesize, "write labelled synthetic shards from a trained augmenter"),
+    "validate-synthetic": (_validate_synthetic,
+                           "Great Expectations gate on synthetic shards (params: validate_synthetic)"),
     "download-coco": (_download_coco, "download and unpack COCO 2017 (needs internet), verifying MD5 checksums"),
 }
 
@@ -91,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name in ("train", "evaluate"):
             p.add_argument("name", help="a model name from params.yaml `models`")
+        if name in ("train-gan", "synthesize", "validate-synthetic"):
+            p.add_argument("name", choices=["dcgan", "sagan", "pix2pix"], help="the augmenter")
         if name == "download-coco":
             p.add_argument("--dest", type=Path, default=Path("coco"), help="where the COCO root is created")
             p.add_argument("--parts", nargs="+", default=["annotations", "val2017", "train2017"],

@@ -147,6 +147,38 @@ class WarehouseConfig(_Section):
     mirror: bool = False  # true: drop runs whose eval.json is gone (default: runs accumulate)
 
 
+class GanTrainingConfig(_Section):
+    """Training knobs of the augmenters. `None` keeps the augmenter's own (paper) default, so a
+    value set for all GANs never erases, e.g., SAGAN's two-learning-rate setup by accident."""
+
+    image_size: int | None = Field(None, ge=8)
+    epochs: int | None = Field(None, ge=1)
+    batch_size: int | None = Field(None, ge=1)
+    latent_dim: int | None = Field(None, ge=1)
+    width: int | None = Field(None, ge=1)
+    learning_rate: float | None = Field(None, gt=0)
+    d_learning_rate: float | None = Field(None, gt=0)
+    beta_1: float | None = Field(None, ge=0, lt=1)
+    beta_2: float | None = Field(None, ge=0, lt=1)
+    l1_weight: float | None = Field(None, ge=0)
+    attention_resolution: int | None = Field(None, ge=1)
+    sample_every: int | None = Field(None, ge=1)
+    sample_count: int | None = Field(None, ge=1)
+
+
+class GanConfig(GanTrainingConfig):
+    names: list[Literal["dcgan", "sagan", "pix2pix"]] = Field(default_factory=lambda: ["dcgan", "sagan", "pix2pix"])
+    out: Path = Path("data/gan")
+    state: Path = Path("data/gan_state")
+    synthetic_out: Path = Path("data/synthetic")
+    synth_images: int = Field(120, ge=1)
+    synth_size: int | None = Field(None, ge=8)
+    layout_mix: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    dcgan: GanTrainingConfig = GanTrainingConfig()
+    sagan: GanTrainingConfig = GanTrainingConfig()
+    pix2pix: GanTrainingConfig = GanTrainingConfig()
+
+
 class ValidateSyntheticConfig(_Section):
     """Thresholds of the GX gate on synthetic data (calibration: seglab.gan.validate.SyntheticChecks)."""
 
@@ -193,6 +225,7 @@ class Config(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     ensemble: EnsembleConfig = EnsembleConfig()
     warehouse: WarehouseConfig = WarehouseConfig()
+    gan: GanConfig = GanConfig()
     validate_synthetic: ValidateSyntheticConfig = ValidateSyntheticConfig()
     schedule: ScheduleConfig = ScheduleConfig()
 

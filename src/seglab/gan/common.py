@@ -172,6 +172,8 @@ def gan_dataset(
         shard_dir, split, image_size=(image_size, image_size), batch_size=batch_size, training=True,
         augment=flip if hflip else None, seed=seed, deterministic=True, cache=True)
     num_classes = len(classes)
+    # Full batches only, so the epoch length is known; telling tf.data lets Keras size its epochs.
+    dataset = dataset.apply(tf.data.experimental.assert_cardinality(rows // batch_size))
     dataset = dataset.map(lambda images, labels: (to_gan_range(images), labels_to_one_hot(labels, num_classes)),
                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return dataset.prefetch(tf.data.AUTOTUNE), classes, rows

@@ -131,9 +131,9 @@ class SelfAttention(layers.Layer):
 
 
 def _attention_resolution(image_size: int, attention_resolution: int | None) -> int:
-    resolution = image_size // 4 if attention_resolution is None else int(attention_resolution)
-    if resolution not in [2 ** k for k in range(3, int(math.log2(image_size)) + 1)]:
-        raise ValueError(f"attention_resolution must be a power of two in 8..{image_size}, got {attention_resolution}")
+    resolution = max(4, image_size // 4) if attention_resolution is None else int(attention_resolution)
+    if resolution not in [2 ** k for k in range(2, int(math.log2(image_size)) + 1)]:
+        raise ValueError(f"attention_resolution must be a power of two in 4..{image_size}, got {attention_resolution}")
     return resolution
 
 

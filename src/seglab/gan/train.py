@@ -26,7 +26,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import keras
 import numpy as np
@@ -55,7 +55,7 @@ _CONDITIONAL = ("pix2pix",)  # generators that render a label layout instead of 
 # for the CPU budget of the default run (each stage well under a minute on 2 cores, 120 images).
 _GAN_DEFAULTS: dict[str, dict[str, Any]] = {
     "dcgan": {"epochs": 30, "learning_rate": 2e-4, "d_learning_rate": 2e-4, "beta_1": 0.5, "beta_2": 0.999},
-    "sagan": {"epochs": 20, "learning_rate": 1e-4, "d_learning_rate": 4e-4, "beta_1": 0.0, "beta_2": 0.9},
+    "sagan": {"epochs": 16, "learning_rate": 1e-4, "d_learning_rate": 4e-4, "beta_1": 0.0, "beta_2": 0.9},
     "pix2pix": {"epochs": 15, "learning_rate": 2e-4, "d_learning_rate": 2e-4, "beta_1": 0.5, "beta_2": 0.999},
 }
 
@@ -201,9 +201,10 @@ def build_trainer(settings: GanSettings, num_classes: int, *, label_prior: np.nd
 class EpochLog(keras.callbacks.Callback):
     """Per-epoch history CSV and sample grids in the work folder, consistent across resumes.
 
-    Place it after `BackupAndRestore`: the first epoch `fit` starts tells where the restored run
-    stands, and history rows from that epoch on (an epoch that finished logging but not its
-    backup before a kill) are dropped before it runs again.
+    Place it before `BackupAndRestore`, so an epoch is logged before it is backed up: a kill
+    between the two leaves one history row too many, never one too few. The first epoch `fit`
+    starts (after the backup was restored in `on_train_begin`) tells where the run stands; rows
+    from that epoch on are dropped before it runs again.
     """
 
     def __init__(self, history_path: Path, samples_dir: Path, *, epochs: int, sample_every: int,
@@ -329,11 +330,13 @@ def train_gan(
     state_dir: str | Path = "data/gan_state",
     split: str = "train",
     verbose: int = 2,
+    callbacks: Sequence[keras.callbacks.Callback] = (),
 ) -> dict:
     """Train `settings.gan` on `<shard_dir>/<split>`; write `<out_dir>/<gan>/`; return its train.json.
 
     Resumes from `<state_dir>/<gan>/` when an interrupted run with the same settings and data left
-    one there; removes it once the output is complete.
+    one there; removes it once the output is complete. `callbacks` run after the epoch log and the
+    backup (e.g. progress reporting to a flow runner).
     """
     from seglab.gan.common import gan_dataset, label_prior
 
@@ -357,7 +360,9 @@ def train_gan(
     backup = keras.callbacks.BackupAndRestore(str(work / "backup"), double_checkpoint=True, delete_checkpoint=False)
     log.info("training %s on %d images of %s at %dpx for %d epochs (%d classes)", settings.gan, rows,
              shard_dir / split, settings.image_size, settings.epochs, len(classes))
-    trainer.fit(dataset, epochs=settings.epochs, callbacks=[backup, epoch_log], verbose=verbose)
+    # The dataset shuffles itself (seeded); `fit` cannot shuffle a tf.data.Dataset anyway.
+    trainer.fit(dataset, epochs=settings.epochs, callbacks=[epoch_log, backup, *callbacks], verbose=verbose,
+                shuffle=False)
     history = epoch_log.rows
     if len(history) != settings.epochs:
         raise RuntimeError(f"{work / 'history.csv'}: {len(history)} epochs logged, expected {settings.epochs}")

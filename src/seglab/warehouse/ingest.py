@@ -516,6 +516,10 @@ def ingest_eval(con_or_path: duckdb.DuckDBPyConnection | str | Path, eval_json_p
         con.close()
 
 
+def _has_table(con: duckdb.DuckDBPyConnection, name: str) -> bool:
+    return bool(con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [name]).fetchone()[0])
+
+
 def run_ingest(cfg, *, mirror: bool | None = None) -> dict[str, Any]:
     """The `ingest` stage: every ``<evaluate.out>/*/eval.json`` into ``warehouse.path``, one transaction.
 
@@ -534,7 +538,14 @@ def run_ingest(cfg, *, mirror: bool | None = None) -> dict[str, Any]:
     con = open_warehouse(cfg.warehouse.path)
     try:
         summary = ingest_files(con, paths, replace_source=mirror, prune_under=eval_dir if mirror else None)
-        total = {table: con.execute(f"SELECT count(*) FROM {table}").fetchone()[0] for table in TABLES}
+        # The synthetic-data gate's figures, one idempotent transaction per report (issue: GAN augmenters).
+        from seglab.gan.warehouse import ingest_synthetic_validation
+
+        synthetic = sorted(Path(cfg.validate_synthetic.report).glob("*/summary.json"))
+        for report in synthetic:
+            ingest_synthetic_validation(con, report)
+        total = {table: con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+                 for table in (*TABLES, "synthetic_validation") if _has_table(con, table)}
         con.execute("CHECKPOINT")  # fold the WAL into the file: DVC caches a single file
     finally:
         con.close()
@@ -543,5 +554,6 @@ def run_ingest(cfg, *, mirror: bool | None = None) -> dict[str, Any]:
         "files": len(paths),
         "runs": len(summary["runs"]),
         "removed_runs": len(summary["removed_runs"]),
+        "synthetic_validation_reports": len(synthetic),
         "rows": total,
     }
