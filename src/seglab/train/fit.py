@@ -717,7 +717,9 @@ def _load_model_weights(model: keras.Model, path: Path) -> None:
 
 def inference_view(model: keras.Model) -> keras.Model:
     """An uncompiled functional model sharing `model`'s layers and weights (no optimizer to save)."""
-    return keras.Model(model.inputs, model.outputs, name=model.name)
+    # A one-element `outputs` list would make the saved model return a list instead of a tensor.
+    outputs = model.outputs[0] if len(model.outputs) == 1 else model.outputs
+    return keras.Model(model.inputs, outputs, name=model.name)
 
 
 # ------------------------------------------------------------------------------------- the stage
