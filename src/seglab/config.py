@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 
 class _Section(BaseModel):
@@ -79,6 +80,16 @@ class ModelEntry(_Section):
     arch: str
     weights: str | None = None
     width: float | None = Field(None, gt=0)  # None: the profile's width
+    # What train@<name> trains on: `shard.out` (real data only) or `<validate_synthetic.out>/<gan>`
+    # (real data plus that GAN's validated synthetic shards). dvc.yaml lists it as a dependency, so
+    # params.yaml gives it on every entry; None (possible outside DVC) means `shard.out`.
+    train_data: Path | None = None
+    _gan: str | None = PrivateAttr(None)  # resolved by `Config` (it needs the other sections)
+
+    @property
+    def gan(self) -> str | None:
+        """The GAN whose validated synthetic data this model also trains on, or None (real data only)."""
+        return self._gan
 
 
 class AugmentConfig(_Section):
@@ -237,6 +248,33 @@ class Config(_Section):
             raise ValueError(f"profile {v!r} is not one of profiles: {sorted(profiles)}")
         return v
 
+    @model_validator(mode="after")
+    def _train_data_known(self) -> "Config":
+        # Only two kinds of training data exist: a path anywhere else would be a dependency in
+        # dvc.yaml that no stage produces, or synthetic data that skipped the validation gate.
+        synthetic_root = Path(self.validate_synthetic.out)
+        for key, entry in self.models.items():
+            if entry.train_data is None or Path(entry.train_data) == Path(self.shard.out):
+                entry._gan = None
+                continue
+            path = Path(entry.train_data)
+            if path.parent == synthetic_root and path.name in self.gan.names:
+                entry._gan = path.name
+                continue
+            raise PydanticCustomError(
+                "train_data",
+                "models.{key}.train_data is {value}; expected shard.out ({shards}: real data only) or "
+                "validate_synthetic.out/<gan> with a gan in gan.names ({options}: real plus that GAN's "
+                "validated synthetic data)",
+                {"key": key, "value": repr(str(entry.train_data)), "shards": repr(str(self.shard.out)),
+                 "options": ", ".join(str(synthetic_root / name) for name in self.gan.names) or "gan.names is empty"})
+        return self
+
+    def model_train_data(self, name: str) -> Path:
+        """The folder `models.<name>.train_data` names (`shard.out` where it is unset)."""
+        entry = self.model(name)
+        return Path(entry.train_data) if entry.train_data is not None else Path(self.shard.out)
+
     @property
     def run_profile(self) -> ProfileConfig:
         """The size/budget block that `profile` selects."""
@@ -277,5 +315,6 @@ def load_config(path: str | Path = "params.yaml") -> Config:
         lines = [f"{path}: invalid settings:"]
         for err in e.errors():
             key = ".".join(str(p) for p in err["loc"])
-            lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})")
+            # Errors across sections (no location of their own) name their keys in the message.
+            lines.append(f"  {key}: {err['msg']} (got {err.get('input')!r})" if key else f"  {err['msg']}")
         raise ConfigError("\n".join(lines)) from None

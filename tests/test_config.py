@@ -1,0 +1,83 @@
+"""params.yaml's `models.<name>.train_data`: what the config accepts, how it names a mistake, and the
+project's own params (every entry carries it, because dvc.yaml interpolates it into a dependency)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from seglab.config import Config, ConfigError, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def config(models: dict, **sections) -> Config:
+    return Config.model_validate({"shard": {"out": "data/shards"},
+                                  "validate_synthetic": {"out": "data/synthetic_valid"},
+                                  "models": models, **sections})
+
+
+def test_real_and_validated_synthetic_train_data_resolve_to_their_augmenter():
+    cfg = config({
+        "real": {"arch": "unet", "train_data": "data/shards"},
+        "real_spelt_otherwise": {"arch": "unet", "train_data": "./data/shards/"},
+        "unset": {"arch": "unet"},
+        "unet+pix2pix": {"arch": "unet", "train_data": "data/synthetic_valid/pix2pix"},
+        "unet+dcgan": {"arch": "unet", "train_data": "data/synthetic_valid/dcgan/"},
+    })
+    assert {name: cfg.model(name).gan for name in cfg.models} == {
+        "real": None, "real_spelt_otherwise": None, "unset": None, "unet+pix2pix": "pix2pix", "unet+dcgan": "dcgan"}
+    assert cfg.model_train_data("unset") == cfg.model_train_data("real") == Path("data/shards")
+    assert cfg.model_train_data("unet+pix2pix") == Path("data/synthetic_valid/pix2pix")
+    # The resolution survives the copies other code makes.
+    assert cfg.model_copy(update={"seed": 3}).model("unet+pix2pix").gan == "pix2pix"
+
+
+@pytest.mark.parametrize("train_data", [
+    "data/synthetic/pix2pix",          # the GAN's output before the validation gate
+    "data/synthetic_valid",            # the gate's root, no GAN
+    "data/synthetic_valid/stylegan",   # not a GAN of gan.names
+    "data/other_shards",
+])
+def test_any_other_train_data_is_refused_naming_the_key_and_what_is_expected(train_data):
+    with pytest.raises(ValueError) as caught:
+        config({"unet": {"arch": "unet", "train_data": "data/shards"},
+                "bad": {"arch": "unet", "train_data": train_data}})
+    message = str(caught.value)
+    assert "models.bad.train_data" in message and repr(train_data) in message
+    assert "shard.out ('data/shards'" in message and "data/synthetic_valid/pix2pix" in message
+
+
+def test_a_gan_left_out_of_gan_names_is_refused():
+    with pytest.raises(ValueError, match=r"models\.x\.train_data.*gan\.names \(data/synthetic_valid/dcgan:"):
+        config({"x": {"arch": "unet", "train_data": "data/synthetic_valid/pix2pix"}}, gan={"names": ["dcgan"]})
+
+
+def test_load_config_reports_the_train_data_error_on_one_readable_line(tmp_path):
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["models"]["unet"]["train_data"] = "data/synthetic/pix2pix"
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    lines = str(caught.value).splitlines()
+    assert lines[0] == f"{path}: invalid settings:"
+    assert lines[1].startswith("  models.unet.train_data is 'data/synthetic/pix2pix'; expected shard.out")
+    assert len(lines) == 2  # no dump of the whole settings
+
+
+def test_every_model_in_params_yaml_names_its_train_data_and_an_augmented_variant_mirrors_its_base():
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    missing = [name for name, entry in raw["models"].items() if "train_data" not in entry]
+    assert not missing, f"dvc.yaml's ${{item.train_data}} needs train_data on {missing}"
+    cfg = load_config(REPO / "params.yaml")
+    augmented = {name: entry.gan for name, entry in cfg.models.items() if entry.gan}
+    assert augmented == {"unet_mobilenetv2_imagenet+pix2pix": "pix2pix"}
+    for name, gan in augmented.items():
+        base, suffix = name.rsplit("+", 1)
+        assert suffix == gan
+        # Only the training data differs from the base model, so the two compare class by class.
+        assert cfg.model(name).model_dump(exclude={"train_data"}) == cfg.model(base).model_dump(exclude={"train_data"})
+        assert cfg.model(base).gan is None
