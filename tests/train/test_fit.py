@@ -50,6 +50,7 @@ CONTRACT_FIELDS = (
     "epochs_run", "best_epoch", "best_val_miou", "seconds_per_epoch", "train_seconds", "train_images_per_second",
     "param_count", "trainable_param_count", "classes", "class_set", "dataset", "train_images", "val_images", "seed",
     "params_hash", "mixed_precision", "strategy", "replicas", "git_rev", "created_at",
+    "augmenter", "train_data", "synthetic_accepted", "synthetic_images_used",
 )
 REPO = Path(__file__).resolve().parents[2]
 
@@ -148,7 +149,10 @@ def test_run_train_writes_the_contract_files(shards, tmp_path, caplog):
     assert lrs[-1] < lrs[0]  # cosine decay
     summary = json.loads((metrics_dir / "train_metrics.json").read_text())
     assert set(summary) == {"best_val_miou", "epochs_run", "seconds_per_epoch", "train_images_per_second",
-                            "param_count"}
+                            "param_count", "augmenter", "synthetic_accepted", "synthetic_images_used"}
+    # A real-data-only model: no augmenter, so nothing to accept, no synthetic image used.
+    assert (summary["augmenter"], summary["synthetic_accepted"], summary["synthetic_images_used"]) == (None, None, 0)
+    assert train_json["train_data"] == str(shards) and train_json["synthetic_decision"] is None
 
     model = keras.models.load_model(out / "model.keras")
     assert model.compiled is False or model.optimizer is None  # an inference artifact

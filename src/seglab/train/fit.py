@@ -27,8 +27,19 @@ weights, the epoch, the per-epoch history and the state of the callbacks (platea
 scale, early-stopping counters, best checkpoint score) form one commit, published by an atomic
 rename of a pointer file. A run killed at any point restarts from the last committed epoch with
 exactly the history of the epochs before it; an epoch that ran after the commit is run again.
-The state is keyed by the run's params hash and the shard files: a state left by other settings
-or data is discarded (logged). It is deleted once the stage's outputs are in place.
+The state is keyed by the run's params hash and the shard files (synthetic ones included): a state
+left by other settings or data is discarded (logged). It is deleted once the stage's outputs are in place.
+
+Training data (`models.<name>.train_data`): the real training shards (`shard.out`), or for a
+`<model>+<gan>` variant the real shards plus the synthetic shards that passed
+``validate_synthetic@<gan>`` (`accepted_synthetic_shards`). Both are read by one
+`seglab.data.pipeline.make_dataset` over the two folders, as one split: row groups of both are
+shuffled together, then elements through the shuffle buffer, so batches mix real and synthetic
+samples in proportion to their counts (reproducibly for a seed), and every sample, whatever its
+stored size, is cropped and augmented to the training size alike. An epoch is one pass over the
+combined rows; validation stays on the real val split. When the gate accepted no synthetic sample
+the variant trains on real data only, logs so, and train.json records it (`augmenter`,
+`synthetic_accepted`, `synthetic_images_used`).
 
 Outputs (`run_train`), each folder written aside and swapped in at the end:
 ``<train.out>/<name>/{model.keras, train.json}`` and
@@ -67,6 +78,8 @@ from seglab.atomic import atomic_dir, write_text_atomic
 from seglab.data.pipeline import classes_of, make_dataset
 from seglab.data.shards import shard_files
 from seglab.evaluate.metrics import StreamingSegmentationMetric
+from seglab.gan import GANS
+from seglab.gan.validate import VALIDATION_FILE, accepted_synthetic_shards
 from seglab.models.transfer import ENCODER_LAYER, UnfreezeEncoder, encoder_lr_optimizer, set_encoder_trainable
 from seglab.train.augment import Augmentation
 from seglab.train.losses import get_loss
@@ -80,6 +93,7 @@ __all__ = [
     "ResumableBackup",
     "RunPlan",
     "ScheduleReduceLROnPlateau",
+    "SyntheticData",
     "TrainResult",
     "TrainSettings",
     "build_with_weights",
@@ -726,9 +740,13 @@ def inference_view(model: keras.Model) -> keras.Model:
 
 
 def params_hash(cfg: Any, name: str) -> str:
-    """sha256 of the settings that define run `name`: model entry, profile, train, data, shard, seed."""
+    """sha256 of the settings that define run `name`: model entry, profile, train, data, shard, seed,
+    and for a GAN-augmented model the settings that made its synthetic data."""
+    entry = cfg.model(name)
     settings = {
-        "model": cfg.model(name).model_dump(mode="json"),
+        # Without train_data: for real-data-only models it repeats shard.out (and may be unset);
+        # an augmented model is told apart by its augmenter below.
+        "model": entry.model_dump(mode="json", exclude={"train_data"}),
         "width": cfg.model_width(name),
         "profile": cfg.run_profile.model_dump(mode="json"),
         "train": cfg.train.model_dump(mode="json"),
@@ -736,6 +754,14 @@ def params_hash(cfg: Any, name: str) -> str:
         "shard": cfg.shard.model_dump(mode="json"),
         "seed": cfg.seed,
     }
+    gan = entry.gan
+    if gan is not None:
+        # This GAN's settings only: another GAN's epochs do not change this run's data.
+        gan_settings = {k: v for k, v in cfg.gan.model_dump(mode="json").items()
+                        if k not in ("names", "state", *GANS)}
+        settings["augmenter"] = {"name": gan, "gan": gan_settings,
+                                 gan: getattr(cfg.gan, gan).model_dump(mode="json"),
+                                 "validate_synthetic": cfg.validate_synthetic.model_dump(mode="json")}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
@@ -768,6 +794,47 @@ def _shard_info(shard_dir: Path, splits: Sequence[str] = ("train", "val")) -> _S
             sources.update(v for v in parquet.read(columns=["source"]).column("source").to_pylist())
     return _ShardInfo(first, "+".join(sorted(class_sets)) or None, "+".join(sorted(sources)), rows,
                       digest.hexdigest())
+
+
+@dataclass(frozen=True)
+class SyntheticData:
+    """What a run trains on besides the real shards: for a `<model>+<gan>` variant, the synthetic
+    shards `validate_synthetic@<gan>` accepted; nothing for a real-data-only model."""
+
+    augmenter: str | None = None     # the GAN; None: a real-data-only model
+    valid_dir: Path | None = None    # validate_synthetic@<gan>'s folder (its verdict is there)
+    shard_dir: Path | None = None    # the accepted shards' folder; None when none was accepted
+    shards: _ShardInfo | None = None
+    decision: str | None = None      # the gate's verdict, as validation.json words it
+
+    @property
+    def accepted(self) -> bool | None:
+        """Whether synthetic data was accepted (None for a real-data-only model)."""
+        return None if self.augmenter is None else self.shard_dir is not None
+
+    @property
+    def rows(self) -> int:
+        return self.shards.rows["train"] if self.shards is not None else 0
+
+
+def _synthetic_data(cfg: Any, name: str, real: _ShardInfo) -> SyntheticData:
+    """Model `name`'s accepted synthetic shards (checked against the real ones), if it is augmented."""
+    gan = cfg.model(name).gan
+    if gan is None:
+        return SyntheticData()
+    valid_dir = cfg.model_train_data(name)
+    accepted = accepted_synthetic_shards(valid_dir)  # FileNotFoundError naming the stage to run
+    decision = json.loads((valid_dir / VALIDATION_FILE).read_text()).get("decision")  # read fine just above
+    if accepted is None:
+        log.warning("train@%s: validate_synthetic@%s accepted no synthetic sample (%s): training on real data only",
+                    name, gan, decision)
+        return SyntheticData(augmenter=gan, valid_dir=valid_dir, decision=decision)
+    shards = _shard_info(accepted, splits=("train",))
+    if shards.classes != real.classes:
+        raise ValueError(f"{accepted}/train: synthetic shards have classes {shards.classes}, the real training "
+                         f"shards {real.classes}; rerun the {gan} stages on these shards "
+                         f"(dvc repro validate_synthetic@{gan})")
+    return SyntheticData(augmenter=gan, valid_dir=valid_dir, shard_dir=accepted, shards=shards, decision=decision)
 
 
 def _git_revision() -> str | None:
@@ -841,10 +908,23 @@ class RunPlan:
     shard_dir: Path
     shards: _ShardInfo
     params_hash: str
+    synthetic: SyntheticData = SyntheticData()
 
     @property
     def run_key(self) -> dict[str, str]:
-        return {"params_hash": self.params_hash, "shards": self.shards.fingerprint}
+        key = {"params_hash": self.params_hash, "shards": self.shards.fingerprint}
+        if self.synthetic.augmenter is not None:  # a resume state is kept only for the same synthetic data too
+            key["synthetic"] = self.synthetic.shards.fingerprint if self.synthetic.shards else "none accepted"
+        return key
+
+    @property
+    def train_dirs(self) -> list[Path]:
+        """The shard folders whose `train` splits make the training data."""
+        return [self.shard_dir] + ([self.synthetic.shard_dir] if self.synthetic.shard_dir is not None else [])
+
+    @property
+    def train_rows(self) -> int:
+        return self.shards.rows["train"] + self.synthetic.rows
 
     def build(self) -> tuple[keras.Model, str]:
         return build_with_weights(self.arch, self.settings.num_classes, self.image_size, self.width, self.weights,
@@ -860,10 +940,14 @@ def plan_run(cfg: Any, name: str) -> RunPlan:
     profile, t = cfg.run_profile, cfg.train
     shard_dir = Path(cfg.shard.out)
     shards = _shard_info(shard_dir)
+    synthetic = _synthetic_data(cfg, name, shards)
     batch = profile.batch_size
-    steps_per_epoch = shards.rows["train"] // batch
+    train_rows = shards.rows["train"] + synthetic.rows
+    steps_per_epoch = train_rows // batch
     if steps_per_epoch < 1:
-        raise ValueError(f"{shard_dir}/train holds {shards.rows['train']} images, fewer than one batch of {batch} "
+        held = f"{shard_dir}/train holds {shards.rows['train']} images" + (
+            f" (+ {synthetic.rows} synthetic)" if synthetic.rows else "")
+        raise ValueError(f"{held}, fewer than one batch of {batch} "
                          f"(profile {cfg.profile!r}, batch_size); lower the batch size or add images")
     pretrained_encoder = entry.weights is not None and spec.backbone is not None
     return RunPlan(
@@ -880,17 +964,21 @@ def plan_run(cfg: Any, name: str) -> RunPlan:
         shard_dir=shard_dir,
         shards=shards,
         params_hash=params_hash(cfg, name),
+        synthetic=synthetic,
     )
 
 
 def training_datasets(cfg: Any, plan: RunPlan, *, cache_decoded_max_images: int = CACHE_DECODED_MAX_IMAGES
                       ) -> tuple[tf.data.Dataset, tf.data.Dataset]:
-    """(train, val) datasets of a run: augmented, repeated training batches; letterboxed validation."""
+    """(train, val) datasets of a run: augmented, repeated training batches (real, plus accepted synthetic
+    shards for an augmented model, read as one split); letterboxed validation on the real val split."""
     image_size = (plan.image_size, plan.image_size)
     batch = plan.settings.batch_size
-    train_data = make_dataset(plan.shard_dir, "train", image_size=image_size, batch_size=batch, training=True,
-                              augment=Augmentation.from_config(cfg.train.augment), seed=cfg.seed, deterministic=True,
-                              repeat=True, cache=plan.shards.rows["train"] <= cache_decoded_max_images)
+    train_dirs = plan.train_dirs
+    train_data = make_dataset(train_dirs if len(train_dirs) > 1 else plan.shard_dir, "train", image_size=image_size,
+                              batch_size=batch, training=True, augment=Augmentation.from_config(cfg.train.augment),
+                              seed=cfg.seed, deterministic=True, repeat=True,
+                              cache=plan.train_rows <= cache_decoded_max_images)
     val_data = make_dataset(plan.shard_dir, "val", image_size=image_size, batch_size=batch, training=False)
     # A known length spares Keras' "ran out of data" warning at the end of every validation pass.
     val_data = val_data.apply(tf.data.experimental.assert_cardinality(-(-plan.shards.rows["val"] // batch)))
@@ -926,6 +1014,10 @@ def run_train(cfg: Any, name: str, *, callbacks: Sequence[keras.callbacks.Callba
     log.info("train@%s: %s (weights %s, width %g) at %d px, batch %d, %d epochs x %d steps, policy %s",
              name, plan.arch, plan.weights, plan.width, plan.image_size, settings.batch_size, settings.epochs,
              settings.steps_per_epoch, plan.policy)
+    synthetic = plan.synthetic
+    if synthetic.accepted:
+        log.info("train@%s: %d real + %d synthetic images from %s (%s)", name, shards.rows["train"], synthetic.rows,
+                 synthetic.shard_dir, synthetic.decision)
     result = train_model(plan.build, train_data, val_data, settings, state_dir=state_dir, run_key=plan.run_key,
                          mixed_precision=plan.policy, strategy=strategy, callbacks=callbacks, verbose=verbose)
 
@@ -953,6 +1045,13 @@ def run_train(cfg: Any, name: str, *, callbacks: Sequence[keras.callbacks.Callba
         "dataset": shards.dataset,
         "train_images": shards.rows["train"],
         "val_images": shards.rows["val"],
+        # GAN augmentation: the GAN (null: real data only by design), whether its gate accepted any
+        # synthetic sample (null when there is no augmenter) and how many were trained on.
+        "augmenter": synthetic.augmenter,
+        "train_data": str(cfg.model_train_data(name)),
+        "synthetic_accepted": synthetic.accepted,
+        "synthetic_images_used": synthetic.rows,
+        "synthetic_decision": synthetic.decision,
         "seed": cfg.seed,
         "params_hash": plan.params_hash,
         "mixed_precision": result.dtype_policy,
@@ -977,7 +1076,8 @@ def run_train(cfg: Any, name: str, *, callbacks: Sequence[keras.callbacks.Callba
     with atomic_dir(Path(t.metrics) / name) as out:
         _write_history_csv(out / "history.csv", result.history)
         summary = {key: info[key] for key in ("best_val_miou", "epochs_run", "seconds_per_epoch",
-                                              "train_images_per_second", "param_count")}
+                                              "train_images_per_second", "param_count", "augmenter",
+                                              "synthetic_accepted", "synthetic_images_used")}
         (out / "train_metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     clear_state(Path(t.state) / name)
     log.info("train@%s: best val mIoU %.4f at epoch %d of %d, %.1f s/epoch", name, result.best_val_miou,
