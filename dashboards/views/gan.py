@@ -62,8 +62,9 @@ metric = st.selectbox("Score", ["iou", "dice", "precision", "recall"],
 effects = ds.load_augmenter_effects(wh.path, wh.stamp, metric)
 if effects.empty:
     st.info("No run in the warehouse was trained with a GAN augmenter yet (an augmented run names it "
-            "in its train.json / eval.json as `augmenter`). Its effect is measured against the run "
-            "with the same architecture, weights, size, data and class set trained without one.")
+            "in its train.json / eval.json as `augmenter`; params.yaml's `<model>+<gan>` entries, e.g. "
+            "`dvc repro 'train@unet_mobilenetv2_imagenet+pix2pix'`, train them). Its effect is measured "
+            "against the run with the same architecture, weights, size, data and class set trained without one.")
 else:
     effects["pair"] = (effects["augmenter"] + ": " + effects["name"] + " vs " + effects["baseline_name"]
                        + " (" + effects["variant"] + ")")
@@ -83,3 +84,9 @@ else:
     st.dataframe(summary, hide_index=True,
                  column_config={"mean_change": st.column_config.NumberColumn(format="%+.3f")})
     st.caption("Change = augmented - baseline, per class; red: the augmenter hurt the class.")
+    # A variant whose synthetic data was all rejected trained on real data only: its difference to
+    # the baseline is not the augmenter's doing, and the page must not let it pass for that.
+    real_only = sorted(set(effects.loc[effects["synthetic_images_used"].eq(0), "name"]))
+    if real_only:
+        st.warning("Trained on real data only (the synthetic-data gate accepted no sample, so these are "
+                   "not augmenter effects): " + ", ".join(f"`{name}`" for name in real_only) + ".")

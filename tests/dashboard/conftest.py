@@ -13,9 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from PIL import Image, ImageDraw
 
+from seglab.warehouse import ingest, schema
 from seglab.warehouse.ingest import ingest_files, open_warehouse
 
 REPO = Path(__file__).resolve().parents[2]
@@ -212,3 +214,41 @@ def empty_warehouse(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("dashboard_empty") / "warehouse.duckdb"
     open_warehouse(path).close()
     return path
+
+
+# A base model, a same-arch run that scores higher (not the base the variant is named after) and
+# the `+pix2pix` variant, whose synthetic data the gate rejected (synthetic_images_used 0).
+AUGMENTED_WAREHOUSE = {
+    "unet_mobilenetv2_imagenet": (0.6, None),
+    "unet_mobilenetv2_imagenet_longer": (0.9, None),
+    "unet_mobilenetv2_imagenet+pix2pix": (0.7, "pix2pix"),
+}
+
+
+def build_augmented_warehouse(root: Path, schema_version: int = schema.SCHEMA_VERSION) -> Path:
+    """`AUGMENTED_WAREHOUSE`'s runs (plain and tta) ingested into `<root>/warehouse.duckdb`; with
+    schema_version 1 the way a warehouse looked before runs had the augmenter columns."""
+    rng = np.random.default_rng(3)
+    paths = []
+    for name, (quality, augmenter) in AUGMENTED_WAREHOUSE.items():
+        entries = [_entry(name, variant, "unet_mobilenetv2", "mobilenetv2", "imagenet-offline", augmenter,
+                          _confusion(rng, quality, None), epochs=2, rng=rng) for variant in ("plain", "tta")]
+        if augmenter:
+            for entry in entries:
+                entry["run"].update(synthetic_images_used=0, synthetic_accepted=False)
+        path = root / name / "eval.json"
+        path.parent.mkdir(parents=True)
+        path.write_text(json.dumps({"runs": entries}))
+        paths.append(path)
+    with pytest.MonkeyPatch.context() as patch:
+        if schema_version == 1:  # as ingested before runs had the augmenter columns (run_json only)
+            patch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:1])
+            patch.setattr(schema, "SCHEMA_VERSION", 1)
+            patch.setitem(ingest._TABLE_SCHEMAS, "runs", pa.schema(
+                [f for f in ingest._RUNS_SCHEMA if f.name not in ("augmenter", "synthetic_images_used")]))
+        con = ingest.open_warehouse(root / "warehouse.duckdb")
+        try:
+            ingest.ingest_files(con, paths)
+        finally:
+            con.close()
+    return root / "warehouse.duckdb"

@@ -215,6 +215,17 @@ def test_gan_page_before_the_gan_stages_says_what_to_run(monkeypatch, tmp_path, 
     assert "No run in the warehouse was trained with a GAN augmenter" in info
 
 
+def test_gan_page_flags_an_augmented_run_whose_synthetic_data_was_all_rejected(monkeypatch, tmp_path):
+    from .conftest import build_augmented_warehouse
+
+    at = start(monkeypatch, build_augmented_warehouse(tmp_path), tmp_path / "no_gan", "views/gan.py")
+    summary = at.dataframe[-1].value
+    assert set(summary["name"]) == {"unet_mobilenetv2_imagenet+pix2pix"}
+    assert set(summary["baseline_name"]) == {"unet_mobilenetv2_imagenet"}
+    assert "Trained on real data only" in texts(at.warning)
+    assert "`unet_mobilenetv2_imagenet+pix2pix`" in texts(at.warning)
+
+
 # ---- SQL -----------------------------------------------------------------------------------------
 
 

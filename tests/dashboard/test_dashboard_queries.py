@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 
 from seglab.warehouse import dashboard_queries as dq
+from seglab.warehouse import schema
 from seglab.warehouse.queries import connect_read_only
 from seglab.warehouse.schema import WarehouseError
+
+from .conftest import AUGMENTED_WAREHOUSE, CLASSES, build_augmented_warehouse
 
 
 @pytest.fixture
@@ -126,6 +129,30 @@ def test_augmenter_effect_is_the_per_class_difference_to_the_matching_baseline(c
         np.testing.assert_allclose(rows["delta"].to_numpy(dtype=float), expected)
     with pytest.raises(ValueError, match="metric must be one of"):
         dq.augmenter_effects(con, "iou; DROP TABLE runs")
+
+
+@pytest.mark.parametrize("version", [schema.SCHEMA_VERSION, 1])
+def test_an_augmented_variant_is_compared_with_the_model_it_is_named_after(tmp_path, version):
+    path = build_augmented_warehouse(tmp_path, version)
+    con = dq.harden(connect_read_only(path))
+    try:
+        assert ("augmenter" in {c[0] for c in con.execute("DESCRIBE runs").fetchall()}) == (version > 1)
+        effects = dq.augmenter_effects(con, "iou")
+        per_class = con.execute("SELECT r.name, r.variant, p.class_index, p.iou FROM per_class AS p "
+                                "JOIN runs AS r USING (run_id)").df()
+    finally:
+        con.close()
+    assert len(effects) == 2 * len(CLASSES)  # plain and tta, every class
+    assert set(effects["augmenter"]) == {"pix2pix"} and set(effects["name"]) == {"unet_mobilenetv2_imagenet+pix2pix"}
+    # The named base, though the `_longer` run has the same arch, weights and size and a better mIoU.
+    assert set(effects["baseline_name"]) == {"unet_mobilenetv2_imagenet"}
+    assert effects["synthetic_images_used"].eq(0).all()
+    for variant in ("plain", "tta"):
+        rows = effects[effects["variant"] == variant].sort_values("class_index")
+        of_variant = per_class[per_class["variant"] == variant].sort_values("class_index")
+        iou = {name: of_variant[of_variant["name"] == name]["iou"].to_numpy(dtype=float) for name in AUGMENTED_WAREHOUSE}
+        np.testing.assert_allclose(rows["delta"].to_numpy(dtype=float),
+                                   iou["unet_mobilenetv2_imagenet+pix2pix"] - iou["unet_mobilenetv2_imagenet"])
 
 
 def test_schema_listing_names_every_table(con):

@@ -209,6 +209,31 @@ def test_evaluation_writes_every_contract_file_with_correct_contents(workspace):
     assert not list(workspace.glob("eval/.*"))  # no temporary folder left behind
 
 
+def test_the_augmenter_goes_from_train_json_through_eval_json_into_the_warehouse(workspace):
+    from seglab.warehouse import connect_read_only, run_ingest
+
+    _save_trained(workspace, "pixel", _pixel_model())
+    info = _save_trained(workspace, "pixel+pix2pix", _pixel_model(seed=1))
+    info.update(augmenter="pix2pix", synthetic_accepted=True, synthetic_images_used=12)
+    (workspace / "models" / "pixel+pix2pix" / "train.json").write_text(json.dumps(info))
+    cfg = _config(workspace, models=("pixel", "pixel+pix2pix"))
+    cfg = cfg.model_copy(update={"warehouse": cfg.warehouse.model_copy(update={"path": workspace / "wh.duckdb"})})
+    for name in ("pixel", "pixel+pix2pix"):
+        run_evaluate(cfg, name, grid_images=0)
+        runs = [e["run"] for e in json.loads((workspace / "eval" / name / "eval.json").read_text())["runs"]]
+        expected = ("pix2pix", 12) if name == "pixel+pix2pix" else (None, None)
+        assert [(r["augmenter"], r["synthetic_images_used"]) for r in runs] == [expected, expected]
+    run_ingest(cfg)
+    con = connect_read_only(workspace / "wh.duckdb")
+    try:
+        assert con.execute("SELECT name, variant, augmenter, synthetic_images_used FROM runs ORDER BY name, variant"
+                           ).fetchall() == [("pixel", "plain", None, None), ("pixel", "tta", None, None),
+                                            ("pixel+pix2pix", "plain", "pix2pix", 12),
+                                            ("pixel+pix2pix", "tta", "pix2pix", 12)]
+    finally:
+        con.close()
+
+
 def test_zoo_model_is_evaluated_and_ensemble_with_weights_one_zero_equals_the_first_member(workspace):
     keras.utils.set_random_seed(1)
     first = build("unet", len(CLASSES), (SIZE, SIZE, 3), width=0.125)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import duckdb
 import numpy as np
+import pandas as pd
 import pytest
 
 from seglab.config import Config
@@ -453,6 +454,55 @@ def test_schema_is_versioned_and_migrations_are_idempotent(tmp_path, warehouse):
     con.close()
     with pytest.raises(SchemaError, match="newer than this seglab"):
         connect_read_only(warehouse)
+
+
+def test_augmented_runs_carry_their_augmenter_into_runs_and_the_leaderboard(tmp_path, evals, warehouse):
+    rng = np.random.default_rng(5)
+    runs = [make_run("unet+pix2pix", "unet", v, "sample", 3.5, rng) for v in ("plain", "tta")]
+    for entry in runs:
+        entry["run"].update(augmenter="pix2pix", synthetic_images_used=0, synthetic_accepted=False)
+    ingest_eval(warehouse, write_eval(tmp_path / "eval" / "unet+pix2pix" / "eval.json", runs))
+    con = connect_read_only(warehouse)
+    rows = con.execute("SELECT name, variant, augmenter, synthetic_images_used FROM runs "
+                       "WHERE name LIKE 'unet%' ORDER BY name, variant").fetchall()
+    assert rows == [("unet", "plain", None, None), ("unet", "tta", None, None),
+                    ("unet+pix2pix", "plain", "pix2pix", 0), ("unet+pix2pix", "tta", "pix2pix", 0)]
+    board = leaderboard(con, variant="plain")
+    assert board.set_index("name").loc["unet+pix2pix", "augmenter"] == "pix2pix"
+    assert pd.isna(board.set_index("name").loc["unet", "augmenter"])
+    # Fields without a column stay in run_json.
+    assert con.execute("SELECT DISTINCT run_json->>'$.synthetic_accepted' FROM runs WHERE name = 'unet+pix2pix'"
+                       ).fetchall() == [("false",)]
+    con.close()
+    bad = copy.deepcopy(runs)
+    bad[0]["run"]["augmenter"] = 7
+    with pytest.raises(EvalFileError, match=r"runs\[0\]\.run\.augmenter: expected a non-empty string"):
+        ingest_eval(warehouse, write_eval(tmp_path / "bad" / "eval.json", bad))
+
+
+def test_a_version_1_warehouse_gains_the_augmenter_columns_backfilled_from_run_json(tmp_path, monkeypatch):
+    from seglab.warehouse import schema
+
+    path = tmp_path / "v1.duckdb"
+    monkeypatch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:1])
+    monkeypatch.setattr(schema, "SCHEMA_VERSION", 1)
+    con = open_warehouse(path)
+    for run_id, run_json in (("a", {"augmenter": "dcgan", "synthetic_images_used": 40}), ("b", {})):
+        con.execute("INSERT INTO runs (run_id, name, variant, split, dataset, class_set, classes, num_classes, "
+                    "source_file, source_sha256, ingested_at, run_json) "
+                    "VALUES (?, ?, 'plain', 'val', 'sample', 'voc20', ['background'], 1, 'f', 's', now(), ?)",
+                    [run_id, f"run_{run_id}", json.dumps(run_json)])
+    assert "augmenter" not in con.execute("SELECT * FROM runs").df().columns
+    con.close()
+    monkeypatch.undo()
+
+    con = open_warehouse(path)
+    assert schema.schema_version(con) == SCHEMA_VERSION == 2
+    assert con.execute("SELECT run_id, augmenter, synthetic_images_used FROM runs ORDER BY run_id").fetchall() == [
+        ("a", "dcgan", 40), ("b", None, None)]
+    assert "augmenter" in con.execute("SELECT * FROM leaderboard").df().columns
+    assert ensure_schema(con) == 2  # applied once
+    con.close()
 
 
 def test_read_only_connection_refuses_writes_and_missing_or_foreign_files_are_named(tmp_path, warehouse):

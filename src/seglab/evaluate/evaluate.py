@@ -503,6 +503,10 @@ def run_evaluate(cfg: Any, name: str, *, split: str = EVAL_SPLIT, grid_images: i
         scores = result.confusion.result()
         run = {
             **trained.info,
+            # Always present (null: trained on real data only by design), so the warehouse and the
+            # dashboard's augmenter view can tell `<model>+<gan>` runs from their baselines.
+            "augmenter": trained.info.get("augmenter"),
+            "synthetic_images_used": trained.info.get("synthetic_images_used"),
             "run_id": run_id(name, variant, params_hash),
             "name": name,
             "variant": variant,

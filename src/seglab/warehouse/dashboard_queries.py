@@ -42,9 +42,11 @@ __all__ = [
 
 SYNTHETIC_VALIDATION_TABLE = "synthetic_validation"
 
-# Fields of runs.run_json that may name the GAN augmenter a run was trained with (the GAN stages
-# are not fixed yet; the first one present wins).
+# Where a run names the GAN augmenter it was trained with: the `runs.augmenter` column (schema 2),
+# else these run_json fields (warehouses ingested before it; the first one present wins).
 AUGMENTER_FIELDS = ("augmenter", "gan")
+# `<model>+<gan>` (params.yaml's augmented variants) -> `<model>`, the preferred baseline.
+_VARIANT_SUFFIX = r"\+[^+]*$"
 
 
 class SqlRefused(ValueError):
@@ -173,28 +175,43 @@ def synthetic_validation(con: duckdb.DuckDBPyConnection) -> pd.DataFrame | None:
     return con.sql(f"SELECT * FROM {SYNTHETIC_VALIDATION_TABLE}").df()
 
 
+def _runs_columns(con: duckdb.DuckDBPyConnection) -> set[str]:
+    rows = con.execute("SELECT column_name FROM information_schema.columns "
+                       "WHERE table_schema = current_schema() AND table_name = 'runs'").fetchall()
+    return {r[0] for r in rows}
+
+
 def augmenter_effects(con: duckdb.DuckDBPyConnection, metric: str = "iou") -> pd.DataFrame:
     """Per class, how much each GAN augmenter moved a per-class score against its baseline.
 
-    An augmented run names its augmenter in run_json (`AUGMENTER_FIELDS`); its baseline is the
-    best run without one that has the same arch, weights, width, image size, dataset, class set
-    and variant, so only the training data differs. Columns: augmenter, name, variant, run_id,
-    baseline_name, baseline_run_id, class_index, class_name, augmented, baseline, delta
-    (augmented - baseline). Empty when no run names an augmenter.
+    An augmented run names its augmenter (`runs.augmenter`, or run_json's `AUGMENTER_FIELDS` in
+    a warehouse not yet migrated); its baseline is a run without one that has the same arch,
+    weights, width, image size, dataset, class set and variant, so only the training data
+    differs: the run named like it without the `+<gan>` suffix (`unet+pix2pix` -> `unet`) when
+    there is one, else the best such run by mIoU. Columns: augmenter, name, variant, run_id,
+    synthetic_images_used (0: the gate accepted no synthetic sample, the run trained on real
+    data only; NULL: not recorded), baseline_name, baseline_run_id, class_index, class_name,
+    augmented, baseline, delta (augmented - baseline). Empty when no run names an augmenter.
     """
     if metric not in PER_CLASS_METRICS:
         raise ValueError(f"metric must be one of {PER_CLASS_METRICS}; got {metric!r}")
-    augmenter_sql = "coalesce(" + ", ".join(
-        f"nullif(r.run_json->>'$.{field}', '')" for field in AUGMENTER_FIELDS) + ")"
+    columns = _runs_columns(con)
+    json_fields = [f"nullif(r.run_json->>'$.{field}', '')" for field in AUGMENTER_FIELDS]
+    column = ["nullif(r.augmenter, '')"] if "augmenter" in columns else []
+    augmenter_sql = "coalesce(" + ", ".join(column + json_fields) + ")"
+    synthetic_json = "TRY_CAST(r.run_json->>'$.synthetic_images_used' AS INTEGER)"
+    synthetic_sql = (f"coalesce(r.synthetic_images_used, {synthetic_json})"
+                     if "synthetic_images_used" in columns else synthetic_json)
     return con.execute(f"""
         WITH tagged AS (
             SELECT r.run_id, r.name, r.arch, r.weights, r.width, r.image_size, r.dataset,
-                   r.class_set, r.variant, l.miou, {augmenter_sql} AS augmenter
+                   r.class_set, r.variant, l.miou, {augmenter_sql} AS augmenter,
+                   {synthetic_sql} AS synthetic_images_used
             FROM runs AS r JOIN leaderboard AS l USING (run_id)
         ),
         pairs AS (
-            SELECT a.augmenter, a.name, a.variant, a.run_id, b.name AS baseline_name,
-                   b.run_id AS baseline_run_id
+            SELECT a.augmenter, a.name, a.variant, a.run_id, a.synthetic_images_used,
+                   b.name AS baseline_name, b.run_id AS baseline_run_id
             FROM tagged AS a
             JOIN tagged AS b
               ON b.augmenter IS NULL AND a.augmenter IS NOT NULL
@@ -203,13 +220,14 @@ def augmenter_effects(con: duckdb.DuckDBPyConnection, metric: str = "iou") -> pd
              AND a.image_size IS NOT DISTINCT FROM b.image_size
              AND a.dataset = b.dataset AND a.class_set = b.class_set AND a.variant = b.variant
             QUALIFY row_number() OVER (PARTITION BY a.run_id
-                                       ORDER BY b.miou DESC NULLS LAST, b.run_id) = 1
+                                       ORDER BY (b.name = regexp_replace(a.name, ?, '')) DESC,
+                                                b.miou DESC NULLS LAST, b.run_id) = 1
         )
-        SELECT p.augmenter, p.name, p.variant, p.run_id, p.baseline_name, p.baseline_run_id,
-               pa.class_index, pa.class_name, pa.{metric} AS augmented, pb.{metric} AS baseline,
-               pa.{metric} - pb.{metric} AS delta
+        SELECT p.augmenter, p.name, p.variant, p.run_id, p.synthetic_images_used, p.baseline_name,
+               p.baseline_run_id, pa.class_index, pa.class_name, pa.{metric} AS augmented,
+               pb.{metric} AS baseline, pa.{metric} - pb.{metric} AS delta
         FROM pairs AS p
         JOIN per_class AS pa ON pa.run_id = p.run_id
         JOIN per_class AS pb ON pb.run_id = p.baseline_run_id AND pb.class_index = pa.class_index
         ORDER BY p.augmenter, p.name, p.variant, pa.class_index
-    """).df()
+    """, [_VARIANT_SUFFIX]).df()

@@ -51,7 +51,7 @@ _RUN_FIELD_KINDS: dict[str, str] = {
     "val_images": "int", "seed": "int", "mixed_precision": "str", "strategy": "str",
     "replicas": "int", "tta": "str_list", "eval_images": "int", "images_per_second": "float",
     "latency_ms_p50": "float", "latency_ms_p90": "float", "created_at": "timestamp",
-    "evaluated_at": "timestamp",
+    "evaluated_at": "timestamp", "augmenter": "str", "synthetic_images_used": "int",
 }
 _REQUIRED_RUN_FIELDS = ("run_id", "name", "variant", "split", "dataset", "class_set", "classes")
 _PER_CLASS_SCORES = ("iou", "dice", "precision", "recall", "accuracy")

@@ -14,6 +14,11 @@ Tables (one evaluated variant of a model = one *run*, keyed by ``run_id``):
                  stored (a missing cell is 0); ``runs.num_classes`` gives the matrix size.
 - ``history``    run x epoch x metric -> value, the training curves (plain runs only).
 
+Version 2 adds to ``runs`` the GAN augmentation of a run: ``augmenter`` (the GAN whose validated
+synthetic data it trained on besides the real data, NULL for none) and ``synthetic_images_used``
+(0 when the gate accepted no synthetic sample and the run trained on real data only), backfilled
+from ``run_json`` for runs ingested before; ``leaderboard`` gains both columns.
+
 Undefined scores (a class absent from truth and prediction) are NULL, never 0 or 1.
 
 Runs accumulate: a model re-evaluated with other settings gets a new run_id and its earlier run
@@ -228,12 +233,59 @@ FROM per_class AS p
 JOIN leaderboard AS l USING (run_id)
 """
 
+_V2_RUNS_AUGMENTER = (
+    "ALTER TABLE runs ADD COLUMN IF NOT EXISTS augmenter VARCHAR",
+    "ALTER TABLE runs ADD COLUMN IF NOT EXISTS synthetic_images_used INTEGER",
+    # Runs ingested before the columns existed kept these fields in run_json only.
+    """
+    UPDATE runs
+    SET augmenter = coalesce(augmenter, nullif(run_json->>'$.augmenter', '')),
+        synthetic_images_used = coalesce(synthetic_images_used,
+                                         TRY_CAST(run_json->>'$.synthetic_images_used' AS INTEGER))
+    WHERE augmenter IS NULL OR synthetic_images_used IS NULL
+    """,
+)
+
+# V1's leaderboard plus the augmentation columns (before `latest`, which stays last).
+_V2_LEADERBOARD = """
+CREATE OR REPLACE VIEW leaderboard AS
+WITH scores AS (
+    SELECT run_id, split,
+           max(value) FILTER (WHERE metric = 'miou')       AS miou,
+           max(value) FILTER (WHERE metric = 'mdice')      AS mdice,
+           max(value) FILTER (WHERE metric = 'mprecision') AS mprecision,
+           max(value) FILTER (WHERE metric = 'mrecall')    AS mrecall,
+           max(value) FILTER (WHERE metric = 'miou_fg')    AS miou_fg,
+           max(value) FILTER (WHERE metric = 'accuracy')   AS accuracy
+    FROM metrics
+    GROUP BY run_id, split
+)
+SELECT r.run_id, r.name, r.variant, r.model, r.arch, r.backbone, r.weights, r.weights_loaded,
+       r.dataset, r.class_set, r.split,
+       s.miou, s.mdice, s.mprecision, s.mrecall, s.miou_fg, s.accuracy,
+       r.param_count, r.seconds_per_epoch, r.train_seconds, r.images_per_second,
+       r.latency_ms_p50, r.latency_ms_p90, r.image_size, r.width, r.epochs_run, r.best_epoch,
+       r.params_hash, r.git_rev, r.evaluated_at,
+       r.augmenter, r.synthetic_images_used,
+       -- The newest run of this model and variant on this data; older ones are kept as history.
+       row_number() OVER (PARTITION BY r.name, r.variant, r.dataset, r.class_set, r.split
+                          ORDER BY r.evaluated_at DESC NULLS LAST, r.ingested_at DESC, r.run_id) = 1
+           AS latest
+FROM runs AS r
+LEFT JOIN scores AS s ON s.run_id = r.run_id AND s.split = r.split
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         1,
         "runs, metrics, per_class, confusion, history; leaderboard and class_scores views",
         (_V1_RUNS, _V1_METRICS, _V1_PER_CLASS, _V1_CONFUSION, _V1_HISTORY, _V1_LEADERBOARD,
          _V1_CLASS_SCORES),
+    ),
+    Migration(
+        2,
+        "runs.augmenter and runs.synthetic_images_used (GAN-augmented training), in leaderboard too",
+        (*_V2_RUNS_AUGMENTER, _V2_LEADERBOARD),
     ),
 )
 
