@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -87,3 +88,29 @@ def test_cli_reports_bad_input_without_a_traceback(scratch_repo, tmp_path):
     (scratch_repo / "params.yaml").write_text(yaml.safe_dump(params))
     proc = _run(["seglab", "shard"], scratch_repo, check=False)
     assert proc.returncode == 1 and "COCO root not found" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_only_the_gan_augmented_variants_depend_on_the_gan_stages(scratch_repo):
+    from dvc.dependency import ParamsDependency
+    from dvc.repo import Repo
+
+    params = yaml.safe_load((scratch_repo / "params.yaml").read_text())
+    augmented = "unet_mobilenetv2_imagenet+pix2pix"
+    assert params["models"][augmented]["train_data"] == "data/synthetic_valid/pix2pix"
+    with Repo(str(scratch_repo)) as repo:
+        stages = {stage.name: stage for stage in repo.index.stages}
+    for name in params["models"]:
+        stage = stages[f"train@{name}"]
+        deps = {d.def_path for d in stage.deps if not isinstance(d, ParamsDependency)}
+        keys = {p for d in stage.deps if isinstance(d, ParamsDependency) for p in d.params}
+        # GAN settings reach a variant through validate_synthetic@<gan>'s output, never as params.
+        assert not any(k.startswith(("gan", "validate_synthetic")) for k in keys), (name, keys)
+        expected = {"data/shards", "data/synthetic_valid/pix2pix"} if name == augmented else {"data/shards"}
+        assert {d for d in deps if d.startswith("data/")} == expected, name
+    # `+` works in a stage name on the command line; the variant pulls in its own GAN's stages only.
+    dag = _run(["dvc", "dag", "--dot", f"train@{augmented}"], scratch_repo).stdout
+    upstream = set(re.findall(r'^\s*"([^"]+)";$', dag, flags=re.M))
+    assert upstream == {"sample", "shard", "train_gan@pix2pix", "synthesize@pix2pix", "validate_synthetic@pix2pix",
+                        f"train@{augmented}"}, dag
+    assert "validate_synthetic" not in _run(["dvc", "dag", "--dot", "train@unet_mobilenetv2_imagenet"],
+                                            scratch_repo).stdout
