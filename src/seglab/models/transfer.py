@@ -27,6 +27,7 @@ Not supported: ``gradient_accumulation_steps`` (the two copies would accumulate 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Sequence
@@ -118,7 +119,24 @@ class UnfreezeEncoder(keras.callbacks.Callback):
         should_train = epoch >= self.epoch
         if get_encoder(self.model, self.encoder).trainable != should_train:
             set_encoder_trainable(self.model, should_train, self.encoder)
+            build_optimizer(self.model)
             log.info("epoch %d: encoder %s", epoch, "unfrozen" if should_train else "frozen")
+
+
+def build_optimizer(model: keras.Model) -> None:
+    """Create the optimizer state for `model`'s current trainable variables now, eagerly.
+
+    Left to the first train step, the state is created inside the traced function, and
+    TensorFlow then traces the whole step a second time (seconds to tens of seconds per model).
+    """
+    optimizer = model.optimizer
+    inner = getattr(optimizer, "inner_optimizer", optimizer)  # under LossScaleOptimizer
+    scope = getattr(model, "distribute_strategy", None)
+    with scope.scope() if scope is not None else contextlib.nullcontext():
+        if not optimizer.built:
+            optimizer.build(model.trainable_variables)
+        if isinstance(inner, EncoderLROptimizer):
+            inner.build_new(model.trainable_variables)
 
 
 def _check_multiplier(value: Any) -> float:
@@ -218,6 +236,14 @@ class EncoderLROptimizer(keras.optimizers.Optimizer):
         if encoder_vars and not self.encoder_optimizer.built:
             self.encoder_optimizer.build(encoder_vars)
         super().build(variables)
+
+    def build_new(self, trainable_variables) -> None:
+        """Build the encoder's optimizer if `trainable_variables` now hold encoder variables it has no
+        state for yet (the encoder was just unfrozen)."""
+        _, encoder_vars, _, _ = self._split([None] * len(trainable_variables), list(trainable_variables))
+        if encoder_vars and not self.encoder_optimizer.built:
+            with keras.name_scope(self.encoder_optimizer.name, caller=self.encoder_optimizer):
+                self.encoder_optimizer.build(encoder_vars)
 
     def apply(self, grads, trainable_variables=None):
         if trainable_variables is None:

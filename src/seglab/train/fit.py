@@ -80,7 +80,8 @@ from seglab.data.shards import shard_files
 from seglab.evaluate.metrics import StreamingSegmentationMetric
 from seglab.gan import GANS
 from seglab.gan.validate import VALIDATION_FILE, accepted_synthetic_shards
-from seglab.models.transfer import ENCODER_LAYER, UnfreezeEncoder, encoder_lr_optimizer, set_encoder_trainable
+from seglab.models.transfer import (ENCODER_LAYER, UnfreezeEncoder, build_optimizer, encoder_lr_optimizer,
+                                    set_encoder_trainable)
 from seglab.train.augment import Augmentation
 from seglab.train.losses import get_loss
 
@@ -690,6 +691,7 @@ def train_model(
             backup.set_model(model)
             backup.on_train_begin()
         else:
+            build_optimizer(model)
             model.fit(train_data, validation_data=val_data, epochs=settings.epochs,
                       steps_per_epoch=settings.steps_per_epoch, shuffle=False,  # the dataset shuffles
                       callbacks=[*recipe, *callbacks, backup], verbose=verbose)
