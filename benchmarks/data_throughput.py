@@ -22,14 +22,11 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -37,35 +34,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from environment import machine, versions  # noqa: E402
 from seglab.atomic import write_text_atomic  # noqa: E402
 from seglab.data.coco import LabelRules, decode_image, label_map, load_split  # noqa: E402
 from seglab.data.pipeline import fit_to_size, make_dataset  # noqa: E402
 from seglab.data.shards import ShardSettings, build_shards  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def machine() -> dict:
-    model = platform.processor() or "unknown"
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": model, "cores": cores, "platform": platform.platform()}
-
-
-def versions() -> dict:
-    names = ["tensorflow-cpu", "tensorflow", "keras", "numpy", "pyarrow", "pillow", "pycocotools"]
-    found = {"python": platform.python_version()}
-    for name in names:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return found
 
 
 def time_epochs(ds: tf.data.Dataset, epochs: int) -> dict:

@@ -31,7 +31,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from data_throughput import machine, versions  # noqa: E402
+from environment import machine, versions  # noqa: E402
 
 from seglab.atomic import write_text_atomic  # noqa: E402
 from seglab.config import load_config  # noqa: E402

@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import platform
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,6 +23,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from environment import cpu_model_name  # noqa: E402
 from seglab import models  # noqa: E402
 from seglab.atomic import write_text_atomic  # noqa: E402
 
@@ -46,17 +45,6 @@ def forward_flops(model) -> int:
     options = (tf.compat.v1.profiler.ProfileOptionBuilder(tf.compat.v1.profiler.ProfileOptionBuilder.float_operation())
                .with_empty_output().build())
     return int(tf.compat.v1.profiler.profile(graph=graph, options=options).total_float_ops)
-
-
-def cpu_model_name() -> str:
-    try:
-        output = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown"
-    for line in output.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 def measure(names: list[str]) -> list[dict]:

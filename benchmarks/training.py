@@ -34,14 +34,11 @@ import dataclasses
 import datetime as dt
 import json
 import os
-import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -50,33 +47,12 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from environment import machine, versions  # noqa: E402
 from seglab.atomic import write_text_atomic  # noqa: E402
 from seglab.config import load_config  # noqa: E402
 from seglab.train.fit import plan_run, train_model, training_datasets  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def machine() -> dict:
-    model = platform.processor() or "unknown"
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": model, "cores": cores, "platform": platform.platform()}
-
-
-def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for package in ("tensorflow-cpu", "tensorflow", "keras", "numpy"):
-        try:
-            out[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
 
 
 class TrainCpuTime(keras.callbacks.Callback):

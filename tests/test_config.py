@@ -81,3 +81,11 @@ def test_every_model_in_params_yaml_names_its_train_data_and_an_augmented_varian
         # Only the training data differs from the base model, so the two compare class by class.
         assert cfg.model(name).model_dump(exclude={"train_data"}) == cfg.model(base).model_dump(exclude={"train_data"})
         assert cfg.model(base).gan is None
+
+
+def test_a_replicate_entry_overrides_the_seed_and_nothing_else():
+    cfg = config({"base": {"arch": "unet", "train_data": "data/shards"},
+                  "base_s1": {"arch": "unet", "train_data": "data/shards", "seed": 1}}, seed=7)
+    assert (cfg.model_seed("base"), cfg.model_seed("base_s1")) == (7, 1)
+    with pytest.raises(ValueError, match=r"models\.bad\.seed"):
+        config({"bad": {"arch": "unet", "seed": -1}})

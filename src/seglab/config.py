@@ -84,6 +84,10 @@ class ModelEntry(_Section):
     # (real data plus that GAN's validated synthetic shards). dvc.yaml lists it as a dependency, so
     # params.yaml gives it on every entry; None (possible outside DVC) means `shard.out`.
     train_data: Path | None = None
+    # A replicate of the same model with another seed (initial weights, shuffling, augmentation):
+    # e.g. `-S 'models.unet_mobilenetv2_imagenet_s1={..., seed: 1}'` for mean +- std over seeds.
+    # None: the top-level `seed`.
+    seed: int | None = Field(None, ge=0)
     _gan: str | None = PrivateAttr(None)  # resolved by `Config` (it needs the other sections)
 
     @property
@@ -286,6 +290,11 @@ class Config(_Section):
             return self.models[name]
         except KeyError:
             raise ConfigError(f"no model {name!r} in params.yaml `models`; configured: {sorted(self.models)}") from None
+
+    def model_seed(self, name: str) -> int:
+        """The seed train@<name> uses: its entry's `seed`, else the top-level one."""
+        entry = self.model(name)
+        return entry.seed if entry.seed is not None else self.seed
 
     def model_width(self, name: str) -> float:
         entry = self.model(name)

@@ -162,6 +162,12 @@ def test_params_hash_names_the_augmenter_and_only_its_own_gan_settings(data, tmp
     own_gan = make_cfg(data, tmp_path, gan={"pix2pix": {"epochs": 99}})
     assert params_hash(other_gan, "tiny+pix2pix") == augmented and params_hash(other_gan, "tiny") == real
     assert params_hash(own_gan, "tiny+pix2pix") != augmented and params_hash(own_gan, "tiny") == real
+    # A seed replicate is another run; an entry seed equal to the top-level one is the same run.
+    def with_seed(seed):
+        return cfg.model_copy(update={"models": {**cfg.models, "tiny": cfg.model("tiny").model_copy(
+            update={"seed": seed})}})
+    assert params_hash(with_seed(cfg.seed + 1), "tiny") != real
+    assert params_hash(with_seed(cfg.seed), "tiny") == real
 
 
 def test_a_missing_verdict_names_the_stage_to_run(data, tmp_path):

@@ -44,7 +44,7 @@ import numpy as np
 from seglab.atomic import atomic_dir
 from seglab.data.classes import IGNORE_INDEX
 from seglab.data.pipeline import classes_of, make_dataset
-from seglab.evaluate.metrics import METRIC_NAMES, ConfusionMatrix, scores_from_confusion
+from seglab.evaluate.metrics import METRIC_NAMES, ConfusionMatrix
 from seglab.evaluate.plots import plot_confusion, plot_prediction_grid
 from seglab.evaluate.tta import probability_model, tta_model
 

@@ -748,13 +748,13 @@ def params_hash(cfg: Any, name: str) -> str:
     settings = {
         # Without train_data: for real-data-only models it repeats shard.out (and may be unset);
         # an augmented model is told apart by its augmenter below.
-        "model": entry.model_dump(mode="json", exclude={"train_data"}),
+        "model": entry.model_dump(mode="json", exclude={"train_data", "seed"}),
         "width": cfg.model_width(name),
         "profile": cfg.run_profile.model_dump(mode="json"),
         "train": cfg.train.model_dump(mode="json"),
         "data": cfg.data.model_dump(mode="json"),
         "shard": cfg.shard.model_dump(mode="json"),
-        "seed": cfg.seed,
+        "seed": cfg.model_seed(name),
     }
     gan = entry.gan
     if gan is not None:
@@ -979,7 +979,7 @@ def training_datasets(cfg: Any, plan: RunPlan, *, cache_decoded_max_images: int 
     train_dirs = plan.train_dirs
     train_data = make_dataset(train_dirs if len(train_dirs) > 1 else plan.shard_dir, "train", image_size=image_size,
                               batch_size=batch, training=True, augment=Augmentation.from_config(cfg.train.augment),
-                              seed=cfg.seed, deterministic=True, repeat=True,
+                              seed=cfg.model_seed(plan.name), deterministic=True, repeat=True,
                               cache=plan.train_rows <= cache_decoded_max_images)
     val_data = make_dataset(plan.shard_dir, "val", image_size=image_size, batch_size=batch, training=False)
     # A known length spares Keras' "ran out of data" warning at the end of every validation pass.
@@ -1012,7 +1012,7 @@ def run_train(cfg: Any, name: str, *, callbacks: Sequence[keras.callbacks.Callba
     write_text_atomic(state_dir / "run.json", json.dumps(plan.run_key) + "\n")
 
     train_data, val_data = training_datasets(cfg, plan, cache_decoded_max_images=cache_decoded_max_images)
-    keras.utils.set_random_seed(cfg.seed)  # the same initial weights on every run of these settings
+    keras.utils.set_random_seed(cfg.model_seed(name))  # the same initial weights on every run of these settings
     log.info("train@%s: %s (weights %s, width %g) at %d px, batch %d, %d epochs x %d steps, policy %s",
              name, plan.arch, plan.weights, plan.width, plan.image_size, settings.batch_size, settings.epochs,
              settings.steps_per_epoch, plan.policy)
@@ -1054,7 +1054,7 @@ def run_train(cfg: Any, name: str, *, callbacks: Sequence[keras.callbacks.Callba
         "synthetic_accepted": synthetic.accepted,
         "synthetic_images_used": synthetic.rows,
         "synthetic_decision": synthetic.decision,
-        "seed": cfg.seed,
+        "seed": cfg.model_seed(name),
         "params_hash": plan.params_hash,
         "mixed_precision": result.dtype_policy,
         "strategy": result.strategy,

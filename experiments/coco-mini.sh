@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The published comparison on real COCO (../shared/data/coco-mini, class set voc20), as one DVC
+# experiment: every model of params.yaml, plus seed replicates for the transfer-learning pair and
+# for the GAN-effect study, then `seglab report` over the warehouse.
+#
+#   experiments/coco-mini.sh [COCO_ROOT] [REPORT.md]
+#
+# Replicates are extra `models` entries that differ only in `seed`, so
+# `seed_summary` / `augmenter_effect` in the warehouse group them. Everything not set here is
+# params.yaml's CPU profile except the image size (IMAGE_SIZE, default 96: COCO objects are too
+# small at the default data's 64 px).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+root=${1:-../shared/data/coco-mini}
+report=${2:-docs/results/coco-mini.md}
+image_size=${IMAGE_SIZE:-96}
+seeds=${SEEDS:-"1 2"}
+
+[ -d "$root/annotations" ] || { echo "coco-mini.sh: $root is not a COCO root (no annotations/)" >&2; exit 1; }
+
+# Replicate entries go into params.yaml itself (round-trip YAML keeps comments and anchors): `-S`
+# cannot add keys holding '+', and `dvc exp run` records the edited params.yaml with the experiment.
+python - "$seeds" <<'PY'
+import sys
+from ruamel.yaml import YAML
+
+seeds = [int(s) for s in sys.argv[1].split()]
+yaml = YAML()
+with open("params.yaml") as f:
+    params = yaml.load(f)
+models = params["models"]
+
+def entry(name, weights, train_data, seed):
+    models[name] = {"arch": "unet_mobilenetv2", "weights": weights, "width": 1.0,
+                    "train_data": train_data, "seed": seed}
+
+for seed in seeds:  # the transfer-learning pair, mean +- std over seeds 0 (params.yaml) and these
+    entry(f"unet_mobilenetv2_imagenet_s{seed}", "imagenet-offline", "data/shards", seed)
+    entry(f"unet_mobilenetv2_scratch_s{seed}", None, "data/shards", seed)
+for gan in ("dcgan", "sagan", "pix2pix"):  # the GAN effect, paired by seed with the runs above
+    for seed in [0, *seeds]:
+        name = f"unet_mobilenetv2_imagenet+{gan}" if seed == 0 else f"unet_mobilenetv2_imagenet_s{seed}+{gan}"
+        if name not in models:
+            entry(name, "imagenet-offline", f"data/synthetic_valid/{gan}", seed)
+with open("params.yaml", "w") as f:
+    yaml.dump(params, f)
+PY
+
+args=(-S "data.root=$root" -S "data.class_set=voc20" -S "profiles.cpu.image_size=$image_size")
+echo "+ dvc exp run ${args[*]}"
+dvc exp run "${args[@]}"
+mkdir -p "$(dirname "$report")"
+seglab report --dataset "$(basename "$(realpath "$root")")" --out "$report"  # runs.dataset: the root folder name
+echo "report: $report"
