@@ -63,6 +63,14 @@ def _ingest(cfg, args) -> dict:
     return run_ingest(cfg)
 
 
+def _report(cfg, args) -> str | dict:
+    from seglab.warehouse.report import run_report
+
+    warehouse = args.warehouse if args.warehouse is not None else cfg.warehouse.path
+    return run_report(warehouse, dataset=args.dataset, class_set=args.class_set,
+                      variant=args.variant, out=args.out)
+
+
 def _train_gan(cfg, args) -> dict:
     from seglab.gan.train import run_train_gan
 
@@ -97,6 +105,8 @@ STAGES: dict[str, tuple[Callable, str]] = {
     "evaluate": (_evaluate, "evaluate one trained model on the validation split, plain and with TTA"),
     "ensemble": (_ensemble, "evaluate the weighted ensemble of params `ensemble.members`"),
     "ingest": (_ingest, "load every evaluation into the DuckDB warehouse (params: warehouse)"),
+    "report": (_report, ("Markdown tables from the warehouse: latest runs, mean +- std over seeds, "
+                         "GAN augmenter effect (params: warehouse.path)")),
     "train-gan": (_train_gan, "train one GAN augmenter (dcgan | sagan | pix2pix; params: gan)"),
     "synthesize": (_synthesize, "write labelled synthetic shards from a trained augmenter"),
     "validate-synthetic": (_validate_synthetic,
@@ -116,6 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("name", help="a model name from params.yaml `models`")
         if name in ("train-gan", "synthesize", "validate-synthetic"):
             p.add_argument("name", choices=["dcgan", "sagan", "pix2pix"], help="the augmenter")
+        if name == "report":
+            p.add_argument("--warehouse", type=Path, default=None,
+                           help="the DuckDB file (default: params.yaml warehouse.path)")
+            p.add_argument("--dataset", default=None, help="only runs on this dataset (runs.dataset)")
+            p.add_argument("--class-set", default=None, help="only runs on this class set (runs.class_set)")
+            p.add_argument("--variant", choices=["plain", "tta"], default=None,
+                           help="only this variant (default: both)")
+            p.add_argument("--out", type=Path, default=None,
+                           help="write the Markdown to this file (atomically) instead of printing it")
         if name == "download-coco":
             p.add_argument("--dest", type=Path, default=Path("coco"), help="where the COCO root is created")
             p.add_argument("--parts", nargs="+", default=["annotations", "val2017", "train2017"],
@@ -134,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
     handler, _ = STAGES[args.stage]
     try:
-        cfg = load_config(args.params)
+        # `report --warehouse PATH` needs nothing from params.yaml, so it runs outside the project too.
+        cfg = None if getattr(args, "warehouse", None) is not None else load_config(args.params)
         result = handler(cfg, args)
     except ConfigError as e:
         print(f"seglab {args.stage}: {e}", file=sys.stderr)
@@ -147,7 +167,10 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input: the message already names the file/record and the rule; no traceback needed.
         print(f"seglab {args.stage}: error: {e}", file=sys.stderr)
         return 1
-    print(json.dumps(result, indent=2, default=str))
+    if isinstance(result, str):  # a document (the report's Markdown), printed as it is
+        sys.stdout.write(result)
+    else:
+        print(json.dumps(result, indent=2, default=str))
     return 0
 
 

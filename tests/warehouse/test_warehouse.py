@@ -497,11 +497,11 @@ def test_a_version_1_warehouse_gains_the_augmenter_columns_backfilled_from_run_j
     monkeypatch.undo()
 
     con = open_warehouse(path)
-    assert schema.schema_version(con) == SCHEMA_VERSION == 2
+    assert schema.schema_version(con) == SCHEMA_VERSION >= 2
     assert con.execute("SELECT run_id, augmenter, synthetic_images_used FROM runs ORDER BY run_id").fetchall() == [
         ("a", "dcgan", 40), ("b", None, None)]
     assert "augmenter" in con.execute("SELECT * FROM leaderboard").df().columns
-    assert ensure_schema(con) == 2  # applied once
+    assert ensure_schema(con) == SCHEMA_VERSION  # applied once
     con.close()
 
 
@@ -640,6 +640,8 @@ def test_deeplab_beats_unet_compares_the_best_of_each_family_on_the_same_data(ev
 
 def test_the_sql_in_docs_runs_on_a_warehouse(warehouse):
     blocks = re.findall(r"```sql\n(.*?)```", (REPO / "docs" / "sql.md").read_text(), flags=re.S)
+    # The replicate views' examples need seed replicates: tests/warehouse/test_replicates.py runs them.
+    blocks = [b for b in blocks if not re.search(r"\b(seed_summary|augmenter_effect\w*|augmenter_pairs)\b", b)]
     assert len(blocks) >= 3
     con = connect_read_only(warehouse)
     for sql in blocks:

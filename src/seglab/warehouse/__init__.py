@@ -7,14 +7,18 @@ Write side: `run_ingest(cfg)` / `ingest_eval(con_or_path, eval_json)`. Read side
 
 from seglab.warehouse.ingest import EvalFileError, ingest_eval, ingest_files, load_eval, open_warehouse, run_ingest
 from seglab.warehouse.queries import (
+    augmenter_effect,
+    augmenter_effect_per_class,
     compare_runs,
     confusion,
     connect_read_only,
     deeplab_beats_unet,
     family_beats,
     history,
+    latest_runs,
     leaderboard,
     per_class_matrix,
+    seed_summary,
     worst_classes,
 )
 from seglab.warehouse.schema import SCHEMA_VERSION, SchemaError, WarehouseError, ensure_schema
@@ -24,6 +28,8 @@ __all__ = [
     "EvalFileError",
     "SchemaError",
     "WarehouseError",
+    "augmenter_effect",
+    "augmenter_effect_per_class",
     "compare_runs",
     "confusion",
     "connect_read_only",
@@ -33,10 +39,12 @@ __all__ = [
     "history",
     "ingest_eval",
     "ingest_files",
+    "latest_runs",
     "leaderboard",
     "load_eval",
     "open_warehouse",
     "per_class_matrix",
     "run_ingest",
+    "seed_summary",
     "worst_classes",
 ]

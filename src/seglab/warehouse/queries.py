@@ -17,14 +17,18 @@ from seglab.warehouse.schema import SCHEMA_VERSION, SchemaError, WarehouseError,
 
 __all__ = [
     "PER_CLASS_METRICS",
+    "augmenter_effect",
+    "augmenter_effect_per_class",
     "compare_runs",
     "confusion",
     "connect_read_only",
     "deeplab_beats_unet",
     "family_beats",
     "history",
+    "latest_runs",
     "leaderboard",
     "per_class_matrix",
+    "seed_summary",
     "worst_classes",
 ]
 
@@ -232,3 +236,72 @@ def deeplab_beats_unet(con: duckdb.DuckDBPyConnection, *, variant: str | None = 
                        latest_only: bool = True) -> pd.DataFrame:
     """Classes where the best DeepLabV3+ run beats the best U-Net run in IoU (same dataset/classes)."""
     return family_beats(con, DEEPLABV3PLUS_ARCH, UNET_ARCH, variant=variant, latest_only=latest_only)
+
+
+# ---- replicates (schema 3): mean and spread over seeds, and what GAN augmentation changes ------
+
+# Filters over the replicate views, which hold latest runs only; NULL means "any".
+_VIEW_FILTERS = """
+    ($dataset IS NULL OR dataset = $dataset)
+    AND ($class_set IS NULL OR class_set = $class_set)
+    AND ($variant IS NULL OR variant = $variant)
+"""
+_CONFIGURATION_ORDER = ("dataset, class_set, split, variant, arch, weights NULLS FIRST, "
+                        "width NULLS FIRST, image_size, batch_size, epochs_planned")
+
+
+def _require_view(con: duckdb.DuckDBPyConnection, name: str) -> None:
+    """A clear error for a warehouse written before the view existed (opened read-only, so never
+    migrated here)."""
+    found = con.execute("SELECT count(*) FROM information_schema.tables "
+                        "WHERE table_schema = current_schema() AND table_name = ?", [name]).fetchall()
+    if not found[0][0]:
+        raise SchemaError(f"the warehouse (schema version {schema_version(con)}) has no {name!r} view, "
+                          f"which schema version 3 adds; run `seglab ingest` (or `dvc repro`) to "
+                          "upgrade it")
+
+
+def latest_runs(con: duckdb.DuckDBPyConnection, dataset: str | None = None,
+                class_set: str | None = None, variant: str | None = None) -> pd.DataFrame:
+    """The latest run of every model and variant: the leaderboard's columns plus seed,
+    batch_size and epochs_planned; per dataset and class set, best mIoU first."""
+    return _df(con, """
+        SELECT l.*, r.seed, r.batch_size, r.epochs_planned
+        FROM leaderboard AS l JOIN runs AS r USING (run_id)
+        WHERE l.latest AND ($dataset IS NULL OR l.dataset = $dataset)
+          AND ($class_set IS NULL OR l.class_set = $class_set)
+          AND ($variant IS NULL OR l.variant = $variant)
+        ORDER BY l.dataset, l.class_set, l.split, l.miou DESC NULLS LAST, l.name, l.variant
+    """, {"dataset": dataset, "class_set": class_set, "variant": variant})
+
+
+def seed_summary(con: duckdb.DuckDBPyConnection, dataset: str | None = None,
+                 class_set: str | None = None, variant: str | None = None) -> pd.DataFrame:
+    """The ``seed_summary`` view: per configuration, its replicates (models, seeds, n) and the
+    mean and sample std of mIoU, mDice and pixel accuracy (std NaN for n = 1); per dataset and
+    class set, best mean mIoU first."""
+    _require_view(con, "seed_summary")
+    return _df(con, f"SELECT * FROM seed_summary WHERE {_VIEW_FILTERS} "
+                    "ORDER BY dataset, class_set, split, miou_mean DESC NULLS LAST, "
+                    f"{_CONFIGURATION_ORDER}, augmenter NULLS FIRST",
+               {"dataset": dataset, "class_set": class_set, "variant": variant})
+
+
+def augmenter_effect(con: duckdb.DuckDBPyConnection, dataset: str | None = None,
+                     class_set: str | None = None, variant: str | None = None) -> pd.DataFrame:
+    """The ``augmenter_effect`` view: per augmented configuration, the mIoU of the real-only and
+    augmented runs and their difference, mean and std over the runs paired by seed."""
+    _require_view(con, "augmenter_effect")
+    return _df(con, f"SELECT * FROM augmenter_effect WHERE {_VIEW_FILTERS} "
+                    f"ORDER BY {_CONFIGURATION_ORDER}, augmenter",
+               {"dataset": dataset, "class_set": class_set, "variant": variant})
+
+
+def augmenter_effect_per_class(con: duckdb.DuckDBPyConnection, dataset: str | None = None,
+                               class_set: str | None = None, variant: str | None = None) -> pd.DataFrame:
+    """The ``augmenter_effect_per_class`` view: per augmented configuration and class, the IoU
+    difference (augmented - real-only) over seeds, pairs with an undefined IoU skipped."""
+    _require_view(con, "augmenter_effect_per_class")
+    return _df(con, f"SELECT * FROM augmenter_effect_per_class WHERE {_VIEW_FILTERS} "
+                    f"ORDER BY {_CONFIGURATION_ORDER}, augmenter, class_index",
+               {"dataset": dataset, "class_set": class_set, "variant": variant})

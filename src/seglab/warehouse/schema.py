@@ -19,6 +19,22 @@ synthetic data it trained on besides the real data, NULL for none) and ``synthet
 (0 when the gate accepted no synthetic sample and the run trained on real data only), backfilled
 from ``run_json`` for runs ingested before; ``leaderboard`` gains both columns.
 
+Version 3 adds views over *replicates* (params.yaml entries that differ only in ``seed``), each
+over the ``latest`` run of every model (ensembles, which have no arch, left out):
+
+- ``seed_summary``   one row per configuration (dataset, class_set, split, variant, arch, weights,
+                     width, augmenter, image_size, batch_size, epochs_planned): ``models`` and
+                     ``seeds`` (sorted lists), ``n`` (runs), and mean and sample standard deviation
+                     of ``miou``, ``mdice`` and pixel ``accuracy`` (``*_std`` NULL when n = 1).
+- ``augmenter_pairs`` every augmented run (``augmenter`` NOT NULL) with the real-only run of the
+                     same configuration and seed (runs without a seed are never paired); where
+                     several match, the one named like it without ``+<gan>`` wins, then by name.
+- ``augmenter_effect`` per augmented configuration: ``n_pairs``, mean/std of the real-only,
+                     augmented and paired difference (augmented - real-only) mIoU, over the pairs
+                     where both mIoUs are defined, and the mean ``synthetic_images_used``.
+- ``augmenter_effect_per_class`` the same per class for IoU; a pair where either IoU is undefined
+                     is skipped for that class (``n_pairs`` counts the rest, 0 if none).
+
 Undefined scores (a class absent from truth and prediction) are NULL, never 0 or 1.
 
 Runs accumulate: a model re-evaluated with other settings gets a new run_id and its earlier run
@@ -275,6 +291,101 @@ FROM runs AS r
 LEFT JOIN scores AS s ON s.run_id = r.run_id AND s.split = r.split
 """
 
+# The latest run of every model (not the ensemble: it has no arch) with the settings that make
+# up a configuration; `split` is a key too, since scores on different splits never mix.
+_V3_LATEST_MODEL_RUNS = """
+    SELECT l.run_id, l.name, l.dataset, l.class_set, l.split, l.variant, l.arch, l.weights,
+           l.width, l.augmenter, l.image_size, r.batch_size, r.epochs_planned, r.seed,
+           l.miou, l.mdice, l.accuracy, l.synthetic_images_used
+    FROM leaderboard AS l JOIN runs AS r USING (run_id)
+    WHERE l.latest AND l.arch IS NOT NULL
+"""
+
+_V3_CONFIGURATION = ("dataset, class_set, split, variant, arch, weights, width, augmenter, "
+                     "image_size, batch_size, epochs_planned")
+
+_V3_SEED_SUMMARY = f"""
+CREATE OR REPLACE VIEW seed_summary AS
+WITH latest_model_runs AS ({_V3_LATEST_MODEL_RUNS})
+SELECT {_V3_CONFIGURATION},
+       list(name ORDER BY name) AS models,
+       list(seed ORDER BY seed) AS seeds,
+       count(*)                 AS n,
+       avg(miou)  AS miou_mean,  stddev_samp(miou)  AS miou_std,
+       avg(mdice) AS mdice_mean, stddev_samp(mdice) AS mdice_std,
+       avg(accuracy) AS accuracy_mean, stddev_samp(accuracy) AS accuracy_std
+FROM latest_model_runs
+GROUP BY {_V3_CONFIGURATION}
+"""
+
+# Same configuration but for the augmenter, same seed: the runs differ only in the training data.
+_V3_AUGMENTER_PAIRS = f"""
+CREATE OR REPLACE VIEW augmenter_pairs AS
+WITH latest_model_runs AS ({_V3_LATEST_MODEL_RUNS})
+SELECT a.dataset, a.class_set, a.split, a.variant, a.arch, a.weights, a.width, a.image_size,
+       a.batch_size, a.epochs_planned, a.augmenter, a.seed,
+       a.run_id AS augmented_run_id, a.name AS augmented_name, a.miou AS augmented_miou,
+       a.synthetic_images_used,
+       b.run_id AS base_run_id, b.name AS base_name, b.miou AS base_miou,
+       a.miou - b.miou AS delta_miou
+FROM latest_model_runs AS a
+JOIN latest_model_runs AS b
+  ON a.augmenter IS NOT NULL AND b.augmenter IS NULL AND a.seed = b.seed
+ AND a.dataset = b.dataset AND a.class_set = b.class_set AND a.split = b.split
+ AND a.variant = b.variant AND a.arch = b.arch
+ AND a.weights IS NOT DISTINCT FROM b.weights AND a.width IS NOT DISTINCT FROM b.width
+ AND a.image_size IS NOT DISTINCT FROM b.image_size
+ AND a.batch_size IS NOT DISTINCT FROM b.batch_size
+ AND a.epochs_planned IS NOT DISTINCT FROM b.epochs_planned
+-- Duplicate real-only entries (same configuration and seed): prefer the one `<model>+<gan>` is
+-- named after, so each augmented run is counted once.
+QUALIFY row_number() OVER (PARTITION BY a.run_id
+                           ORDER BY (b.name = regexp_replace(a.name, '\\+[^+]*$', '')) DESC,
+                                    b.name, b.run_id) = 1
+"""
+
+_V3_PAIR_GROUP = ("dataset, class_set, split, variant, arch, weights, width, image_size, "
+                  "batch_size, epochs_planned, augmenter")
+
+# Every statistic over the same pairs: those where both scores are defined.
+_V3_AUGMENTER_EFFECT = f"""
+CREATE OR REPLACE VIEW augmenter_effect AS
+SELECT {_V3_PAIR_GROUP},
+       count(delta_miou) AS n_pairs,
+       list(seed ORDER BY seed) FILTER (WHERE delta_miou IS NOT NULL) AS seeds,
+       avg(base_miou) FILTER (WHERE delta_miou IS NOT NULL)              AS base_miou_mean,
+       stddev_samp(base_miou) FILTER (WHERE delta_miou IS NOT NULL)      AS base_miou_std,
+       avg(augmented_miou) FILTER (WHERE delta_miou IS NOT NULL)         AS augmented_miou_mean,
+       stddev_samp(augmented_miou) FILTER (WHERE delta_miou IS NOT NULL) AS augmented_miou_std,
+       avg(delta_miou)         AS delta_miou_mean,
+       stddev_samp(delta_miou) AS delta_miou_std,
+       avg(synthetic_images_used) FILTER (WHERE delta_miou IS NOT NULL)  AS synthetic_images_used
+FROM augmenter_pairs
+GROUP BY {_V3_PAIR_GROUP}
+"""
+
+_V3_AUGMENTER_EFFECT_PER_CLASS = f"""
+CREATE OR REPLACE VIEW augmenter_effect_per_class AS
+WITH class_pairs AS (
+    SELECT p.*, pa.class_index, pa.class_name, pb.iou AS base_iou, pa.iou AS augmented_iou,
+           pa.iou - pb.iou AS delta_iou  -- NULL when either is undefined: skipped below
+    FROM augmenter_pairs AS p
+    JOIN per_class AS pa ON pa.run_id = p.augmented_run_id
+    JOIN per_class AS pb ON pb.run_id = p.base_run_id
+                        AND pb.class_index = pa.class_index AND pb.class_name = pa.class_name
+)
+SELECT {_V3_PAIR_GROUP}, class_index, class_name,
+       count(delta_iou) AS n_pairs,
+       avg(base_iou) FILTER (WHERE delta_iou IS NOT NULL)              AS base_iou_mean,
+       stddev_samp(base_iou) FILTER (WHERE delta_iou IS NOT NULL)      AS base_iou_std,
+       avg(augmented_iou) FILTER (WHERE delta_iou IS NOT NULL)         AS augmented_iou_mean,
+       stddev_samp(augmented_iou) FILTER (WHERE delta_iou IS NOT NULL) AS augmented_iou_std,
+       avg(delta_iou)         AS delta_iou_mean,
+       stddev_samp(delta_iou) AS delta_iou_std
+FROM class_pairs
+GROUP BY {_V3_PAIR_GROUP}, class_index, class_name
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         1,
@@ -286,6 +397,13 @@ MIGRATIONS: tuple[Migration, ...] = (
         2,
         "runs.augmenter and runs.synthetic_images_used (GAN-augmented training), in leaderboard too",
         (*_V2_RUNS_AUGMENTER, _V2_LEADERBOARD),
+    ),
+    Migration(
+        3,
+        "seed_summary, augmenter_pairs, augmenter_effect and augmenter_effect_per_class views "
+        "(mean and std over seed replicates)",
+        (_V3_SEED_SUMMARY, _V3_AUGMENTER_PAIRS, _V3_AUGMENTER_EFFECT,
+         _V3_AUGMENTER_EFFECT_PER_CLASS),
     ),
 )
 
