@@ -1,7 +1,8 @@
 """The train stage: contract outputs, the recipe's moving parts, and resuming after a kill.
 
 Runs train tiny models (U-Net at width 0.125, 32 px, 4 steps per epoch) on shards written per
-module, so the whole file stays well under two minutes on two cores.
+module. On two cores the single-process tests take under a minute; the distribution tests at the
+end start their own processes (two replicas, two workers) and take 90-115 s together.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -394,3 +396,191 @@ def test_settings_validation_names_the_field():
         TrainSettings(num_classes=4, epochs=1, steps_per_epoch=1, batch_size=4, learning_rate=1e-3, optimizer="sgd")
     assert math.isfinite(TrainSettings(num_classes=4, epochs=1, steps_per_epoch=1, batch_size=4,
                                        learning_rate=1e-3).learning_rate)
+
+
+# ----------------------------------------------------------------------------------- distribution
+# Several replicas need a fresh process: MirroredStrategy gets two by splitting the CPU into two
+# logical devices before TensorFlow starts; MultiWorkerMirroredStrategy needs one process per worker.
+
+SPLIT_CPU = textwrap.dedent("""
+    import tensorflow as tf
+    _cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(_cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    MIRRORED = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+""")
+
+EQUIVALENCE_DRIVER = SPLIT_CPU + textwrap.dedent("""
+    import json, sys
+    import keras
+    import numpy as np
+    sys.path.insert(0, sys.argv[1])
+    from tests.train.test_fit import tiny_segmenter
+    from seglab.train.fit import TrainSettings, train_model
+
+    def batches(count, seed, copies):
+        # Batches of 2 images, each repeated `copies` times: under two replicas, each gets one copy.
+        rng = np.random.default_rng(seed)
+        images = rng.uniform(0, 255, (count, 32, 32, 3)).astype(np.float32)
+        labels = rng.choice([0, 1, 2, 3, 255], (count, 32, 32)).astype(np.int32)
+        data = tf.data.Dataset.from_tensor_slices((images, labels)).batch(2)
+        return data.map(lambda x, y: (tf.concat([x] * copies, 0), tf.concat([y] * copies, 0)))
+
+    out = {}
+    for name, options in json.loads(sys.argv[2]).items():
+        for strategy, copies in ((tf.distribute.get_strategy(), 1), (MIRRORED, 2)):
+            keras.utils.set_random_seed(0)
+            settings = TrainSettings(num_classes=4, epochs=3, steps_per_epoch=2, batch_size=2 * copies,
+                                     learning_rate=1e-2, **options)
+            result = train_model(tiny_segmenter, batches(8, 0, copies).repeat(), batches(4, 1, copies), settings,
+                                 state_dir=f"{sys.argv[3]}/{name}-{copies}", strategy=strategy, verbose=0)
+            out[f"{name}/{result.replicas}"] = {
+                "strategy": result.strategy,
+                "history": [{k: row[k] for k in ("loss", "miou", "val_loss", "val_miou", "lr")}
+                            for row in result.history],
+                "weights": [w.numpy().ravel().tolist() for w in result.model.weights],
+            }
+    print(json.dumps(out))
+""")
+
+
+def _subprocess_env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "TF_CONFIG"}
+    return {**env, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": "", **extra}
+
+
+def test_two_replicas_train_like_one_device_on_its_share(tmp_path):
+    """Under MirroredStrategy with two replicas, each seeing the same half of every batch, training
+    must match one device on that half: the same losses, mIoU and weights. This holds only if every
+    loss term is divided by the replicas before the gradients are summed (the Dice term was not),
+    the optimizers (EncoderLROptimizer's two copies included) apply the summed gradients once, and
+    metrics are summed over the replicas."""
+    runs = {"plain": {},
+            "encoder": {"freeze_encoder_epochs": 1, "encoder_lr_multiplier": 0.5, "optimizer": "adamw"}}
+    (tmp_path / "driver.py").write_text(EQUIVALENCE_DRIVER)
+    proc = subprocess.run([sys.executable, str(tmp_path / "driver.py"), str(REPO), json.dumps(runs), str(tmp_path)],
+                          cwd=REPO, env=_subprocess_env(), capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name in runs:
+        one, two = out[f"{name}/1"], out[f"{name}/2"]
+        assert (one["strategy"], two["strategy"]) == ("_DefaultDistributionStrategy", "MirroredStrategy")
+        assert len(one["history"]) == len(two["history"]) == 3
+        for row_one, row_two in zip(one["history"], two["history"]):
+            assert row_two == pytest.approx(row_one, rel=1e-4, abs=1e-6), name
+        for w_one, w_two in zip(one["weights"], two["weights"]):
+            np.testing.assert_allclose(w_two, w_one, rtol=1e-4, atol=1e-5, err_msg=name)
+    # The encoder run did train its encoder after the unfreeze (its weights are not the initial ones).
+    assert out["encoder/2"]["history"][-1]["loss"] != out["encoder/2"]["history"][0]["loss"]
+
+
+# argv: config file, seconds to sleep at each epoch start, "mirrored" or "tf_config" (run_train's own
+# strategy: get_strategy() reads TF_CONFIG).
+RUN_DRIVER = "import sys\nMIRRORED = None\nif sys.argv[3] == 'mirrored':\n" + textwrap.indent(SPLIT_CPU, "    ") + \
+    textwrap.dedent("""
+    import json, time
+    import keras
+    from seglab.config import Config
+    from seglab.train.fit import run_train
+
+    class SlowEpochStart(keras.callbacks.Callback):
+        # Leaves a window after each commit in which the test can kill the process.
+        def on_epoch_begin(self, epoch, logs=None):
+            time.sleep(float(sys.argv[2]))
+
+    cfg = Config.model_validate(json.loads(open(sys.argv[1]).read()))
+    info = run_train(cfg, "tiny", strategy=MIRRORED, callbacks=[SlowEpochStart()], verbose=0)
+    print(json.dumps(info))
+""")
+
+
+def test_run_train_under_mirrored_strategy_resumes_after_kill(shards, tmp_path):
+    cfg = make_cfg(shards, tmp_path, epochs=2)
+    (tmp_path / "cfg.json").write_text(cfg.model_dump_json(by_alias=True))
+    (tmp_path / "driver.py").write_text(RUN_DRIVER)
+    backup = tmp_path / "state" / "tiny" / "backup"
+    env = _subprocess_env()
+    command = [sys.executable, str(tmp_path / "driver.py"), str(tmp_path / "cfg.json")]
+    proc = subprocess.Popen([*command, "3", "mirrored"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 180
+        while not ((backup / "LATEST").is_file() and (backup / "LATEST").read_text() == "epoch-0001"):
+            if proc.poll() is not None:
+                pytest.fail(f"training exited before epoch 1 was committed:\n{proc.stderr.read().decode()[-5000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail("no commit of epoch 1 within 180 s")
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    before = json.loads((backup / "epoch-0001" / "state.json").read_text())["states"]["history"]["rows"]
+
+    resumed = subprocess.run([*command, "0", "mirrored"], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=300, check=False)
+    assert resumed.returncode == 0, resumed.stderr[-5000:]
+    info = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert (info["strategy"], info["replicas"]) == ("MirroredStrategy", 2)
+    assert info["resumed_from_epoch"] == 1 and info["epochs_run"] == 2
+    history = read_history(tmp_path / "metrics" / "tiny" / "history.csv")
+    assert [int(r["epoch"]) for r in history] == [1, 2]
+    for key in ("loss", "miou", "val_loss", "val_miou", "lr"):
+        assert float(history[0][key]) == pytest.approx(before[0][key], rel=1e-12)
+    assert all(math.isfinite(float(r["loss"])) for r in history)
+    assert not (tmp_path / "state" / "tiny").exists()
+    keras.models.load_model(tmp_path / "models" / "tiny" / "model.keras")
+
+
+def _free_localhost_ports(count: int) -> list[int]:
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind(("localhost", 0))
+            sockets.append(sock)
+        return [sock.getsockname()[1] for sock in sockets]
+    except OSError as err:
+        pytest.skip(f"cannot bind localhost ports for the workers ({err})")
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_multi_worker_training_from_tf_config(shards, tmp_path):
+    """Two workers on localhost, MultiWorkerMirroredStrategy from TF_CONFIG, through run_train.
+    Before seglab's MultiWorkerMirroredStrategy this failed before the first step with "Attempt to
+    convert a value (PerReplica:{...}) with an unsupported type ... to a Tensor"."""
+    cfg = make_cfg(shards, tmp_path, epochs=2)
+    (tmp_path / "cfg.json").write_text(cfg.model_dump_json(by_alias=True))
+    (tmp_path / "driver.py").write_text(RUN_DRIVER)
+    cluster = {"worker": [f"localhost:{port}" for port in _free_localhost_ports(2)]}
+    procs = []
+    for index in (1, 0):
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+        procs.append(subprocess.Popen(
+            [sys.executable, str(tmp_path / "driver.py"), str(tmp_path / "cfg.json"), "0", "tf_config"], cwd=REPO,
+            env=_subprocess_env(TF_CONFIG=tf_config), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outputs = []
+    try:
+        for proc in procs:  # a worker left alone waits for its peer: a time limit, not a hang
+            outputs.append(proc.communicate(timeout=240))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for proc, (stdout, stderr) in zip(procs, outputs):
+        assert proc.returncode == 0, stderr[-5000:]
+    worker, chief = (json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outputs)
+    for info in (worker, chief):
+        assert (info["strategy"], info["replicas"], info["epochs_run"]) == ("MultiWorkerMirroredStrategy", 2, 2)
+    # Both trained the same replicated model; only the chief (worker 0) wrote the outputs.
+    assert worker["best_val_miou"] == chief["best_val_miou"]
+    train_json = json.loads((tmp_path / "models" / "tiny" / "train.json").read_text())
+    assert train_json["strategy"] == "MultiWorkerMirroredStrategy" and train_json["replicas"] == 2
+    history = read_history(tmp_path / "metrics" / "tiny" / "history.csv")
+    assert [int(r["epoch"]) for r in history] == [1, 2] and all(math.isfinite(float(r["loss"])) for r in history)
+    assert not list((tmp_path / "state").iterdir())  # the chief's and the worker's resume states are gone
+    keras.models.load_model(tmp_path / "models" / "tiny" / "model.keras")

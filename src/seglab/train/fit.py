@@ -18,8 +18,12 @@ Recipe (per run, from params.yaml through `TrainSettings.from_config`):
   one rate from the start.
 - Mixed precision from `train.mixed_precision` (`resolve_mixed_precision`); the global Keras
   dtype policy is restored when training ends, however it ends.
-- One code path under `get_strategy()`: MultiWorkerMirroredStrategy when ``TF_CONFIG`` is set,
-  MirroredStrategy on several GPUs, else the default strategy. `batch_size` is the global batch.
+- One code path under `get_strategy()`: MultiWorkerMirroredStrategy when ``TF_CONFIG`` is set
+  (seglab's subclass, which works around Keras' calls to `Strategy.reduce` that fail across
+  workers), MirroredStrategy on several GPUs, else the default strategy; `run_train` and
+  `train_model` also take a strategy. `batch_size` is the global batch. In multi-worker training
+  worker 0 (or the chief) writes the outputs; the others keep their resume state in
+  ``<train.state>/<name>.worker-<i>/``, and all of them must be restarted together after a kill.
 
 Resume: the run's state lives in ``<train.state>/<name>/`` and is committed atomically at the end
 of every epoch by `ResumableBackup` (a `keras.callbacks.BackupAndRestore`): model and optimizer
@@ -90,6 +94,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "HISTORY_COLUMNS",
     "EpochRecorder",
+    "MultiWorkerMirroredStrategy",
     "PlateauScaledSchedule",
     "ResumableBackup",
     "RunPlan",
@@ -125,8 +130,40 @@ CACHE_DECODED_MAX_IMAGES = 2000
 # ----------------------------------------------------------------------------- strategy, precision
 
 
+class MultiWorkerMirroredStrategy(tf.distribute.MultiWorkerMirroredStrategy):
+    """`tf.distribute.MultiWorkerMirroredStrategy` whose `reduce` takes what Keras 3's `fit` gives it.
+
+    Across several workers, Keras 3.15's TensorFlow trainer calls `Strategy.reduce` in two ways
+    that TensorFlow's collective reduce refuses, so `fit` failed before its first step:
+
+    - `_maybe_symbolic_build` (run by `fit`, `evaluate`, `predict`) passes a whole ``(images,
+      labels)`` batch of `PerReplica` values, a nest, where `reduce` takes one value ("TODO:
+      support `value` being a nest" in TensorFlow): "Attempt to convert a value (PerReplica:{...})
+      with an unsupported type ... to a Tensor". MirroredStrategy happens to cope with the nest.
+    - `reduce_per_replica` averages each step's scalar logs with ``reduce(MEAN, v, axis=0)``:
+      "Invalid reduction dimension 0 for input with 0 dimensions".
+
+    Here each value of a nest is reduced on its own, and a scalar's ``axis`` is dropped (the mean
+    over replicas, as Keras takes it on one worker). Other values are reduced as TensorFlow does.
+    """
+
+    def reduce(self, reduce_op, value, axis):
+        def reduce_one(one):
+            scalar = axis is not None and self.experimental_local_results(one)[0].shape.rank == 0
+            return super(MultiWorkerMirroredStrategy, self).reduce(reduce_op, one, None if scalar else axis)
+
+        return tf.nest.map_structure(reduce_one, value)
+
+
+def _multi_worker(strategy: tf.distribute.Strategy) -> bool:
+    """Whether `strategy` spans several workers (collective ops between processes)."""
+    return (isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+            and strategy.extended._in_multi_worker_mode())  # the test Keras itself uses
+
+
 def get_strategy() -> tf.distribute.Strategy:
-    """MultiWorkerMirroredStrategy if ``TF_CONFIG`` is set, MirroredStrategy on >1 GPU, else the default."""
+    """`MultiWorkerMirroredStrategy` (seglab's, above) if ``TF_CONFIG`` is set, MirroredStrategy on >1 GPU,
+    else the default strategy. Call it before TensorFlow's runtime starts (the multi-worker one needs that)."""
     if os.environ.get("TF_CONFIG"):
         try:
             cluster = json.loads(os.environ["TF_CONFIG"])
@@ -135,7 +172,7 @@ def get_strategy() -> tf.distribute.Strategy:
                              '{"cluster": {"worker": [...]}, "task": {"type": "worker", "index": 0}}') from None
         if not isinstance(cluster, dict) or "cluster" not in cluster or "task" not in cluster:
             raise ValueError("TF_CONFIG must hold 'cluster' and 'task' (see tf.distribute.MultiWorkerMirroredStrategy)")
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        strategy = MultiWorkerMirroredStrategy()
     elif len(tf.config.list_logical_devices("GPU")) > 1:
         strategy = tf.distribute.MirroredStrategy()
     else:
@@ -631,6 +668,10 @@ def train_model(
     """
     strategy = strategy or tf.distribute.get_strategy()
     replicas = strategy.num_replicas_in_sync
+    if _multi_worker(strategy) and not isinstance(strategy, MultiWorkerMirroredStrategy):
+        raise TypeError("multi-worker training needs seglab.train.fit.MultiWorkerMirroredStrategy (get_strategy() "
+                        "makes one from TF_CONFIG): with tf.distribute's own, Keras' fit fails before the first "
+                        "step (see its docstring)")
     if settings.batch_size % replicas:
         raise ValueError(f"batch_size {settings.batch_size} (global) is not divisible by the {replicas} replicas")
     state_dir = Path(state_dir)
@@ -1005,8 +1046,11 @@ def run_train(cfg: Any, name: str, *, callbacks: Sequence[keras.callbacks.Callba
     settings, shards, t = plan.settings, plan.shards, cfg.train
     chief = _is_chief(strategy)
     state_dir = Path(t.state) / name
-    if not chief:  # other workers keep their own backups and write no outputs
-        state_dir = state_dir / f"worker-{strategy.cluster_resolver.task_id}"
+    if not chief:
+        # Other workers keep their own backups and write no outputs. Beside the chief's folder,
+        # not in it: workers sharing a file system (localhost) must not delete each other's state
+        # when the chief discards a stale state or clears its own after success.
+        state_dir = Path(t.state) / f"{name}.worker-{strategy.cluster_resolver.task_id}"
     _discard_stale_state(state_dir, plan.run_key)
     state_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(state_dir / "run.json", json.dumps(plan.run_key) + "\n")
@@ -1070,6 +1114,7 @@ def run_train(cfg: Any, name: str, *, callbacks: Sequence[keras.callbacks.Callba
         "encoder_lr_multiplier": settings.encoder_lr_multiplier,
     }
     if not chief:
+        clear_state(state_dir)
         return info
 
     with atomic_dir(Path(t.out) / name) as out:

@@ -23,6 +23,10 @@ in the argmax prediction of some non-ignored pixel. Classes absent from both are
 ``smooth > 0`` they would score a free ``dice = 1`` and dilute the loss of the classes that are
 there. ``class_weights`` weight that mean over classes.
 
+Under a `tf.distribute` strategy with N replicas, "the batch" is each replica's share of it: every
+replica computes its own loss (Dice over its own pixels, as BatchNorm takes its statistics) divided
+by N, as Keras does for its own losses, so that summing the replicas' gradients averages them.
+
 Labels outside ``[0, C)`` that are not ``ignore_index`` are a data error: in eager execution the
 loss raises ``ValueError`` naming them; inside a compiled graph, where it cannot raise, the loss
 becomes NaN so the run fails loudly (e.g. ``keras.callbacks.TerminateOnNaN``) instead of training
@@ -51,6 +55,22 @@ __all__ = [
 # Smallest normal float32: keeps (1 - p_t) ** gamma differentiable when p_t rounds to exactly 1
 # and gamma < 1 (the derivative of x ** gamma is infinite at x = 0, and inf * 0 is NaN).
 _FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+
+
+def _scale_for_replicas(value: Any) -> Any:
+    """`value` / the number of replicas of the current `tf.distribute` strategy (1: unchanged).
+
+    Keras sums the replicas' gradients, so each replica's loss must be divided by their number;
+    `keras.losses.Loss.__call__` does that in its reduction, and a loss that overrides `__call__`
+    without reaching it must do it itself, else its gradients count N times.
+    """
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        if replicas > 1:
+            value = value * (1.0 / replicas)
+    return value
 
 
 def _executing_eagerly() -> bool:
@@ -323,7 +343,7 @@ class SoftDiceLoss(keras.losses.Loss):
     def __call__(self, y_true: Any, y_pred: Any, sample_weight: Any = None) -> Any:
         # Dice is already one number per batch; sample_weight weights the pixels inside it.
         with keras.name_scope(self.name):
-            return self._dice_loss(y_true, y_pred, sample_weight)
+            return _scale_for_replicas(self._dice_loss(y_true, y_pred, sample_weight))
 
     def call(self, y_true: Any, y_pred: Any) -> Any:
         return self._dice_loss(y_true, y_pred, None)
