@@ -3,7 +3,12 @@
 # experiment: every model of params.yaml, plus seed replicates for the transfer-learning pair and
 # for the GAN-effect study, then `seglab report` over the warehouse.
 #
-#   experiments/coco-mini.sh [COCO_ROOT] [REPORT.md]
+#   experiments/coco-mini.sh [table|transfer] [COCO_ROOT] [REPORT.md]
+#
+# table (default): every model and replicate at the CPU profile (one `dvc exp run`).
+# transfer: only the MobileNetV2 U-Net pair (ImageNet vs scratch, every seed) at a longer budget
+# (TRANSFER_EPOCHS, default 20), since at the profile's epochs no model gets past background on
+# COCO; then `seglab ingest` adds those runs beside the table's (runs differ by epochs_planned).
 #
 # Replicates are extra `models` entries that differ only in `seed`, so
 # `seed_summary` / `augmenter_effect` in the warehouse group them. Everything not set here is
@@ -12,8 +17,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-root=${1:-../shared/data/coco-mini}
-report=${2:-docs/results/coco-mini.md}
+mode=${1:-table}
+root=${2:-../shared/data/coco-mini}
+report=${3:-docs/results/coco-mini.md}
+case "$mode" in table|transfer) ;; *) echo "coco-mini.sh: mode must be table or transfer, got '$mode'" >&2; exit 2;; esac
 image_size=${IMAGE_SIZE:-96}
 seeds=${SEEDS:-"1 2"}
 
@@ -48,8 +55,16 @@ with open("params.yaml", "w") as f:
 PY
 
 args=(-S "data.root=$root" -S "data.class_set=voc20" -S "profiles.cpu.image_size=$image_size")
+if [ "$mode" = transfer ]; then
+  args+=(-S "profiles.cpu.epochs=${TRANSFER_EPOCHS:-20}")
+  for seed in 0 $seeds; do
+    suffix=$([ "$seed" = 0 ] || echo "_s$seed")
+    args+=("evaluate@unet_mobilenetv2_imagenet$suffix" "evaluate@unet_mobilenetv2_scratch$suffix")
+  done
+fi
 echo "+ dvc exp run ${args[*]}"
 dvc exp run "${args[@]}"
+[ "$mode" = transfer ] && seglab ingest  # the targets above stop before the ingest stage
 mkdir -p "$(dirname "$report")"
 seglab report --dataset "$(basename "$(realpath "$root")")" --out "$report"  # runs.dataset: the root folder name
 echo "report: $report"
