@@ -1,9 +1,14 @@
-"""Shared test settings: quiet TensorFlow, the real-data location, fixed seeds."""
+"""Shared test settings: quiet TensorFlow, the real-data location, fixed seeds; scratch pipeline repos."""
 
 import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
@@ -28,3 +33,44 @@ def pytest_sessionstart(session):
     # CI sets this so that real-data tests can never pass by being skipped.
     if os.environ.get("SEGLAB_REQUIRE_COCO_MINI") == "1" and not COCO_MINI.is_dir():
         pytest.exit(f"SEGLAB_REQUIRE_COCO_MINI=1 but {COCO_MINI} is missing", returncode=1)
+
+
+# ---- scratch repos: the project's pipeline in a throwaway git+DVC repo -------------------------
+
+BIN = Path(sys.executable).parent  # the venv's bin: dvc stages call `seglab`, found through PATH
+
+
+def run_command(args, cwd, check=True, timeout=600):
+    """Run a command with the venv first on PATH; on failure the assertion shows its output."""
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", GX_ANALYTICS_ENABLED="false")
+    proc = subprocess.run(args, check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def edit_params(repo: Path, change: Callable[[dict], None]) -> None:
+    """Apply `change` to repo's params.yaml. PyYAML writes anchored values (`*real_shards`) as plain
+    strings, which DVC reads like the original."""
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    change(params)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def make_scratch_repo(repo: Path, change_params: Callable[[dict], None] | None = None) -> Path:
+    """A git+DVC repo at `repo` holding this project's pipeline files (dvc.yaml, params.yaml, src/),
+    params edited by `change_params`, everything committed; nothing reproduced yet."""
+    repo.mkdir(parents=True)
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy(REPO / name, repo / name)
+    shutil.copytree(REPO / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    (repo / "data").mkdir()
+    shutil.copy(REPO / "data" / ".gitignore", repo / "data" / ".gitignore")
+    if change_params is not None:
+        edit_params(repo, change_params)
+    run_command(["git", "init", "-q"], repo)
+    run_command(["dvc", "init", "-q"], repo)
+    run_command(["dvc", "config", "core.analytics", "false"], repo)
+    run_command(["git", "add", "-A"], repo)
+    run_command(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], repo)
+    return repo

@@ -3,49 +3,22 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from .conftest import COCO_MINI, REPO, requires_coco_mini
+from .conftest import COCO_MINI, make_scratch_repo, requires_coco_mini
+from .conftest import run_command as _run
 
 pytestmark = pytest.mark.slow
-BIN = Path(sys.executable).parent
-
-
-def _run(args, cwd, check=True):
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", GX_ANALYTICS_ENABLED="false")
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
-    return proc
 
 
 @pytest.fixture
 def scratch_repo(tmp_path) -> Path:
     """A git+DVC repo holding this project's pipeline files, with a smaller sample for speed."""
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
-        shutil.copy(REPO / name, repo / name)
-    shutil.copytree(REPO / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__"))
-    (repo / "data").mkdir()
-    shutil.copy(REPO / "data" / ".gitignore", repo / "data" / ".gitignore")
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["sample"].update(train_images=24, val_images=8)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _run(["git", "init", "-q"], repo)
-    _run(["dvc", "init", "-q"], repo)
-    _run(["dvc", "config", "core.analytics", "false"], repo)
-    _run(["git", "add", "-A"], repo)
-    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], repo)
-    return repo
+    return make_scratch_repo(tmp_path / "repo", lambda p: p["sample"].update(train_images=24, val_images=8))
 
 
 def test_dvc_repro_runs_sample_shard_validate_then_does_nothing(scratch_repo):

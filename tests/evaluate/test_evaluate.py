@@ -19,7 +19,7 @@ from seglab.data.classes import ClassSet
 from seglab.data.coco import LabelRules, encode_png
 from seglab.data.pipeline import make_dataset
 from seglab.data.shards import shard_metadata, write_shards
-from seglab.evaluate.ensemble import run_ensemble
+from seglab.evaluate.ensemble import ensemble_model, run_ensemble
 from seglab.evaluate.evaluate import read_history, run_evaluate
 from seglab.evaluate.plots import IGNORE_COLOR, colorize, label_palette
 from seglab.models import build
@@ -301,6 +301,15 @@ def test_ensemble_members_that_do_not_line_up_are_refused(workspace):
     with pytest.raises(ValueError, match="ensemble.members is empty"):
         run_ensemble(_config(workspace, models=names, members=()))
     assert not (workspace / "eval" / "ensemble").exists()
+
+
+def test_ensemble_accepts_member_names_keras_refuses_as_scopes():
+    # params.yaml names a GAN variant `<model>+<gan>`; `+` is not allowed in a Keras name scope.
+    names = ["unet_mobilenetv2_imagenet+pix2pix", "unet_mobilenetv2_imagenet_pix2pix"]
+    model = ensemble_model([_pixel_model(seed=0), _pixel_model(seed=1)], [0.5, 0.5], names=names)
+    probabilities = np.asarray(model.predict_on_batch(np.zeros((1, SIZE, SIZE, 3), np.float32)))  # traced: scopes
+    assert probabilities.shape == (1, SIZE, SIZE, len(CLASSES))
+    np.testing.assert_allclose(probabilities.sum(axis=-1), 1.0, rtol=1e-5)
 
 
 def test_failed_evaluation_leaves_the_previous_outputs_untouched(workspace, monkeypatch):

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -54,6 +53,8 @@ from flows.pipeline import (  # noqa: E402
 from flows.retrain import REPORT_ARTIFACT_KEY, compare_leaderboards, pending_changes, retrain_if_changed  # noqa: E402
 from flows.serve import DEPLOYMENT_NAME, build_deployment, retrain_schedule  # noqa: E402
 
+from ..conftest import edit_params, make_scratch_repo  # noqa: E402
+
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
 DATA_STAGES = ["sample", "shard", "validate_data"]
@@ -78,42 +79,17 @@ def prefect_server():
                 os.environ[key] = value
 
 
-def _sh(args, cwd):
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}")
-    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc
-
-
 @pytest.fixture(scope="module")
 def template_repo(tmp_path_factory) -> Path:
     """A git+DVC repo holding this project's pipeline files; nothing reproduced yet."""
-    repo = tmp_path_factory.mktemp("template") / "repo"
-    repo.mkdir()
-    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
-        shutil.copy(REPO / name, repo / name)
-    shutil.copytree(REPO / "src", repo / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    (repo / "data").mkdir()
-    shutil.copy(REPO / "data" / ".gitignore", repo / "data" / ".gitignore")
-    _edit_params(repo, lambda p: p["sample"].update(train_images=16, val_images=8))
-    _sh(["git", "init", "-q"], repo)
-    _sh(["dvc", "init", "-q"], repo)
-    _sh(["dvc", "config", "core.analytics", "false"], repo)
-    _sh(["git", "add", "-A"], repo)
-    _sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], repo)
-    return repo
+    return make_scratch_repo(tmp_path_factory.mktemp("template") / "repo",
+                             lambda p: p["sample"].update(train_images=16, val_images=8))
 
 
 def _copy(repo: Path, tmp_path: Path) -> Path:
     target = tmp_path / "repo"
     shutil.copytree(repo, target, symlinks=True)
     return target
-
-
-def _edit_params(repo: Path, change) -> None:
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    change(params)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +216,7 @@ def test_transient_failure_is_retried_and_the_flow_succeeds(prefect_server, temp
 
 def test_deterministic_failure_is_not_retried_and_blocks_downstream(prefect_server, template_repo, tmp_path):
     repo = _copy(template_repo, tmp_path)
-    _edit_params(repo, lambda p: p["data"].update(crowd="maybe"))  # every `seglab` command rejects it
+    edit_params(repo, lambda p: p["data"].update(crowd="maybe"))  # every `seglab` command rejects it
     state = seglab_pipeline(targets=["validate_data"], repo=str(repo), retries=3, retry_backoff_seconds=0.1,
                             keep_going=True, return_state=True)
     assert state.is_failed()
@@ -350,7 +326,7 @@ def test_retrain_runs_when_a_param_changed_and_reports_the_leaderboard(first_run
     ingest_eval(warehouse, _eval_file(evals / "deeplab/eval.json", "deeplabv3plus_resnet50", "deeplabv3plus_resnet50",
                                       0.50, "b" * 8, "2026-01-01T00:00:00"))
     retrained = _eval_file(tmp_path / "retrained-unet.json", "unet", "unet", 0.60, "c" * 8, "2026-02-01T00:00:00")
-    _edit_params(repo, lambda p: p["shard"].update(jpeg_quality=90))
+    edit_params(repo, lambda p: p["shard"].update(jpeg_quality=90))
     # The train -> evaluate -> ingest stages take minutes; here the re-run shard stage stands in
     # for them by also recording a retrained unet in the warehouse, the way `seglab ingest` does.
     env = _wrapper(tmp_path, '"$REAL_SEGLAB" "$@" || exit $?\n'
@@ -420,7 +396,7 @@ def test_compare_leaderboards_ranks_within_a_dataset_and_names_each_change():
 
 def test_deployment_is_registered_with_the_cron_schedule_from_params(prefect_server, template_repo, tmp_path):
     repo = _copy(template_repo, tmp_path)
-    _edit_params(repo, lambda p: p["schedule"].update(cron="30 4 * * 2", timezone="Europe/Paris"))
+    edit_params(repo, lambda p: p["schedule"].update(cron="30 4 * * 2", timezone="Europe/Paris"))
     deployment_id = build_deployment(repo, targets=["validate_data"]).apply()
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name(f"seglab-retrain/{DEPLOYMENT_NAME}")
@@ -435,5 +411,5 @@ def test_deployment_is_registered_with_the_cron_schedule_from_params(prefect_ser
     assert (default.cron, default.timezone) == (yaml.safe_load((REPO / "params.yaml").read_text())["schedule"]["cron"],
                                                 "UTC")
     with pytest.raises(ValueError, match="schedule.timezone.*Mars/Olympus"):
-        _edit_params(repo, lambda p: p["schedule"].update(timezone="Mars/Olympus"))
+        edit_params(repo, lambda p: p["schedule"].update(timezone="Mars/Olympus"))
         retrain_schedule(repo)

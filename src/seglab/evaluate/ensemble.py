@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,16 @@ def check_members(members: Sequence[TrainedModel]) -> None:
                          "image_size to ensemble them")
 
 
+def _scope_names(names: Sequence[str]) -> list[str]:
+    """`names` as unique Keras scope names: a model's name becomes a name scope when it is called, and
+    params.yaml names such as `unet_mobilenetv2_imagenet+pix2pix` hold characters scopes refuse."""
+    scopes: list[str] = []
+    for index, name in enumerate(names):
+        scope = re.sub(r"[^A-Za-z0-9_.-]", "_", str(name))
+        scopes.append(scope if scope not in scopes else f"{scope}_{index}")
+    return scopes
+
+
 def ensemble_model(models: Sequence[keras.Model], weights: Sequence[float], names: Sequence[str] | None = None) -> keras.Model:
     """A Keras model: images -> ``sum_i weights[i] * softmax(models[i](images))`` in float32.
 
@@ -90,9 +101,10 @@ def ensemble_model(models: Sequence[keras.Model], weights: Sequence[float], name
     shape = tuple(models[0].input_shape[1:])
     images = keras.Input(shape=shape, name="images")
     combined = None
+    scopes = _scope_names(names) if names is not None else None
     for index, (model, weight) in enumerate(zip(models, weights)):
-        if names is not None:
-            model.name = names[index]
+        if scopes is not None:
+            model.name = scopes[index]
         probabilities = ops.softmax(ops.cast(model(images, training=False), "float32"), axis=-1)
         # A weight of exactly 1 or 0 leaves the other terms bit-identical (p * 1 = p, p + 0 = p).
         term = probabilities * float(weight)
