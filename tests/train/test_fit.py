@@ -197,6 +197,24 @@ DRIVER = textwrap.dedent("""
     run_train(cfg, "tiny", callbacks=[SlowEpochStart()], verbose=0)
 """)
 
+def _kill_after_commit(proc, backup: Path, epoch: int) -> None:
+    """SIGKILL the training process `proc` as soon as its backup has committed `epoch`."""
+    try:
+        deadline = time.monotonic() + 180
+        while not ((backup / "LATEST").is_file() and (backup / "LATEST").read_text() == f"epoch-{epoch:04d}"):
+            if proc.poll() is not None:
+                pytest.fail(f"training exited before epoch {epoch} was committed:\n{proc.stderr.read().decode()[-5000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"no commit of epoch {epoch} within 180 s")
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 
 def test_resume_after_kill_continues_with_history_intact(shards, tmp_path):
     epochs, kill_after = 4, 2
@@ -207,20 +225,7 @@ def test_resume_after_kill_continues_with_history_intact(shards, tmp_path):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), str(tmp_path / "cfg.json"), "3"],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 180
-        while not ((backup / "LATEST").is_file() and (backup / "LATEST").read_text() == f"epoch-{kill_after:04d}"):
-            if proc.poll() is not None:
-                pytest.fail(f"training exited before epoch {kill_after} was committed:\n{proc.stderr.read().decode()}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"no commit of epoch {kill_after} within 180 s")
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    _kill_after_commit(proc, backup, kill_after)
     assert proc.returncode == -signal.SIGKILL
     assert not (tmp_path / "models" / "tiny").exists()  # nothing published by the killed run
     committed = json.loads((backup / f"epoch-{kill_after:04d}" / "state.json").read_text())
@@ -502,20 +507,7 @@ def test_run_train_under_mirrored_strategy_resumes_after_kill(shards, tmp_path):
     command = [sys.executable, str(tmp_path / "driver.py"), str(tmp_path / "cfg.json")]
     proc = subprocess.Popen([*command, "3", "mirrored"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 180
-        while not ((backup / "LATEST").is_file() and (backup / "LATEST").read_text() == "epoch-0001"):
-            if proc.poll() is not None:
-                pytest.fail(f"training exited before epoch 1 was committed:\n{proc.stderr.read().decode()[-5000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail("no commit of epoch 1 within 180 s")
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    _kill_after_commit(proc, backup, 1)
     before = json.loads((backup / "epoch-0001" / "state.json").read_text())["states"]["history"]["rows"]
 
     resumed = subprocess.run([*command, "0", "mirrored"], cwd=REPO, env=env, capture_output=True, text=True,

@@ -215,7 +215,8 @@ CREATE TABLE IF NOT EXISTS history (
 )
 """
 
-_V1_LEADERBOARD = """
+# The leaderboard view's parts; each schema version's view adds its columns between them.
+_LEADERBOARD_HEAD = """
 CREATE OR REPLACE VIEW leaderboard AS
 WITH scores AS (
     SELECT run_id, split,
@@ -234,6 +235,8 @@ SELECT r.run_id, r.name, r.variant, r.model, r.arch, r.backbone, r.weights, r.we
        r.param_count, r.seconds_per_epoch, r.train_seconds, r.images_per_second,
        r.latency_ms_p50, r.latency_ms_p90, r.image_size, r.width, r.epochs_run, r.best_epoch,
        r.params_hash, r.git_rev, r.evaluated_at,
+"""
+_LEADERBOARD_TAIL = """
        -- The newest run of this model and variant on this data; older ones are kept as history.
        row_number() OVER (PARTITION BY r.name, r.variant, r.dataset, r.class_set, r.split
                           ORDER BY r.evaluated_at DESC NULLS LAST, r.ingested_at DESC, r.run_id) = 1
@@ -241,6 +244,8 @@ SELECT r.run_id, r.name, r.variant, r.model, r.arch, r.backbone, r.weights, r.we
 FROM runs AS r
 LEFT JOIN scores AS s ON s.run_id = r.run_id AND s.split = r.split
 """
+
+_V1_LEADERBOARD = _LEADERBOARD_HEAD + _LEADERBOARD_TAIL
 
 _V1_CLASS_SCORES = """
 CREATE OR REPLACE VIEW class_scores AS
@@ -263,33 +268,7 @@ _V2_RUNS_AUGMENTER = (
 )
 
 # V1's leaderboard plus the augmentation columns (before `latest`, which stays last).
-_V2_LEADERBOARD = """
-CREATE OR REPLACE VIEW leaderboard AS
-WITH scores AS (
-    SELECT run_id, split,
-           max(value) FILTER (WHERE metric = 'miou')       AS miou,
-           max(value) FILTER (WHERE metric = 'mdice')      AS mdice,
-           max(value) FILTER (WHERE metric = 'mprecision') AS mprecision,
-           max(value) FILTER (WHERE metric = 'mrecall')    AS mrecall,
-           max(value) FILTER (WHERE metric = 'miou_fg')    AS miou_fg,
-           max(value) FILTER (WHERE metric = 'accuracy')   AS accuracy
-    FROM metrics
-    GROUP BY run_id, split
-)
-SELECT r.run_id, r.name, r.variant, r.model, r.arch, r.backbone, r.weights, r.weights_loaded,
-       r.dataset, r.class_set, r.split,
-       s.miou, s.mdice, s.mprecision, s.mrecall, s.miou_fg, s.accuracy,
-       r.param_count, r.seconds_per_epoch, r.train_seconds, r.images_per_second,
-       r.latency_ms_p50, r.latency_ms_p90, r.image_size, r.width, r.epochs_run, r.best_epoch,
-       r.params_hash, r.git_rev, r.evaluated_at,
-       r.augmenter, r.synthetic_images_used,
-       -- The newest run of this model and variant on this data; older ones are kept as history.
-       row_number() OVER (PARTITION BY r.name, r.variant, r.dataset, r.class_set, r.split
-                          ORDER BY r.evaluated_at DESC NULLS LAST, r.ingested_at DESC, r.run_id) = 1
-           AS latest
-FROM runs AS r
-LEFT JOIN scores AS s ON s.run_id = r.run_id AND s.split = r.split
-"""
+_V2_LEADERBOARD = _LEADERBOARD_HEAD + "       r.augmenter, r.synthetic_images_used,\n" + _LEADERBOARD_TAIL
 
 # The latest run of every model (not the ensemble: it has no arch) with the settings that make
 # up a configuration; `split` is a key too, since scores on different splits never mix.
