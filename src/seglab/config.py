@@ -128,6 +128,8 @@ class TrainConfig(_Section):
     class_weights: list[float] | None = None
     mixed_precision: Literal["auto", "off", "mixed_float16", "mixed_bfloat16"] = "auto"
     freeze_encoder_epochs: int = Field(1, ge=0)
+    # Start the classifier's bias at the log class frequencies of the training pixels (seglab.train.fit).
+    prior_init: bool = True
     encoder_lr_multiplier: float = Field(0.1, gt=0)
     early_stopping_patience: int = Field(10, ge=1)
     reduce_lr_patience: int = Field(3, ge=1)

@@ -37,8 +37,11 @@ from seglab.train.fit import (
     PlateauScaledSchedule,
     ScheduleReduceLROnPlateau,
     TrainSettings,
+    class_pixel_counts,
     dtype_policy,
+    init_logits_from_prior,
     params_hash,
+    plan_run,
     resolve_mixed_precision,
     run_train,
     train_model,
@@ -161,6 +164,26 @@ def test_run_train_writes_the_contract_files(shards, tmp_path, caplog):
     logits = model.predict(np.zeros((2, 32, 32, 3), np.float32), verbose=0)
     assert logits.shape == (2, 32, 32, len(CLASSES)) and logits.dtype == np.float32
     assert not (tmp_path / "state" / "tiny").exists()  # resume state removed after success
+
+
+def test_the_classifier_bias_starts_at_the_log_class_prior(shards, tmp_path):
+    expected = np.zeros(len(CLASSES), np.int64)
+    for row in _rows("train", 16, np.random.default_rng(0)):  # the fixture's train rows, regenerated
+        expected += row["class_pixels"]
+    assert list(class_pixel_counts([shards], "train", len(CLASSES))) == list(expected)
+
+    plan = plan_run(make_cfg(shards, tmp_path), "tiny")
+    model, _ = plan.build()
+    bias = model.get_layer("logits_conv").get_weights()[1]
+    prior = (expected + 1.0) / (expected.sum() + len(CLASSES))
+    np.testing.assert_allclose(bias, np.log(prior), rtol=1e-6)
+    # A fresh model's softmax then starts at the prior everywhere (the kernel still adds its noise).
+    assert np.argmax(bias) == 0
+
+    off = plan_run(make_cfg(shards, tmp_path, train={"prior_init": False}), "tiny")
+    assert off.class_pixels is None and not off.build()[0].get_layer("logits_conv").get_weights()[1].any()
+    with pytest.raises(ValueError, match="no final Conv2D with 5 filters"):
+        init_logits_from_prior(model, [1, 2, 3, 4, 5])
 
 
 def test_params_hash_tracks_the_run_settings(shards, tmp_path):

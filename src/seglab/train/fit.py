@@ -952,6 +952,7 @@ class RunPlan:
     shards: _ShardInfo
     params_hash: str
     synthetic: SyntheticData = SyntheticData()
+    class_pixels: tuple[int, ...] | None = None  # training pixels per class, for the prior init
 
     @property
     def run_key(self) -> dict[str, str]:
@@ -970,8 +971,11 @@ class RunPlan:
         return self.shards.rows["train"] + self.synthetic.rows
 
     def build(self) -> tuple[keras.Model, str]:
-        return build_with_weights(self.arch, self.settings.num_classes, self.image_size, self.width, self.weights,
-                                  self.options)
+        model, info = build_with_weights(self.arch, self.settings.num_classes, self.image_size, self.width,
+                                         self.weights, self.options)
+        if self.class_pixels is not None:
+            init_logits_from_prior(model, self.class_pixels)
+        return model, info
 
 
 def plan_run(cfg: Any, name: str) -> RunPlan:
@@ -1008,7 +1012,38 @@ def plan_run(cfg: Any, name: str) -> RunPlan:
         shards=shards,
         params_hash=params_hash(cfg, name),
         synthetic=synthetic,
+        class_pixels=tuple(int(c) for c in class_pixel_counts(
+            [shard_dir] + ([synthetic.shard_dir] if synthetic.shard_dir is not None else []), "train",
+            len(shards.classes))) if t.prior_init else None,
     )
+
+
+def class_pixel_counts(shard_dirs: Sequence[Path], split: str, num_classes: int) -> np.ndarray:
+    """Labelled pixels per class over `split` of the shard folders (their `class_pixels` column)."""
+    counts = np.zeros(num_classes, np.int64)
+    for shard_dir in shard_dirs:
+        for path in shard_files(shard_dir, split):
+            for row in pq.read_table(path, columns=["class_pixels"]).column("class_pixels").to_pylist():
+                counts[: min(len(row), num_classes)] += np.asarray(row[:num_classes], np.int64)
+    return counts
+
+
+def init_logits_from_prior(model: keras.Model, class_pixels: Sequence[int]) -> None:
+    """Set the final classifier's bias to the log class frequencies (add-one smoothed).
+
+    A fresh classifier predicts every class alike (cross-entropy ~ log C); with a short budget the
+    first hundreds of steps would go into learning that most pixels are background. Starting from
+    the prior (as RetinaNet does for focal loss, Lin et al. 2017) leaves those steps to the shapes.
+    """
+    counts = np.asarray(class_pixels, np.float64)
+    classifier = next((layer for layer in reversed(model.layers) if isinstance(layer, keras.layers.Conv2D)
+                       and layer.filters == counts.size and layer.use_bias), None)
+    if classifier is None:
+        raise ValueError(f"model {model.name!r}: no final Conv2D with {counts.size} filters and a bias to "
+                         "initialise from the class prior (train.prior_init)")
+    kernel, bias = classifier.get_weights()
+    prior = (counts + 1.0) / (counts.sum() + counts.size)
+    classifier.set_weights([kernel, np.log(prior).astype(bias.dtype)])
 
 
 def training_datasets(cfg: Any, plan: RunPlan, *, cache_decoded_max_images: int = CACHE_DECODED_MAX_IMAGES
