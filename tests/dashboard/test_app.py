@@ -24,6 +24,8 @@ TIMEOUT_S = 60
 def start(monkeypatch, warehouse: Path, gan_dir: Path, page: str | None = None) -> AppTest:
     monkeypatch.setenv("SEGLAB_WAREHOUSE", str(warehouse))
     monkeypatch.setenv("SEGLAB_GAN_DIR", str(gan_dir))
+    # Never the project's own data/eval: after `make repro` it holds real artefacts for these names.
+    monkeypatch.setenv("SEGLAB_EVAL_DIR", str(warehouse.parent / "eval"))
     at = AppTest.from_file(str(APP), default_timeout=TIMEOUT_S).run()
     if page is not None and page != PAGES[0]:
         at.switch_page(page).run()
