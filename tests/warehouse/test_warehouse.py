@@ -152,7 +152,9 @@ def evals(tmp_path) -> dict[str, dict]:
 
 
 def cfg_for(tmp_path) -> Config:
+    # Every input path in tmp_path: after `make repro` the defaults (data/...) hold real reports.
     return Config.model_validate({"evaluate": {"out": str(tmp_path / "eval")},
+                                  "validate_synthetic": {"report": str(tmp_path / "synthetic_reports")},
                                   "warehouse": {"path": str(tmp_path / "wh" / "warehouse.duckdb")}})
 
 
