@@ -241,6 +241,10 @@ class EncoderLROptimizer(keras.optimizers.Optimizer):
         """Build the encoder's optimizer if `trainable_variables` now hold encoder variables it has no
         state for yet (the encoder was just unfrozen)."""
         _, encoder_vars, _, _ = self._split([None] * len(trainable_variables), list(trainable_variables))
+        self._build_encoder_optimizer(encoder_vars)
+
+    def _build_encoder_optimizer(self, encoder_vars) -> None:
+        # The encoder's state starts with its first variables (e.g. when it was just unfrozen).
         if encoder_vars and not self.encoder_optimizer.built:
             with keras.name_scope(self.encoder_optimizer.name, caller=self.encoder_optimizer):
                 self.encoder_optimizer.build(encoder_vars)
@@ -262,10 +266,7 @@ class EncoderLROptimizer(keras.optimizers.Optimizer):
         if decoder_vars:
             self.decoder_optimizer.apply(decoder_grads, decoder_vars)
         if encoder_vars:
-            if not self.encoder_optimizer.built:
-                # First gradients for the encoder (e.g. just unfrozen): its state starts here.
-                with keras.name_scope(self.encoder_optimizer.name, caller=self.encoder_optimizer):
-                    self.encoder_optimizer.build(encoder_vars)
+            self._build_encoder_optimizer(encoder_vars)
             self.encoder_optimizer.apply(encoder_grads, encoder_vars)
 
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):

@@ -69,7 +69,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -997,7 +997,7 @@ def plan_run(cfg: Any, name: str) -> RunPlan:
         raise ValueError(f"{held}, fewer than one batch of {batch} "
                          f"(profile {cfg.profile!r}, batch_size); lower the batch size or add images")
     pretrained_encoder = entry.weights is not None and spec.backbone is not None
-    return RunPlan(
+    plan = RunPlan(
         name=name,
         arch=entry.arch,
         backbone=spec.backbone,
@@ -1012,10 +1012,11 @@ def plan_run(cfg: Any, name: str) -> RunPlan:
         shards=shards,
         params_hash=params_hash(cfg, name),
         synthetic=synthetic,
-        class_pixels=tuple(int(c) for c in class_pixel_counts(
-            [shard_dir] + ([synthetic.shard_dir] if synthetic.shard_dir is not None else []), "train",
-            len(shards.classes))) if t.prior_init else None,
     )
+    if not t.prior_init:
+        return plan
+    counts = class_pixel_counts(plan.train_dirs, "train", len(shards.classes))
+    return replace(plan, class_pixels=tuple(int(c) for c in counts))
 
 
 def class_pixel_counts(shard_dirs: Sequence[Path], split: str, num_classes: int) -> np.ndarray:
