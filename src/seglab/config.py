@@ -131,6 +131,7 @@ class TrainConfig(_Section):
     # Start the classifier's bias at the log class frequencies of the training pixels (seglab.train.fit).
     prior_init: bool = True
     encoder_lr_multiplier: float = Field(0.1, gt=0)
+    encoder_batchnorm: Literal["frozen", "train"] = "frozen"
     early_stopping_patience: int = Field(10, ge=1)
     reduce_lr_patience: int = Field(3, ge=1)
     augment: AugmentConfig = AugmentConfig()

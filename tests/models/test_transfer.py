@@ -87,6 +87,26 @@ def test_unfreezing_a_compiled_model_trains_the_encoder_and_its_batchnorm(batch)
     assert all(change > 0 for change in changes.values()), changes  # kernels, gammas and moving statistics
 
 
+def test_unfreezing_with_frozen_batchnorm_trains_the_encoder_but_keeps_its_statistics(batch):
+    keras.utils.set_random_seed(0)
+    model = tiny_segmenter()
+    freeze_encoder(model)
+    _compile(model, encoder_lr_optimizer(model, _adam()))
+    model.train_on_batch(*batch)
+    unfreeze_encoder(model, train_batchnorm=False)
+    bn = get_encoder(model).get_layer("enc_bn")
+    assert get_encoder(model).trainable and not bn.trainable
+    before = _snapshot(get_encoder(model))
+    model.train_on_batch(*batch)
+    changes = _max_change(before, _snapshot(get_encoder(model)))
+    bn_paths = {v.path for v in bn.weights}
+    assert bn_paths and all(changes[path] == 0.0 for path in bn_paths), changes  # gamma, beta, moving stats
+    assert all(change > 0 for path, change in changes.items() if path not in bn_paths), changes
+    # Inference mode: a training-mode forward pass gives what inference gives.
+    np.testing.assert_allclose(np.asarray(model(batch[0], training=True)), np.asarray(model(batch[0], training=False)),
+                               rtol=1e-6)
+
+
 def test_unfreezing_with_an_optimizer_built_without_the_encoder_is_refused(batch):
     model = tiny_segmenter()
     freeze_encoder(model)

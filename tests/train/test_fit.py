@@ -339,6 +339,30 @@ def test_encoder_frozen_then_unfrozen_at_the_given_epoch(tmp_path):
     assert result.epochs_run == 3
 
 
+@pytest.mark.parametrize("freeze_epochs", [1, 0])
+def test_encoder_batchnorm_frozen_keeps_its_statistics_while_the_encoder_trains(tmp_path, freeze_epochs):
+    keras.utils.set_random_seed(0)
+    settings = TrainSettings(num_classes=4, epochs=2, steps_per_epoch=2, batch_size=4, learning_rate=1e-2,
+                             warmup_epochs=0, freeze_encoder_epochs=freeze_epochs, encoder_lr_multiplier=0.5,
+                             encoder_batchnorm="frozen")
+    snapshots = WeightSnapshots()
+    train_model(tiny_segmenter, random_batches(2).repeat(), random_batches(1, seed=1), settings,
+                state_dir=tmp_path / "state", callbacks=[snapshots], verbose=0)
+    initial, _, last = snapshots.snapshots
+    names = [w.path for w in keras.Model.get_layer(tiny_segmenter(), "encoder").weights]
+    is_bn = ["enc_bn" in name for name in names]
+    assert any(is_bn) and not all(is_bn)
+    for bn, before, after in zip(is_bn, initial["encoder"], last["encoder"]):
+        assert np.array_equal(before, after) == bn  # BatchNorm (gamma, beta, moving stats) fixed, the conv trained
+    assert last["encoder_trainable"]
+
+
+def test_encoder_batchnorm_setting_is_checked():
+    with pytest.raises(ValueError, match="encoder_batchnorm"):
+        TrainSettings(num_classes=4, epochs=1, steps_per_epoch=1, batch_size=4, learning_rate=1e-3,
+                      encoder_batchnorm="fixed")
+
+
 def test_mixed_float16_with_frozen_encoder_trains(tmp_path):
     """The GPU default path (loss scaling + encoder learning-rate wrapper + unfreeze) runs end to end."""
     settings = TrainSettings(num_classes=4, epochs=2, steps_per_epoch=2, batch_size=4, learning_rate=1e-3,

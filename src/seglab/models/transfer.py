@@ -6,6 +6,10 @@
   the traced step has the trainable set and the BatchNorm mode baked in.
 - `UnfreezeEncoder(epoch)`: a callback that keeps the encoder frozen for epochs < `epoch`
   (0-based) and trainable from `epoch` on, also when `fit` resumes with `initial_epoch`.
+- `train_batchnorm=False` (on unfreezing): the encoder's BatchNorm layers stay frozen, in inference
+  mode with their ImageNet statistics, while every other encoder weight trains. This is the Keras
+  transfer-learning guide's advice for fine-tuning: batch statistics of small batches (8 images on
+  a CPU) are noisy and would overwrite the pretrained moving averages.
 - `EncoderLROptimizer` (build one with `encoder_lr_optimizer(model, optimizer, multiplier)`):
   the encoder's updates use ``learning_rate x multiplier``. Scaling the gradients would not do
   this (Adam and other adaptive optimizers are invariant to gradient scale), so the wrapper runs
@@ -58,8 +62,11 @@ def _unwrap_loss_scale(optimizer):
     return optimizer
 
 
-def set_encoder_trainable(model: keras.Model, trainable: bool, encoder: str = ENCODER_LAYER) -> None:
+def set_encoder_trainable(model: keras.Model, trainable: bool, encoder: str = ENCODER_LAYER, *,
+                          train_batchnorm: bool = True) -> None:
     """Freeze (False) or unfreeze (True) the encoder of `model`, compiled or not.
+
+    `train_batchnorm=False` unfreezes everything but the encoder's BatchNorm layers (module doc).
 
     On a compiled model the train step is re-traced on next use. Unfreezing a compiled model whose
     optimizer was built without the encoder's variables is refused unless the optimizer is an
@@ -69,7 +76,10 @@ def set_encoder_trainable(model: keras.Model, trainable: bool, encoder: str = EN
     compiled = getattr(model, "compiled", False)
     optimizer = _unwrap_loss_scale(model.optimizer) if compiled else None
     previous = encoder_layer.trainable
-    encoder_layer.trainable = bool(trainable)
+    encoder_layer.trainable = bool(trainable)  # Keras sets every sublayer alike
+    if trainable and not train_batchnorm:
+        for layer in _batchnorm_layers(encoder_layer):
+            layer.trainable = False
     if trainable and optimizer is not None and optimizer.built:
         if isinstance(optimizer, EncoderLROptimizer):
             optimizer.bind(model, encoder)
@@ -87,15 +97,22 @@ def set_encoder_trainable(model: keras.Model, trainable: bool, encoder: str = EN
     if compiled:
         # The traced step captured the old trainable set and BatchNorm mode.
         model.make_train_function(force=True)
-    log.info("encoder of %r %s", model.name, "unfrozen (trainable)" if trainable else "frozen (BatchNorm in inference mode)")
+    state = ("unfrozen (trainable" + ("" if train_batchnorm else "; BatchNorm frozen") + ")") if trainable \
+        else "frozen (BatchNorm in inference mode)"
+    log.info("encoder of %r %s", model.name, state)
+
+
+def _batchnorm_layers(layer: keras.layers.Layer) -> list[keras.layers.Layer]:
+    return [sub for sub in layer._flatten_layers(include_self=False)
+            if isinstance(sub, keras.layers.BatchNormalization)]
 
 
 def freeze_encoder(model: keras.Model, encoder: str = ENCODER_LAYER) -> None:
     set_encoder_trainable(model, False, encoder)
 
 
-def unfreeze_encoder(model: keras.Model, encoder: str = ENCODER_LAYER) -> None:
-    set_encoder_trainable(model, True, encoder)
+def unfreeze_encoder(model: keras.Model, encoder: str = ENCODER_LAYER, *, train_batchnorm: bool = True) -> None:
+    set_encoder_trainable(model, True, encoder, train_batchnorm=train_batchnorm)
 
 
 class UnfreezeEncoder(keras.callbacks.Callback):
@@ -103,14 +120,16 @@ class UnfreezeEncoder(keras.callbacks.Callback):
 
     ``UnfreezeEncoder(3)`` trains 3 epochs with a frozen encoder, then fine-tunes it; with
     ``fit(initial_epoch=5)`` it unfreezes from the start. ``epoch=0`` never freezes.
+    ``train_batchnorm=False`` keeps the encoder's BatchNorm layers frozen once unfrozen.
     """
 
-    def __init__(self, epoch: int, encoder: str = ENCODER_LAYER):
+    def __init__(self, epoch: int, encoder: str = ENCODER_LAYER, *, train_batchnorm: bool = True):
         super().__init__()
         if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
             raise ValueError(f"UnfreezeEncoder: epoch must be a non-negative integer, got {epoch!r}")
         self.epoch = epoch
         self.encoder = encoder
+        self.train_batchnorm = train_batchnorm
 
     def on_train_begin(self, logs=None):
         get_encoder(self.model, self.encoder)  # fail before the first epoch, not in the middle of training
@@ -118,7 +137,7 @@ class UnfreezeEncoder(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         should_train = epoch >= self.epoch
         if get_encoder(self.model, self.encoder).trainable != should_train:
-            set_encoder_trainable(self.model, should_train, self.encoder)
+            set_encoder_trainable(self.model, should_train, self.encoder, train_batchnorm=self.train_batchnorm)
             build_optimizer(self.model)
             log.info("epoch %d: encoder %s", epoch, "unfrozen" if should_train else "frozen")
 

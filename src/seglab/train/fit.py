@@ -14,8 +14,8 @@ Recipe (per run, from params.yaml through `TrainSettings.from_config`):
   warmup/cosine shape at the reduced height.
 - Pretrained encoders (models with an ``encoder`` layer and `weights` set) start frozen (BatchNorm
   in inference mode) for `freeze_encoder_epochs`, then train at `encoder_lr_multiplier` x the
-  decoder's learning rate (`seglab.models.transfer`). From-scratch models train everything at
-  one rate from the start.
+  decoder's learning rate (`seglab.models.transfer`), their BatchNorm layers kept frozen unless
+  `encoder_batchnorm` is "train". From-scratch models train everything at one rate from the start.
 - Mixed precision from `train.mixed_precision` (`resolve_mixed_precision`); the global Keras
   dtype policy is restored when training ends, however it ends.
 - One code path under `get_strategy()`: MultiWorkerMirroredStrategy when ``TF_CONFIG`` is set
@@ -544,6 +544,7 @@ class TrainSettings:
     loss_options: Mapping[str, Any] = field(default_factory=dict)
     freeze_encoder_epochs: int = 0
     encoder_lr_multiplier: float = 1.0
+    encoder_batchnorm: str = "train"  # train | frozen: the encoder's BatchNorm once it trains (transfer.py)
     early_stopping_patience: int = 10
     reduce_lr_patience: int = 3
     reduce_lr_factor: float = 0.5
@@ -562,6 +563,8 @@ class TrainSettings:
                 raise ValueError(f"TrainSettings.{name} must be an integer >= 0, got {value!r}")
         if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
             raise ValueError(f"TrainSettings.learning_rate must be > 0, got {self.learning_rate!r}")
+        if self.encoder_batchnorm not in ("train", "frozen"):
+            raise ValueError(f"TrainSettings.encoder_batchnorm must be 'train' or 'frozen', got {self.encoder_batchnorm!r}")
         if self.optimizer not in ("adam", "adamw"):
             raise ValueError(f"TrainSettings.optimizer must be 'adam' or 'adamw', got {self.optimizer!r}")
         if not 0 < self.reduce_lr_factor < 1:
@@ -597,6 +600,7 @@ class TrainSettings:
             loss_options=loss_options,
             freeze_encoder_epochs=t.freeze_encoder_epochs if pretrained_encoder else 0,
             encoder_lr_multiplier=t.encoder_lr_multiplier if pretrained_encoder else 1.0,
+            encoder_batchnorm=t.encoder_batchnorm if pretrained_encoder else "train",
             early_stopping_patience=t.early_stopping_patience,
             reduce_lr_patience=t.reduce_lr_patience,
         )
@@ -685,6 +689,7 @@ def train_model(
         optimizer = _make_optimizer(settings, schedule)
         encoder = _has_encoder(model)
         freezing = settings.freeze_encoder_epochs > 0
+        train_batchnorm = settings.encoder_batchnorm == "train"
         if freezing and not encoder:
             raise ValueError(f"freeze_encoder_epochs={settings.freeze_encoder_epochs} but model {model.name!r} has no "
                              f"layer named {ENCODER_LAYER!r} to freeze")
@@ -713,13 +718,15 @@ def train_model(
         recipe = [recorder, plateau, stopping, checkpoint, keras.callbacks.TerminateOnNaN()]
         if freezing:
             stateful["encoder"] = _EncoderState(model)
-            recipe.insert(1, UnfreezeEncoder(settings.freeze_encoder_epochs))
+            recipe.insert(1, UnfreezeEncoder(settings.freeze_encoder_epochs, train_batchnorm=train_batchnorm))
 
         # The optimizer must be built for the trainable set the committed state was saved with.
         committed = backup.committed()
         if freezing:
             trainable = bool(committed and committed[1]["states"].get("encoder", {}).get("trainable", False))
-            set_encoder_trainable(model, trainable)
+            set_encoder_trainable(model, trainable, train_batchnorm=train_batchnorm)
+        elif encoder and not train_batchnorm:
+            set_encoder_trainable(model, True, train_batchnorm=False)
         model.compile(
             optimizer=optimizer,
             loss=get_loss(settings.loss, **settings.loss_options),
@@ -1148,6 +1155,7 @@ def run_train(cfg: Any, name: str, *, callbacks: Sequence[keras.callbacks.Callba
         "loss": settings.loss,
         "freeze_encoder_epochs": settings.freeze_encoder_epochs,
         "encoder_lr_multiplier": settings.encoder_lr_multiplier,
+        "encoder_batchnorm": settings.encoder_batchnorm,
     }
     if not chief:
         clear_state(state_dir)
