@@ -11,8 +11,10 @@ undefined ones).
 
 Speed: images/s is the number of val images over the wall time of the model calls (prediction
 to host memory included; reading and decoding the shards, which overlap in tf.data's prefetch, not),
-after one untimed warm-up call on the first batch that traces the graph. A last partial batch is
-padded to the batch size, so one traced shape serves every call; only its real images are counted.
+after one untimed warm-up call on the first batch that traces the graph. Each predictor is traced
+once, for any batch size (`inference_function`), so the latency's batch of one reuses the graph. A
+last partial batch is padded to the batch size (one input shape for the kernels); only its real
+images are counted.
 Latency: one image per call, `evaluate.latency_runs` timed calls after a warm-up, p50/p90 in ms.
 
 Outputs, written together into ``<evaluate.out>/<name>/`` (the folder swaps in at the end):
@@ -32,7 +34,7 @@ import logging
 import math
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,6 +42,7 @@ from typing import Any
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from seglab.atomic import atomic_dir
 from seglab.data.classes import IGNORE_INDEX
@@ -283,6 +286,18 @@ def _check_finite(probabilities: np.ndarray, variant: str, batch_index: int) -> 
                          "the checkpoint is broken (diverged training?)")
 
 
+def inference_function(predictor: keras.Model, image_shape: Sequence[int]) -> Callable[[np.ndarray], np.ndarray]:
+    """`predictor` in inference mode as one graph for batches of any size of `image_shape` images.
+
+    `predict_on_batch` traces a graph per input shape: the evaluation batch and the latency's batch
+    of one would each be traced, for the plain and the TTA model, and tracing takes most of an
+    evaluate stage's time at the CPU profile.
+    """
+    spec = tf.TensorSpec((None, *image_shape), tf.float32)
+    graph = tf.function(lambda images: predictor(images, training=False), input_signature=[spec])
+    return lambda images: graph(tf.convert_to_tensor(images, tf.float32)).numpy()
+
+
 def evaluate_predictors(
     predictors: Mapping[str, keras.Model],
     dataset: Any,
@@ -306,23 +321,25 @@ def evaluate_predictors(
     batch_size = None
     images_seen = 0
     first_image = None
+    calls: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
     for batch_index, (images, labels) in enumerate(dataset):
         images, labels = np.asarray(images, np.float32), np.asarray(labels)
         real = images.shape[0]
         if batch_size is None:
             batch_size = real
             first_image = images[:1].copy()
-            for predictor in predictors.values():  # warm-up: tracing is not inference time
-                predictor.predict_on_batch(images)
+            calls = {variant: inference_function(predictor, images.shape[1:]) for variant, predictor in predictors.items()}
+            for call in calls.values():  # warm-up: tracing is not inference time
+                call(images)
         if real < batch_size:  # pad to the traced batch shape; the padding is dropped below
             images = np.concatenate([images, np.zeros((batch_size - real, *images.shape[1:]), images.dtype)])
         scored = labels != IGNORE_INDEX
         take = max(0, min(grid_images - len(grid_inputs), real))
         grid_inputs += [images[i].astype(np.uint8) for i in range(take)]
         grid_truths += [labels[i].astype(np.uint8) for i in range(take)]
-        for variant, predictor in predictors.items():
+        for variant, call in calls.items():
             start, cpu_start = time.perf_counter(), time.process_time()
-            probabilities = np.asarray(predictor.predict_on_batch(images))
+            probabilities = call(images)
             results[variant].predict_seconds += time.perf_counter() - start
             results[variant].predict_cpu_seconds += time.process_time() - cpu_start
             _check_finite(probabilities[:real], variant, batch_index)
@@ -335,21 +352,21 @@ def evaluate_predictors(
     if images_seen == 0:
         raise ValueError("the evaluation dataset yielded no images")
 
-    for variant, predictor in predictors.items():
-        results[variant].latency_ms = measure_latency(predictor, first_image, latency_runs)
+    for variant, call in calls.items():
+        results[variant].latency_ms = measure_latency(call, first_image, latency_runs)
     return EvaluationPass(results, images_seen, grid_inputs, grid_truths)
 
 
-def measure_latency(predictor: keras.Model, image_batch: np.ndarray, runs: int) -> np.ndarray:
-    """Milliseconds of `runs` single-image calls after one untimed warm-up call."""
+def measure_latency(predict: Callable[[np.ndarray], Any], image_batch: np.ndarray, runs: int) -> np.ndarray:
+    """Milliseconds of `runs` single-image calls of `predict` after one untimed warm-up call."""
     if runs < 1:
         raise ValueError(f"latency runs must be >= 1, got {runs}")
     single = np.asarray(image_batch[:1], np.float32)
-    predictor.predict_on_batch(single)
+    predict(single)
     timings = []
     for _ in range(runs):
         start = time.perf_counter()
-        predictor.predict_on_batch(single)
+        predict(single)
         timings.append((time.perf_counter() - start) * 1000.0)
     return np.asarray(timings)
 
