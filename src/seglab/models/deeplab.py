@@ -7,6 +7,10 @@ channels at width 1, dropout 0.1 as in the reference implementation). Decoder: t
 bilinearly upsampled to stride 4, concatenated with c2 projected to 48 channels by a 1x1 conv,
 two 3x3 convs (256), a 1x1 conv to logits, bilinear upsampling x4 to the input size. Every conv
 is followed by BatchNorm and ReLU. Input float32 RGB [0, 255]; logits (B, H, W, classes) in float32.
+
+The atrous convs are `AtrousConv2D`: at small inputs (the CPU profile's 64 px gives a 4x4 map at
+stride 16) a rate at least the map's size leaves only the centre tap on real pixels; the layer then
+skips the taps that only ever read padding, with the same 3x3 kernel and the same output.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import keras
+from keras import ops
 
 from seglab.models.backbones import build_backbone
 from seglab.models.unet import conv_bn_relu, scaled
@@ -34,12 +39,48 @@ def atrous_rates(output_stride: int) -> tuple[int, int, int]:
     return tuple(rate * factor for rate in ASPP_RATES_AT_STRIDE_16)
 
 
+@keras.saving.register_keras_serializable(package="seglab")
+class AtrousConv2D(keras.layers.Conv2D):
+    """A dilated 'same' Conv2D that leaves out the kernel taps which can only read padding.
+
+    With stride 1 and 'same' padding, tap j (j = -k//2 .. k//2 along an axis) of output pixel i reads
+    input pixel i + j * rate; it reads a real pixel for some i only if |j| * rate < the axis length.
+    The other taps always multiply zeros, so dropping them changes neither the output nor any
+    gradient (theirs is zero either way), while TensorFlow's dilated conv on CPU pays for the whole
+    padded window: on a 4x4 map a rate-18 3x3 conv with 320 -> 256 channels took 0.55 s per training
+    step of 8 images, against 7 ms for the centre tap alone. The kernel keeps its full shape, so
+    weights and parameter counts do not depend on the input size.
+    """
+
+    def convolution_op(self, inputs, kernel):
+        if self.padding != "same" or tuple(self.strides) != (1, 1) or self.data_format != "channels_last":
+            return super().convolution_op(inputs, kernel)
+        dilation = list(self.dilation_rate)
+        for axis in (0, 1):
+            size, taps, rate = inputs.shape[1 + axis], kernel.shape[axis], dilation[axis]
+            if size is None or rate == 1:
+                continue
+            centre = taps // 2
+            reach = min(centre, (size - 1) // rate)  # the farthest tap that can read a real pixel
+            if reach < centre:
+                index = [slice(None)] * 4
+                index[axis] = slice(centre - reach, centre + reach + 1)
+                kernel = kernel[tuple(index)]
+                if reach == 0:
+                    dilation[axis] = 1
+        return ops.conv(inputs, kernel, strides=self.strides, padding=self.padding, dilation_rate=tuple(dilation),
+                        data_format=self.data_format)
+
+
 def aspp(x, filters: int, rates: Sequence[int]):
     """Atrous spatial pyramid pooling on a feature map with static spatial size."""
     height, width = x.shape[1], x.shape[2]
     branches = [conv_bn_relu(x, filters, "aspp_1x1", kernel_size=1)]
     for rate in rates:
-        branches.append(conv_bn_relu(x, filters, f"aspp_rate{rate}", dilation=rate))
+        branch = AtrousConv2D(filters, 3, padding="same", dilation_rate=rate, use_bias=False,
+                              name=f"aspp_rate{rate}_conv")(x)
+        branch = keras.layers.BatchNormalization(name=f"aspp_rate{rate}_bn")(branch)
+        branches.append(keras.layers.Activation("relu", name=f"aspp_rate{rate}_relu")(branch))
     pooled = keras.layers.GlobalAveragePooling2D(keepdims=True, name="aspp_pool")(x)
     pooled = conv_bn_relu(pooled, filters, "aspp_pool_1x1", kernel_size=1)
     # A 1x1 map upsampled by the feature size is a broadcast: every pixel gets the image context.
