@@ -7,13 +7,14 @@
 #
 # table (default): every model and replicate at the CPU profile (one `dvc exp run`).
 # transfer: only the MobileNetV2 U-Net pair (ImageNet vs scratch, every seed) at a longer budget
-# (TRANSFER_EPOCHS, default 20), since at the profile's epochs no model gets past background on
-# COCO; then `seglab ingest` adds those runs beside the table's (runs differ by epochs_planned).
+# (TRANSFER_EPOCHS, default 30, at IMAGE_SIZE default 128), since at the profile's epochs no model
+# gets past background on COCO; then `seglab ingest` adds those runs beside the table's (runs differ
+# by epochs_planned and image size).
 #
 # Replicates are extra `models` entries that differ only in `seed`, so
 # `seed_summary` / `augmenter_effect` in the warehouse group them. Everything not set here is
-# params.yaml's CPU profile except the image size (IMAGE_SIZE, default 96: COCO objects are too
-# small at the default data's 64 px).
+# params.yaml's CPU profile except the image size (IMAGE_SIZE, default 96 for the table and 128 for
+# transfer: COCO objects are too small at the default data's 64 px).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,7 +22,7 @@ mode=${1:-table}
 root=${2:-../shared/data/coco-mini}
 report=${3:-docs/results/coco-mini.md}
 case "$mode" in table|transfer) ;; *) echo "coco-mini.sh: mode must be table or transfer, got '$mode'" >&2; exit 2;; esac
-image_size=${IMAGE_SIZE:-96}
+image_size=${IMAGE_SIZE:-$([ "$mode" = transfer ] && echo 128 || echo 96)}
 seeds=${SEEDS:-"1 2"}
 
 [ -d "$root/annotations" ] || { echo "coco-mini.sh: $root is not a COCO root (no annotations/)" >&2; exit 1; }
@@ -56,7 +57,7 @@ PY
 
 args=(-S "data.root=$root" -S "data.class_set=voc20" -S "profiles.cpu.image_size=$image_size")
 if [ "$mode" = transfer ]; then
-  args+=(-S "profiles.cpu.epochs=${TRANSFER_EPOCHS:-20}")
+  args+=(-S "profiles.cpu.epochs=${TRANSFER_EPOCHS:-30}")
   for seed in 0 $seeds; do
     suffix=$([ "$seed" = 0 ] || echo "_s$seed")
     args+=("evaluate@unet_mobilenetv2_imagenet$suffix" "evaluate@unet_mobilenetv2_scratch$suffix")
