@@ -74,13 +74,19 @@ def test_frozen_encoder_does_not_move_and_its_batchnorm_runs_in_inference_mode(b
     assert all(change > 0 for change in _max_change(decoder_before, _snapshot(model.get_layer("decoder_conv"))).values())
 
 
-def test_unfreezing_a_compiled_model_trains_the_encoder_and_its_batchnorm(batch):
+def _trained_frozen_then_unfrozen(batch, **unfreeze_options) -> keras.Model:
+    """A compiled model trained one step with its encoder frozen, then unfrozen."""
     keras.utils.set_random_seed(0)
     model = tiny_segmenter()
     freeze_encoder(model)
     _compile(model, encoder_lr_optimizer(model, _adam()))
     model.train_on_batch(*batch)
-    unfreeze_encoder(model)
+    unfreeze_encoder(model, **unfreeze_options)
+    return model
+
+
+def test_unfreezing_a_compiled_model_trains_the_encoder_and_its_batchnorm(batch):
+    model = _trained_frozen_then_unfrozen(batch)
     before = _snapshot(get_encoder(model))
     model.train_on_batch(*batch)
     changes = _max_change(before, _snapshot(get_encoder(model)))
@@ -88,12 +94,7 @@ def test_unfreezing_a_compiled_model_trains_the_encoder_and_its_batchnorm(batch)
 
 
 def test_unfreezing_with_frozen_batchnorm_trains_the_encoder_but_keeps_its_statistics(batch):
-    keras.utils.set_random_seed(0)
-    model = tiny_segmenter()
-    freeze_encoder(model)
-    _compile(model, encoder_lr_optimizer(model, _adam()))
-    model.train_on_batch(*batch)
-    unfreeze_encoder(model, train_batchnorm=False)
+    model = _trained_frozen_then_unfrozen(batch, train_batchnorm=False)
     bn = get_encoder(model).get_layer("enc_bn")
     assert get_encoder(model).trainable and not bn.trainable
     before = _snapshot(get_encoder(model))

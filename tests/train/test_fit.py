@@ -349,7 +349,7 @@ def test_encoder_batchnorm_frozen_keeps_its_statistics_while_the_encoder_trains(
     train_model(tiny_segmenter, random_batches(2).repeat(), random_batches(1, seed=1), settings,
                 state_dir=tmp_path / "state", callbacks=[snapshots], verbose=0)
     initial, _, last = snapshots.snapshots
-    names = [w.path for w in keras.Model.get_layer(tiny_segmenter(), "encoder").weights]
+    names = [w.path for w in tiny_segmenter().get_layer("encoder").weights]
     is_bn = ["enc_bn" in name for name in names]
     assert any(is_bn) and not all(is_bn)
     for bn, before, after in zip(is_bn, initial["encoder"], last["encoder"]):

@@ -77,10 +77,7 @@ def aspp(x, filters: int, rates: Sequence[int]):
     height, width = x.shape[1], x.shape[2]
     branches = [conv_bn_relu(x, filters, "aspp_1x1", kernel_size=1)]
     for rate in rates:
-        branch = AtrousConv2D(filters, 3, padding="same", dilation_rate=rate, use_bias=False,
-                              name=f"aspp_rate{rate}_conv")(x)
-        branch = keras.layers.BatchNormalization(name=f"aspp_rate{rate}_bn")(branch)
-        branches.append(keras.layers.Activation("relu", name=f"aspp_rate{rate}_relu")(branch))
+        branches.append(conv_bn_relu(x, filters, f"aspp_rate{rate}", dilation=rate, conv=AtrousConv2D))
     pooled = keras.layers.GlobalAveragePooling2D(keepdims=True, name="aspp_pool")(x)
     pooled = conv_bn_relu(pooled, filters, "aspp_pool_1x1", kernel_size=1)
     # A 1x1 map upsampled by the feature size is a broadcast: every pixel gets the image context.

@@ -34,9 +34,9 @@ def scaled(channels: int, width: float) -> int:
     return make_divisible(channels * width)
 
 
-def conv_bn_relu(x, filters: int, name: str, *, kernel_size: int = 3, dilation: int = 1, use_bias: bool = False):
-    x = keras.layers.Conv2D(filters, kernel_size, padding="same", dilation_rate=dilation, use_bias=use_bias,
-                            name=f"{name}_conv")(x)
+def conv_bn_relu(x, filters: int, name: str, *, kernel_size: int = 3, dilation: int = 1, use_bias: bool = False,
+                 conv: type[keras.layers.Conv2D] = keras.layers.Conv2D):
+    x = conv(filters, kernel_size, padding="same", dilation_rate=dilation, use_bias=use_bias, name=f"{name}_conv")(x)
     x = keras.layers.BatchNormalization(name=f"{name}_bn")(x)
     return keras.layers.Activation("relu", name=f"{name}_relu")(x)
 

@@ -80,7 +80,7 @@ import tensorflow as tf
 
 from seglab.atomic import atomic_dir, write_text_atomic
 from seglab.data.pipeline import classes_of, make_dataset
-from seglab.data.shards import shard_files
+from seglab.data.shards import read_split, shard_files
 from seglab.evaluate.metrics import StreamingSegmentationMetric
 from seglab.gan import GANS
 from seglab.gan.validate import VALIDATION_FILE, accepted_synthetic_shards
@@ -1032,9 +1032,8 @@ def class_pixel_counts(shard_dirs: Sequence[Path], split: str, num_classes: int)
     """Labelled pixels per class over `split` of the shard folders (their `class_pixels` column)."""
     counts = np.zeros(num_classes, np.int64)
     for shard_dir in shard_dirs:
-        for path in shard_files(shard_dir, split):
-            for row in pq.read_table(path, columns=["class_pixels"]).column("class_pixels").to_pylist():
-                counts[: min(len(row), num_classes)] += np.asarray(row[:num_classes], np.int64)
+        for row in read_split(shard_dir, split, columns=["class_pixels"]).column("class_pixels").to_pylist():
+            counts[: min(len(row), num_classes)] += np.asarray(row[:num_classes], np.int64)
     return counts
 
 
