@@ -259,3 +259,37 @@ def test_weights_file_of_the_segmenter_or_of_its_encoder(tmp_path):
     wrong_suffix.write_bytes(whole.read_bytes())
     with pytest.raises(ValueError, match=".weights.h5"):
         models.build("unet_mobilenetv2", NUM_CLASSES, **SMALL, weights=wrong_suffix)
+
+
+def test_build_with_weights_records_what_it_loaded(tmp_path):
+    keras.utils.set_random_seed(0)
+    random, record = models.build_with_weights("unet_mobilenetv2", NUM_CLASSES, 64, 0.125, None, {})
+    assert record == "random" and random.input_shape == (None, 64, 64, 3)
+
+    whole, encoder_only = tmp_path / "model.weights.h5", tmp_path / "encoder.weights.h5"
+    random.save_weights(whole)
+    random.get_layer("encoder").save_weights(encoder_only)
+    for path, kind in ((whole, "model"), (encoder_only, "encoder")):
+        model, record = models.build_with_weights("unet_mobilenetv2", NUM_CLASSES, 96, 0.125, str(path), {})
+        sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+        assert record == f"file {path} ({kind} weights, sha256 {sha256})"
+        np.testing.assert_array_equal(model.get_layer("encoder").weights[0].numpy(),
+                                      random.get_layer("encoder").weights[0].numpy())
+
+    model, _ = models.build_with_weights("deeplabv3plus_mobilenetv2", NUM_CLASSES, 64, 0.125, None,
+                                         {"output_stride": 8})
+    assert model.get_layer("encoder").outputs[-1].shape[1] == 8
+    with pytest.raises(ValueError, match="width=1.0"):  # the zoo's checks run before anything is built
+        models.build_with_weights("unet_resnet50", NUM_CLASSES, 64, 0.125, "imagenet", {})
+
+
+def test_build_with_weights_records_the_imagenet_source(monkeypatch):
+    from seglab.models import registry
+    from seglab.models.weights import LoadedWeights
+
+    def fake_loader(encoder, backbone, weights):
+        return LoadedWeights(backbone, weights, "the checkpoint", "ab" * 32, len(encoder.layers), False)
+
+    monkeypatch.setattr(registry, "load_imagenet_weights", fake_loader)
+    _, record = models.build_with_weights("unet_mobilenetv2", NUM_CLASSES, 64, 1.0, "imagenet-offline", {})
+    assert record == f"imagenet-offline: the checkpoint (sha256 {'ab' * 32})"

@@ -23,6 +23,7 @@ from typing import Any
 _EXPORTS = {
     "available": "seglab.models.registry",
     "build": "seglab.models.registry",
+    "build_with_weights": "seglab.models.registry",
     "spec": "seglab.models.registry",
     "ModelSpec": "seglab.models.registry",
     "load_weights_file": "seglab.models.registry",

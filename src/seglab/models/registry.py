@@ -19,8 +19,10 @@ from typing import Any
 
 import keras
 
+from seglab.digest import sha256_file
 from seglab.models import deeplab, unet
 from seglab.models.backbones import load_imagenet_weights
+from seglab.models.transfer import ENCODER_LAYER
 
 log = logging.getLogger(__name__)
 
@@ -101,12 +103,27 @@ def build(
     output stride for deeplabv3plus_<backbone>), else ValueError naming the nearest valid sizes.
     width: channel multiplier (> 0; every count rounded to a multiple of 8).
     weights: None (random init) | "imagenet" (Keras' / the checkpoint's download) |
-    "imagenet-offline" (mobilenetv2 / efficientnet_lite0 only) | path to a Keras ``.weights.h5``
+    "imagenet-offline" (the backbones with an offline checkpoint) | path to a Keras ``.weights.h5``
     file saved from the whole segmenter (`model.save_weights`) or from its encoder alone
     (`model.get_layer("encoder").save_weights`): which one is told from the file's contents.
     options: per model, e.g. ``output_stride`` (16 or 8) for deeplabv3plus_*, ``decoder_filters``
     for unet_<backbone>; an option a model does not take is a TypeError listing the ones it takes.
     """
+    return _build(name, num_classes, input_shape, width, weights, options)[0]
+
+
+def build_with_weights(arch: str, num_classes: int, image_size: int, width: float, weights: WeightsArg,
+                       options: Mapping[str, Any]) -> tuple[keras.Model, str]:
+    """`build` at (image_size, image_size, 3), returning also a record of the weights actually loaded.
+
+    The record is ``"random"`` for none; for ImageNet weights the loader's source and sha256; for a
+    file its path, whether it held the whole model or the encoder, and its sha256.
+    """
+    return _build(arch, num_classes, (image_size, image_size, 3), width, weights, options)
+
+
+def _build(name: str, num_classes: int, input_shape: Sequence[int], width: float, weights: WeightsArg,
+           options: Mapping[str, Any]) -> tuple[keras.Model, str]:
     model_spec = spec(name)
     if not _is_integer(num_classes) or num_classes < 1:
         raise ValueError(f"{name}: num_classes must be a positive integer, got {num_classes!r}")
@@ -123,11 +140,12 @@ def build(
     model = model_spec.builder(int(num_classes), shape, width=float(width), **resolved)
     if weights is None:
         log.info("%s: random initialisation (weights=None)", name)
-    elif isinstance(weights, str) and weights in WEIGHT_KEYWORDS:
-        load_imagenet_weights(model.get_layer("encoder"), model_spec.backbone, weights)
-    else:
-        load_weights_file(model, weights)
-    return model
+        return model, "random"
+    if isinstance(weights, str) and weights in WEIGHT_KEYWORDS:
+        loaded = load_imagenet_weights(model.get_layer(ENCODER_LAYER), model_spec.backbone, weights)
+        return model, f"{loaded.weights}: {loaded.source}" + (f" (sha256 {loaded.sha256})" if loaded.sha256 else "")
+    kind = load_weights_file(model, weights)
+    return model, f"file {weights} ({kind} weights, sha256 {sha256_file(Path(weights).expanduser())})"
 
 
 def _check_weights_request(model_spec: ModelSpec, weights: WeightsArg, width: float) -> None:
@@ -189,8 +207,8 @@ def load_weights_file(model: keras.Model, path: WeightsArg) -> str:
                          "model.save_weights(...) from the segmenter or from model.get_layer('encoder')")
     in_file = _file_variable_shapes(path)
     targets: dict[str, keras.Model] = {"model": model}
-    if "encoder" in {layer.name for layer in model.layers}:
-        targets["encoder"] = model.get_layer("encoder")
+    if ENCODER_LAYER in {layer.name for layer in model.layers}:
+        targets["encoder"] = model.get_layer(ENCODER_LAYER)
     for kind, target in targets.items():
         if _variable_shapes(target) == in_file:
             target.load_weights(path)
