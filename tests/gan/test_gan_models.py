@@ -264,7 +264,7 @@ def test_make_layouts_mix_and_determinism():
 def test_sample_grid_places_image_and_colourised_label_side_by_side(tmp_path):
     from PIL import Image
 
-    from seglab.evaluate.plots import colorize
+    from seglab.data.palette import colorize
 
     images = np.full((3, 8, 8, 3), 200, np.uint8)
     labels = np.zeros((3, 8, 8), np.uint8)

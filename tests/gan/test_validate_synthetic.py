@@ -25,12 +25,10 @@ from seglab.config import Config
 from seglab.data.sample import generate_sample
 from seglab.data.shards import SHARD_SCHEMA, ShardSettings, build_shards, decode_label, decode_rgb, read_classes, \
     read_split
+from seglab.data.synthetic import NONE_ACCEPTED, VALIDATION_FILE, accepted_synthetic_shards
 from seglab.gan.validate import (
     GENERATOR_FIELDS,
-    NONE_ACCEPTED,
-    VALIDATION_FILE,
     SyntheticChecks,
-    accepted_synthetic_shards,
     checks_from_config,
     kernel_inception_distance,
     mean_pairwise_distance,

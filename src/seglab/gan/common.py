@@ -37,6 +37,7 @@ from PIL import Image
 
 from seglab.atomic import atomic_path
 from seglab.data.classes import IGNORE_INDEX
+from seglab.data.palette import colorize
 
 log = logging.getLogger(__name__)
 
@@ -335,8 +336,6 @@ def save_sample_grid(path: str | Path, images: np.ndarray, labels: np.ndarray, *
     Tiles are enlarged `zoom` times (nearest, so pixels stay visible at GAN sizes); labels use the
     evaluation palette (background black, ignore grey).
     """
-    from seglab.evaluate.plots import colorize
-
     images, labels = np.asarray(images), np.asarray(labels)
     if images.ndim != 4 or images.shape[-1] != 3 or labels.shape != images.shape[:3]:
         raise ValueError(f"expected images (N, H, W, 3) and labels (N, H, W), got {images.shape} and {labels.shape}")

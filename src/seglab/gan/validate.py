@@ -80,6 +80,7 @@ from PIL import Image
 from seglab.atomic import atomic_dir, write_text_atomic
 from seglab.data.classes import IGNORE_INDEX
 from seglab.data.shards import SHARD_SCHEMA, decode_rgb, read_classes, shard_files
+from seglab.data.synthetic import NONE_ACCEPTED, VALIDATION_FILE, accepted_synthetic_shards  # noqa: F401 (re-exported)
 from seglab.data.validate import _DATA_DOCS_SITE, _ephemeral_context, _summarise_result
 
 if TYPE_CHECKING:
@@ -104,8 +105,6 @@ BATCH_FIGURES = ("diversity", *(f"channel_mean_delta_{c}" for c in CHANNELS),
                  *(f"channel_std_delta_{c}" for c in CHANNELS), "kid_mean")
 DEFAULT_VALID = Path("data/synthetic_valid")
 DEFAULT_REPORT = Path("data/reports/synthetic")
-NONE_ACCEPTED = "NONE_ACCEPTED"
-VALIDATION_FILE = "validation.json"
 MAX_SAMPLES_IN_SUMMARY = 100
 
 
@@ -827,22 +826,6 @@ def _write_accepted(tables: list[pa.Table], files: list[Path], accepted: np.ndar
         if not written:
             write_text_atomic(tmp / NONE_ACCEPTED, summary["decision"] + "\n")
         write_text_atomic(tmp / VALIDATION_FILE, json.dumps(verdict, indent=2, default=str) + "\n")
-
-
-def accepted_synthetic_shards(valid_dir: str | Path) -> Path | None:
-    """The validated synthetic shard folder (holding `train/part-*.parquet`) for training, or None
-    (logged: "training on real data only") when validation accepted no sample."""
-    valid_dir = Path(valid_dir)
-    verdict_path = valid_dir / VALIDATION_FILE
-    if not verdict_path.is_file():
-        raise FileNotFoundError(f"{verdict_path}: no validation verdict; run `dvc repro validate_synthetic@<gan>` "
-                                "(synthetic data is used only after it passed validation)")
-    verdict = json.loads(verdict_path.read_text())
-    if not verdict.get("accepted"):
-        log.warning("%s: no synthetic sample passed validation (%s): training on real data only", valid_dir,
-                    verdict.get("decision"))
-        return None
-    return valid_dir
 
 
 def checks_from_config(cfg: "Config") -> SyntheticChecks:
