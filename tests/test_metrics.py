@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from seglab.evaluate.metrics import (
+from seglab.metrics import (
     METRIC_NAMES,
     ConfusionMatrix,
     StreamingSegmentationMetric,

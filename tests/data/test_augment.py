@@ -7,7 +7,7 @@ import pytest
 import tensorflow as tf
 
 from seglab.config import AugmentConfig
-from seglab.train.augment import Augmentation
+from seglab.data.augment import Augmentation
 
 # Far-apart colours: each class is recognisable from the image alone.
 PALETTE = np.array([[20, 20, 20], [230, 30, 30], [30, 220, 40], [40, 60, 230], [240, 240, 60]], np.float32)

@@ -1,5 +1,5 @@
-"""Evaluation: streaming confusion-matrix metrics (``metrics``), test-time augmentation, ensembles.
+"""Evaluation: the evaluate stage, test-time augmentation, ensembles (the metrics are `seglab.metrics`).
 
-Submodules are imported explicitly (``from seglab.evaluate.metrics import ...``) so that importing
+Submodules are imported explicitly (``from seglab.evaluate.evaluate import ...``) so that importing
 the package does not pull in Keras for NumPy-only users.
 """

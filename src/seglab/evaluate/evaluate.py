@@ -6,7 +6,7 @@ classes (same names, same order: a model is never scored against another mapping
 val split letterboxed at the model's input size (padding is label 255, so it never counts). For every
 batch it runs the plain softmax and the TTA-merged probabilities (`seglab.evaluate.tta`), and adds
 the argmax into one streaming confusion matrix per variant; every score derives from those
-(`seglab.evaluate.metrics.scores_from_confusion`: macro means over present classes, NaN for
+(`seglab.metrics.scores_from_confusion`: macro means over present classes, NaN for
 undefined ones).
 
 Speed: images/s is the number of val images over the wall time of the model calls (prediction
@@ -47,9 +47,9 @@ import tensorflow as tf
 from seglab.atomic import atomic_dir
 from seglab.data.classes import IGNORE_INDEX
 from seglab.data.pipeline import classes_of, make_dataset
-from seglab.evaluate.metrics import METRIC_NAMES, ConfusionMatrix
 from seglab.evaluate.plots import plot_confusion, plot_prediction_grid
 from seglab.evaluate.tta import probability_model, tta_model
+from seglab.metrics import METRIC_NAMES, ConfusionMatrix
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class TrainedModel:
 def _register_custom_objects() -> None:
     # Importing these registers seglab's serialisable layers/optimizers/losses/metrics with Keras,
     # so load_model finds them.
-    import seglab.evaluate.metrics  # noqa: F401
+    import seglab.metrics  # noqa: F401
     import seglab.models.registry  # noqa: F401
     import seglab.models.transfer  # noqa: F401
     import seglab.train.losses  # noqa: F401

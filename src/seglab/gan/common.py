@@ -158,8 +158,8 @@ def gan_dataset(
     """
     import tensorflow as tf
 
+    from seglab.data.augment import Augmentation
     from seglab.data.pipeline import classes_of, make_dataset
-    from seglab.train.augment import Augmentation
 
     rows = shard_rows(shard_dir, split)
     if rows < batch_size:

@@ -150,7 +150,7 @@ class Pix2PixTrainer(GanTrainer):
 def transform_layout(label: np.ndarray, seed: Sequence[int], *, rotate_deg: float = 10.0,
                      scale: tuple[float, float] = (1.0, 1.3), hflip: bool = True) -> np.ndarray:
     """One random flip / rotation / zoom of a label map (nearest; pixels from outside -> 255)."""
-    from seglab.train.augment import Augmentation
+    from seglab.data.augment import Augmentation
 
     geometry = Augmentation(rotate_deg=rotate_deg, scale=scale, hflip=hflip, vflip=False,
                             brightness=0.0, contrast=0.0, saturation=0.0)

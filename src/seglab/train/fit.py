@@ -81,12 +81,12 @@ import tensorflow as tf
 from seglab.atomic import atomic_dir, write_text_atomic
 from seglab.data.pipeline import classes_of, make_dataset
 from seglab.data.shards import read_split, shard_files
-from seglab.evaluate.metrics import StreamingSegmentationMetric
+from seglab.metrics import StreamingSegmentationMetric
 from seglab.gan import GANS
 from seglab.gan.validate import VALIDATION_FILE, accepted_synthetic_shards
 from seglab.models.transfer import (ENCODER_LAYER, UnfreezeEncoder, build_optimizer, encoder_lr_optimizer,
                                     set_encoder_trainable)
-from seglab.train.augment import Augmentation
+from seglab.data.augment import Augmentation
 from seglab.train.losses import get_loss
 
 log = logging.getLogger(__name__)
