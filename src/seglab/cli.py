@@ -152,10 +152,17 @@ def main(argv: list[str] | None = None) -> int:
     # GX logs every expectation at INFO; our own summary says what matters.
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
     handler, _ = STAGES[args.stage]
+    trace_dir = os.environ.get("SEGLAB_TRACE")
     try:
         # `report --warehouse PATH` needs nothing from params.yaml, so it runs outside the project too.
         cfg = None if getattr(args, "warehouse", None) is not None else load_config(args.params)
+        if trace_dir:  # what this run reads, for checking dvc.yaml's deps (seglab.stage_trace)
+            from seglab.stage_trace import ParamsReads, write_trace
+
+            reads = ParamsReads(cfg) if cfg is not None else None
         result = handler(cfg, args)
+        if trace_dir:
+            write_trace(trace_dir, list(argv if argv is not None else sys.argv[1:]), reads)
     except ConfigError as e:
         print(f"seglab {args.stage}: {e}", file=sys.stderr)
         return 2

@@ -2,28 +2,64 @@
 
 from __future__ import annotations
 
+import functools
+import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 
+# The project's params.yaml: the one place defaults live. A settings mapping that leaves a key out
+# (a test's partial config, an older params file) gets the value from here, never from a copy in code.
+PROJECT_PARAMS = Path(__file__).resolve().parents[2] / "params.yaml"
+
+
+@functools.cache
+def project_params() -> dict:
+    """The project's params.yaml as a mapping ({} where seglab runs outside its checkout)."""
+    try:
+        return yaml.safe_load(PROJECT_PARAMS.read_text()) or {}
+    except FileNotFoundError:
+        return {}
+
+
+def _project_value(key: str) -> object:
+    value: object = project_params()
+    for part in key.split("."):
+        value = value.get(part, {}) if isinstance(value, dict) else {}
+    return value
+
+
 class _Section(BaseModel):
     # A typo in params.yaml must fail loudly, not be silently ignored.
     model_config = ConfigDict(extra="forbid", frozen=True)
+    # Where this section sits in params.yaml; keys a mapping leaves out come from there.
+    params_key: ClassVar[str | None] = None
+    # Properties that stand for a field (a read of the property is a read of that key: seglab.stage_trace).
+    derived_fields: ClassVar[dict[str, str]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults_from_project_params(cls, data: Any) -> Any:
+        if cls.params_key is None or not isinstance(data, dict):
+            return data
+        defaults = _project_value(cls.params_key)
+        return {**defaults, **data} if isinstance(defaults, dict) else data
 
 
 class SampleConfig(_Section):
-    out: Path = Path("data/sample")
-    train_images: int = Field(120, ge=1)
-    val_images: int = Field(40, ge=1)
-    min_side: int = Field(160, ge=32)
-    max_side: int = Field(320, ge=32)
-    crowd_fraction: float = Field(0.15, ge=0.0, le=1.0)
-    amodal_fraction: float = Field(0.1, ge=0.0, le=1.0)
-    greyscale_fraction: float = Field(0.05, ge=0.0, le=1.0)
+    params_key: ClassVar[str] = "sample"
+    out: Path
+    train_images: int = Field(ge=1)
+    val_images: int = Field(ge=1)
+    min_side: int = Field(ge=32)
+    max_side: int = Field(ge=32)
+    crowd_fraction: float = Field(ge=0.0, le=1.0)
+    amodal_fraction: float = Field(ge=0.0, le=1.0)
+    greyscale_fraction: float = Field(ge=0.0, le=1.0)
 
     @field_validator("max_side")
     @classmethod
@@ -33,47 +69,58 @@ class SampleConfig(_Section):
         return v
 
 
+# Split names become folder names under shard.out: no separators or '..' that could leave it.
+SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
 class DataConfig(_Section):
-    root: Path = Path("data/sample")
-    splits: dict[str, str] = Field(default_factory=lambda: {"train": "train2017", "val": "val2017"})
-    class_set: Literal["all80", "voc20"] | list[str] = "voc20"
-    crowd: Literal["ignore", "label", "background"] = "ignore"
-    overlap: Literal["ignore", "last"] = "ignore"
-    min_train_area: int = Field(0, ge=0)
-    on_bad_record: Literal["error", "skip"] = "error"
+    params_key: ClassVar[str] = "data"
+    root: Path
+    splits: dict[str, str]
+    class_set: Literal["all80", "voc20"] | list[str]
+    crowd: Literal["ignore", "label", "background"]
+    overlap: Literal["ignore", "last"]
+    min_train_area: int = Field(ge=0)
+    on_bad_record: Literal["error", "skip"]
 
     @field_validator("splits")
     @classmethod
     def _splits_nonempty(cls, v: dict[str, str]) -> dict[str, str]:
         if not v:
             raise ValueError("data.splits must name at least one split")
+        for name in v:
+            if not SPLIT_NAME.fullmatch(name):
+                raise ValueError(f"data.splits: split name {name!r} may use only letters, digits, '_' and '-' "
+                                 "(it becomes a folder under shard.out)")
         return v
 
 
 class ShardConfig(_Section):
-    out: Path = Path("data/shards")
-    max_side: int = Field(320, ge=16)
-    max_shard_mb: float = Field(16, gt=0)
-    jpeg_quality: int = Field(95, ge=50, le=100)
-    workers: int = Field(2, ge=0)
+    params_key: ClassVar[str] = "shard"
+    out: Path
+    max_side: int = Field(ge=16)
+    max_shard_mb: float = Field(gt=0)
+    jpeg_quality: int = Field(ge=50, le=100)
+    workers: int = Field(ge=0)
 
 
 class ValidateConfig(_Section):
-    report: Path = Path("data/reports/validation")
-    min_side: int = Field(16, ge=1)
-    max_side: int = Field(4096, ge=1)
-    max_unlabelled_share: float = Field(0.2, ge=0.0, le=1.0)
-    decode_images: bool = True
+    params_key: ClassVar[str] = "validate"
+    report: Path
+    min_side: int = Field(ge=1)
+    max_side: int = Field(ge=1)
+    max_unlabelled_share: float = Field(ge=0.0, le=1.0)
+    decode_images: bool
 
 
 class ProfileConfig(_Section):
     """Size and budget of a training run; `profile` in params picks one."""
 
-    image_size: int = Field(128, ge=32)
-    batch_size: int = Field(8, ge=1)
-    epochs: int = Field(8, ge=1)
-    width: float = Field(0.25, gt=0)
-    learning_rate: float = Field(1e-3, gt=0)
+    image_size: int = Field(ge=32)
+    batch_size: int = Field(ge=1)
+    epochs: int = Field(ge=1)
+    width: float = Field(gt=0)
+    learning_rate: float = Field(gt=0)
 
 
 class ModelEntry(_Section):
@@ -89,6 +136,7 @@ class ModelEntry(_Section):
     # None: the top-level `seed`.
     seed: int | None = Field(None, ge=0)
     _gan: str | None = PrivateAttr(None)  # resolved by `Config` (it needs the other sections)
+    derived_fields: ClassVar[dict[str, str]] = {"gan": "train_data"}
 
     @property
     def gan(self) -> str | None:
@@ -97,13 +145,14 @@ class ModelEntry(_Section):
 
 
 class AugmentConfig(_Section):
-    rotate_deg: float = Field(15, ge=0, le=180)
-    scale: tuple[float, float] = (0.8, 1.2)
-    hflip: bool = True
-    vflip: bool = False
-    brightness: float = Field(0.2, ge=0)
-    contrast: float = Field(0.2, ge=0)
-    saturation: float = Field(0.2, ge=0)
+    params_key: ClassVar[str] = "train.augment"
+    rotate_deg: float = Field(ge=0, le=180)
+    scale: tuple[float, float]
+    hflip: bool
+    vflip: bool
+    brightness: float = Field(ge=0)
+    contrast: float = Field(ge=0)
+    saturation: float = Field(ge=0)
 
     @field_validator("scale")
     @classmethod
@@ -114,38 +163,40 @@ class AugmentConfig(_Section):
 
 
 class TrainConfig(_Section):
-    out: Path = Path("data/models")
-    metrics: Path = Path("data/metrics")
-    state: Path = Path("data/train_state")
-    optimizer: Literal["adam", "adamw"] = "adam"
-    weight_decay: float = Field(1e-4, ge=0)
-    warmup_epochs: int = Field(1, ge=0)
-    output_stride: Literal[8, 16] = 16
-    loss: Literal["ce", "focal", "dice", "focal_dice"] = "focal_dice"
-    focal_gamma: float = Field(2.0, ge=0)
-    focal_weight: float = Field(1.0, ge=0)
-    dice_weight: float = Field(1.0, ge=0)
-    class_weights: list[float] | None = None
-    mixed_precision: Literal["auto", "off", "mixed_float16", "mixed_bfloat16"] = "auto"
-    freeze_encoder_epochs: int = Field(1, ge=0)
-    # Start the classifier's bias at the log class frequencies of the training pixels (seglab.train.fit).
-    prior_init: bool = True
-    encoder_lr_multiplier: float = Field(0.1, gt=0)
-    encoder_batchnorm: Literal["frozen", "train"] = "frozen"
-    early_stopping_patience: int = Field(10, ge=1)
-    reduce_lr_patience: int = Field(3, ge=1)
-    augment: AugmentConfig = AugmentConfig()
+    params_key: ClassVar[str] = "train"
+    out: Path
+    metrics: Path
+    state: Path
+    optimizer: Literal["adam", "adamw"]
+    weight_decay: float = Field(ge=0)
+    warmup_epochs: int = Field(ge=0)
+    output_stride: Literal[8, 16]
+    loss: Literal["ce", "focal", "dice", "focal_dice"]
+    focal_gamma: float = Field(ge=0)
+    focal_weight: float = Field(ge=0)
+    dice_weight: float = Field(ge=0)
+    class_weights: list[float] | None
+    mixed_precision: Literal["auto", "off", "mixed_float16", "mixed_bfloat16"]
+    freeze_encoder_epochs: int = Field(ge=0)
+    prior_init: bool  # classifier bias starts at the log class frequencies of the training pixels
+    encoder_lr_multiplier: float = Field(gt=0)
+    encoder_batchnorm: Literal["frozen", "train"]
+    early_stopping_patience: int = Field(ge=1)
+    reduce_lr_patience: int = Field(ge=1)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
 
 class EvaluateConfig(_Section):
-    out: Path = Path("data/eval")
-    batch_size: int = Field(8, ge=1)
-    tta: list[Literal["identity", "hflip", "vflip", "rot90", "rot180", "rot270"]] = Field(
-        default_factory=lambda: ["identity", "hflip", "vflip", "rot90", "rot270"])
-    latency_runs: int = Field(20, ge=1)
+    params_key: ClassVar[str] = "evaluate"
+    out: Path
+    batch_size: int = Field(ge=1)
+    tta: list[Literal["identity", "hflip", "vflip", "rot90", "rot180", "rot270"]]
+    latency_runs: int = Field(ge=1)
 
 
 class EnsembleConfig(_Section):
+    # No project default: the ensemble is part of the comparison (`models`), which a settings
+    # mapping names itself.
     members: list[str] = Field(default_factory=list)
     weights: list[float] | None = None
 
@@ -161,8 +212,9 @@ class EnsembleConfig(_Section):
 
 
 class WarehouseConfig(_Section):
-    path: Path = Path("data/warehouse.duckdb")
-    mirror: bool = False  # true: drop runs whose eval.json is gone (default: runs accumulate)
+    params_key: ClassVar[str] = "warehouse"
+    path: Path
+    mirror: bool  # true: drop runs whose eval.json is gone (false: runs accumulate)
 
 
 class GanTrainingConfig(_Section):
@@ -219,8 +271,9 @@ class ValidateSyntheticConfig(_Section):
 
 
 class ScheduleConfig(_Section):
-    cron: str = "0 3 * * 1"
-    timezone: str = "UTC"
+    params_key: ClassVar[str] = "schedule"
+    cron: str
+    timezone: str
 
     @field_validator("cron")
     @classmethod
@@ -231,21 +284,33 @@ class ScheduleConfig(_Section):
 
 
 class Config(_Section):
-    seed: int = 0
-    sample: SampleConfig = SampleConfig()
-    data: DataConfig = DataConfig()
-    shard: ShardConfig = ShardConfig()
-    validate_: ValidateConfig = Field(ValidateConfig(), alias="validate")
-    profiles: dict[str, ProfileConfig] = Field(default_factory=lambda: {"cpu": ProfileConfig()})
-    profile: str = "cpu"  # after `profiles`, so its validator can see them
+    seed: int
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    shard: ShardConfig = Field(default_factory=ShardConfig)
+    validate_: ValidateConfig = Field(default_factory=ValidateConfig, alias="validate")
+    profiles: dict[str, ProfileConfig]
+    profile: str  # after `profiles`, so its validator can see them
+    # The comparison (models, ensemble) has no project default: a settings mapping names its own.
     models: dict[str, ModelEntry] = Field(default_factory=dict)
-    train: TrainConfig = TrainConfig()
-    evaluate: EvaluateConfig = EvaluateConfig()
-    ensemble: EnsembleConfig = EnsembleConfig()
-    warehouse: WarehouseConfig = WarehouseConfig()
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig)
+    warehouse: WarehouseConfig = Field(default_factory=WarehouseConfig)
     gan: GanConfig = GanConfig()
     validate_synthetic: ValidateSyntheticConfig = ValidateSyntheticConfig()
-    schedule: ScheduleConfig = ScheduleConfig()
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _top_level_defaults(cls, data: Any) -> Any:
+        # Sections fill their own keys; the top level takes the scalars and sections a mapping
+        # leaves out, except the comparison.
+        if not isinstance(data, dict):
+            return data
+        defaults = {k: v for k, v in project_params().items() if k not in ("models", "ensemble")}
+        present = set(data) | {"validate"} if "validate_" in data else set(data)
+        return {**{k: v for k, v in defaults.items() if k not in present}, **data}
 
     @field_validator("profile")
     @classmethod

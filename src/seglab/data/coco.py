@@ -11,11 +11,15 @@ The same loader serves real COCO, coco-mini and the embedded sample. Rules (para
   of categories outside the set are background.
 - Training images with fewer than `min_train_area` labelled pixels (class > 0, not 255) at the
   original resolution are dropped (counted as "filtered"); validation images never are.
-- Bad records (missing or corrupt image, annotation of an unknown image or category, polygon with
-  fewer than 3 points, a `file_name` that escapes the image folder, duplicate ids, a size that
-  disagrees with the file): `on_bad_record: error` raises `DataError` naming the file, record and
-  rule; `skip` drops the affected image (or the orphan annotation) and counts it with its reason.
+- Bad records (missing or corrupt image, annotation of an unknown image or category, ids that are
+  not integers, polygon with fewer than 3 points or with a coordinate that is not finite or lies
+  more than one image size outside the frame, RLE counts that do not cover exactly height x width,
+  a `file_name` that escapes the image folder by text or through a symlink or is not UTF-8,
+  duplicate ids, more than `MAX_IMAGE_PIXELS` pixels declared or stored, a size that disagrees
+  with the file): `on_bad_record: error` raises `DataError` naming the file, record and rule;
+  `skip` drops the affected image (or the orphan annotation) and counts it with its reason.
   A bad annotation drops its whole image, since labelling the object as background would be wrong.
+  A split with no usable image is an error in either mode: shards must never become empty.
 - Image modes: greyscale, palette, RGBA (alpha dropped), CMYK and 16-bit images become RGB.
   EXIF orientation is applied when the upright size is the size the record gives (what the
   annotator saw); when only the stored size matches, the stored pixels are used as they are.
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import posixpath
 from collections import Counter
 from dataclasses import dataclass, field
@@ -46,6 +51,12 @@ COCO2017_ARCHIVES = {
         "f4bbac642086de4f52a3fdda2de5fa2c",
     ),
 }
+
+
+# Decoding costs about a dozen bytes per pixel (RGB, label, masks) in every worker. The cap admits
+# any camera photo (COCO's own images are at most 640 px a side) and refuses the decompression
+# bombs PIL only warns about, so a pool of workers stays within a workstation's memory.
+MAX_IMAGE_PIXELS = 50_000_000
 
 
 class DataError(ValueError):
@@ -128,12 +139,80 @@ def _check_image_record(rec: Any) -> tuple[str, str] | None:
     name = rec.get("file_name")
     if not isinstance(name, str) or not name:
         return "malformed image record", "field 'file_name' missing or empty"
+    try:
+        name.encode("utf-8")  # lone surrogates from JSON escapes cannot be a file name or a Parquet string
+    except UnicodeEncodeError:
+        return "malformed image record", f"file_name {name!r} is not encodable as UTF-8"
+    if "\x00" in name:
+        return "malformed image record", f"file_name {name!r} contains a NUL character"
     norm = posixpath.normpath(name.replace("\\", "/"))
     if norm.startswith("/") or norm == ".." or norm.startswith("../") or (len(norm) > 1 and norm[1] == ":"):
         return "file_name escapes the image folder", f"file_name {name!r} escapes the image folder"
     for key in ("height", "width"):
         if not _is_int(rec.get(key)) or rec[key] <= 0:
             return "malformed image record", f"field '{key}' missing or not a positive integer (got {rec.get(key)!r})"
+    if rec["height"] * rec["width"] > MAX_IMAGE_PIXELS:
+        return "image too large", (f"declared size {rec['height']}x{rec['width']} (HxW) exceeds the "
+                                   f"{MAX_IMAGE_PIXELS:,}-pixel limit (seglab.data.coco.MAX_IMAGE_PIXELS)")
+    return None
+
+
+def _links_outside(image_dir_real: str, path: Path, name: str) -> bool:
+    """Whether `path` resolves outside the image folder through a symlink (file or sub-folder)."""
+    if "/" not in name and not os.path.islink(path):
+        return False  # a plain entry of the folder itself: one lstat instead of resolving every part
+    return os.path.commonpath([image_dir_real, os.path.realpath(path)]) != image_dir_real
+
+
+def compressed_rle_counts(counts: str) -> list[int] | None:
+    """Run lengths of a compressed RLE string, decoded as pycocotools' rleFrString does.
+
+    None when the string is malformed: a character outside '0'..'o', a run that needs more than
+    the seven 5-bit groups of a 32-bit count, or a string that ends inside a run (pycocotools
+    would read past its end).
+    """
+    runs: list[int] = []
+    value = shift = 0
+    for char in counts:
+        code = ord(char) - 48
+        if not 0 <= code < 64:
+            return None
+        value |= (code & 0x1F) << shift
+        shift += 5
+        if code & 0x20:  # more groups follow
+            if shift >= 35:
+                return None
+            continue
+        if code & 0x10:  # sign bit of the last group
+            value |= -1 << shift
+        if len(runs) > 2:  # after the first two, runs are stored as differences
+            value += runs[-2]
+        runs.append(value)
+        value = shift = 0
+    return None if shift else runs
+
+
+def _check_rle_counts(runs: list[int], height: int, width: int, kind: str) -> tuple[str, str] | None:
+    # pycocotools fills exactly sum(runs) pixels of an H x W buffer: fewer leaves uninitialised
+    # memory in the mask, more writes past it, and a negative run overflows its unsigned counts.
+    if any(r < 0 for r in runs):
+        return "malformed segmentation", f"{kind} RLE counts contain a negative run"
+    if sum(runs) != height * width:
+        return "malformed segmentation", f"{kind} RLE counts sum to {sum(runs)}, expected height*width = {height * width}"
+    return None
+
+
+def _polygon_problem(k: int, poly: list, height: int, width: int) -> tuple[str, str] | None:
+    # Real outlines stray a pixel or so outside the frame, but pycocotools' rasteriser walks every
+    # edge at 5x resolution: one image size of margin is plenty, and a NaN or 1e12 would make it
+    # allocate without bound (or crash). NaN fails every comparison, so it is caught here too.
+    for j, v in enumerate(poly):
+        limit = width if j % 2 == 0 else height
+        if not -limit <= v <= 2 * limit:
+            axis = "x" if j % 2 == 0 else "y"
+            return "polygon coordinate out of range", (
+                f"segmentation polygon {k} has {axis} = {v!r} at index {j}; coordinates must be finite and "
+                f"within one image size of the frame ({axis} in [{-limit}, {2 * limit}])")
     return None
 
 
@@ -150,19 +229,26 @@ def _check_segmentation(ann: dict, height: int, width: int) -> tuple[str, str] |
                 return "malformed segmentation", f"segmentation polygon {k} has an odd number of coordinates ({len(poly)})"
             if len(poly) < 6:
                 return "polygon with fewer than 3 points", f"segmentation polygon {k} has {len(poly) // 2} points; a polygon needs at least 3"
+            problem = _polygon_problem(k, poly, height, width)
+            if problem is not None:
+                return problem
         return None
     if isinstance(seg, dict):
         size, counts = seg.get("size"), seg.get("counts")
-        if not (isinstance(size, list) and len(size) == 2):
-            return "malformed segmentation", "RLE segmentation without a [height, width] 'size'"
+        if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) for v in size)):
+            return "malformed segmentation", "RLE segmentation without an integer [height, width] 'size'"
         if list(size) != [height, width]:
             return "malformed segmentation", f"RLE size {size} differs from the image's [{height}, {width}]"
         if isinstance(counts, list):
-            if sum(counts) != height * width:
-                return "malformed segmentation", f"uncompressed RLE counts sum to {sum(counts)}, expected height*width = {height * width}"
-        elif not isinstance(counts, str):
-            return "malformed segmentation", "RLE 'counts' must be a list (uncompressed) or a string (compressed)"
-        return None
+            if not all(_is_int(c) for c in counts):
+                return "malformed segmentation", "uncompressed RLE counts must be integers"
+            return _check_rle_counts(counts, height, width, "uncompressed")
+        if isinstance(counts, str):
+            runs = compressed_rle_counts(counts)
+            if runs is None:
+                return "malformed segmentation", "compressed RLE counts are not a valid RLE string"
+            return _check_rle_counts(runs, height, width, "compressed")
+        return "malformed segmentation", "RLE 'counts' must be a list (uncompressed) or a string (compressed)"
     return "malformed segmentation", f"segmentation must be a polygon list or an RLE object, got {type(seg).__name__}"
 
 
@@ -195,11 +281,15 @@ def load_split(
 
     images: dict[int, dict] = {}
     locations: dict[int, str] = {}
+    image_dir_real = os.path.realpath(image_dir)
     for i, rec in enumerate(data["images"]):
         where = f"images[{i}]" + (f" (id {rec.get('id')})" if isinstance(rec, dict) else "")
         problem = _check_image_record(rec)
         if problem is None and rec["id"] in images:
             problem = "duplicate image id", f"duplicate image id {rec['id']} (first at {locations[rec['id']]})"
+        if problem is None and _links_outside(image_dir_real, image_dir / rec["file_name"], rec["file_name"]):
+            problem = ("file_name escapes the image folder",
+                       f"file_name {rec['file_name']!r} resolves outside the image folder (through a symlink)")
         if problem is not None:
             bad(where, *problem)
             continue
@@ -215,13 +305,20 @@ def load_split(
             continue
         where = f"annotations[{i}] (id {ann.get('id')}, image_id {ann.get('image_id')})"
         image_id = ann.get("image_id")
+        if not _is_int(image_id):  # also keeps unhashable ids (lists, objects) out of the lookups
+            bad(where, "malformed annotation", f"image_id {image_id!r} is not an integer")
+            continue
         if image_id not in images:
             bad(where, "annotation of an unknown image", f"image_id {image_id!r} is not a known image")
             continue
         if image_id in dropped:
             continue
         cat = ann.get("category_id")
-        if cat not in known_categories:
+        if not _is_int(cat):
+            problem = "malformed annotation", f"category_id {cat!r} is not an integer"
+        elif ann.get("id") is not None and not _is_int(ann.get("id")):
+            problem = "malformed annotation", f"annotation id {ann.get('id')!r} is not an integer"
+        elif cat not in known_categories:
             problem = "annotation of an unknown category", f"category_id {cat!r} is not a declared category"
         elif ann.get("id") in seen_ann_ids:
             problem = "duplicate annotation id", f"duplicate annotation id {ann.get('id')}"
@@ -253,6 +350,10 @@ def load_split(
                 record=f"{ann_file.name}: {locations[image_id]} file {rec['file_name']!r}",
             )
         )
+    if not tasks:
+        # Written out, an empty split would replace good shards with an empty folder.
+        raise DataError(f"{ann_file}: split '{split}' has no usable images ({len(data['images'])} image records, "
+                        f"{sum(skipped.values())} bad records skipped); refusing to write an empty split", "empty split")
     tasks.sort(key=lambda t: t.image_id)  # output order independent of file order
     return CocoSplit(split, folder, ann_file, image_dir, class_set, tasks, skipped, skipped_records)
 
@@ -301,7 +402,11 @@ def label_map(
 def decode_image(path: Path, expected_hw: tuple[int, int], record: str) -> np.ndarray:
     """Read an image file as uint8 RGB (H, W, 3) in the orientation the record's size describes."""
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as im:  # reads the header only
+            if im.width * im.height > MAX_IMAGE_PIXELS:
+                raise DataError(
+                    f"{record}: image {path} is {im.height}x{im.width} (HxW), over the {MAX_IMAGE_PIXELS:,}-pixel "
+                    "limit (seglab.data.coco.MAX_IMAGE_PIXELS)", rule="image too large")
             im.load()
             upright = ImageOps.exif_transpose(im)
             if (upright.height, upright.width) == expected_hw:
@@ -320,6 +425,8 @@ def decode_image(path: Path, expected_hw: tuple[int, int], record: str) -> np.nd
             return np.asarray(rgb, dtype=np.uint8)
     except FileNotFoundError:
         raise DataError(f"{record}: image file {path} not found", rule="missing image file") from None
+    except Image.DecompressionBombError as e:  # PIL's own limit, met before ours when the header is huge
+        raise DataError(f"{record}: image file {path}: {e}", rule="image too large") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         if isinstance(e, DataError):
             raise

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from seglab.atomic import atomic_dir, write_text_atomic
+from seglab.config import SPLIT_NAME
 from seglab.data.classes import IGNORE_INDEX, ClassSet
 from seglab.data.coco import DataError, ImageTask, LabelRules, decode_image, encode_png, label_map, load_split
 
@@ -183,6 +184,10 @@ def build_shards(
     skipped_records: list[str] = []
     started = time.perf_counter()
     total_images = 0
+    for split in splits:
+        if not SPLIT_NAME.fullmatch(split):  # params are validated too; build_shards is also called directly
+            raise DataError(f"split name {split!r} may use only letters, digits, '_' and '-' (it becomes a folder "
+                            f"under {out_dir})", "bad split name")
     with atomic_dir(out_dir) as tmp:
         for split, folder in splits.items():
             coco = load_split(root, split, folder, class_set, on_bad_record)  # raises DataError
@@ -211,6 +216,10 @@ def build_shards(
 
             files = write_shards(rows(), tmp / split, shard_metadata(coco.class_set, split, rules), settings.max_shard_mb)
             written = sum(f["rows"] for f in files)
+            if not written:  # every image filtered or skipped: keep the previous shards
+                raise DataError(f"{coco.annotation_file}: split '{split}' has no image left to write ({filtered} below "
+                                f"min_train_area, {sum(skipped.values())} skipped); refusing to write an empty split",
+                                "empty split")
             total_images += written + filtered + sum(skipped.values())
             report["splits"][split] = {
                 "images": written,
