@@ -140,3 +140,37 @@ def test_reading_reports_missing_shards_and_foreign_files(tmp_path):
     pq.write_table(__import__("pyarrow").table({"x": [1]}), tmp_path / "foreign.parquet")
     with pytest.raises(ValueError, match="not a seglab shard"):
         read_classes(tmp_path / "foreign.parquet")
+
+
+def _row(index: int, payload: int = 1000) -> dict:
+    return {"image_id": index, "file_name": f"{index}.jpg", "split": "train", "source": "t", "height": 1,
+            "width": 1, "orig_height": 1, "orig_width": 1, "image": b"\xff" * payload, "label": b"\x89",
+            "class_pixels": [1], "ignore_pixels": 0}
+
+
+def test_the_one_writer_splits_by_payload_keeps_extra_columns_and_requires_a_class_list(tmp_path):
+    import pyarrow as pa
+
+    from seglab.data.shards import ShardWriter, write_shards
+
+    metadata = {b"seglab.classes": b'["background"]'}
+    schema = SHARD_SCHEMA.append(pa.field("generator", pa.string()))
+    rows = [{**_row(i, 600_000), "generator": "g"} for i in range(5)]
+    files = write_shards(rows, tmp_path / "s", metadata, 1.0, schema=schema)
+    # A part closes once its payload reaches the limit: 2 rows of ~0.6 MB each, then the rest.
+    assert [f["rows"] for f in files] == [2, 2, 1]
+    table = read_split(tmp_path, "s")
+    assert table.column("generator").to_pylist() == ["g"] * 5 and read_classes(shard_files(tmp_path, "s")[0]) == [
+        "background"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # written through an atomic folder
+    writer = ShardWriter(tmp_path / "parts", metadata, max_shard_mb=float("inf"))
+    for i in range(3):
+        writer.add(_row(i))
+        writer.end_part({**metadata, b"part": str(i).encode()})
+    writer.end_part()  # nothing pending: no empty part
+    assert [f["rows"] for f in writer.files] == [1, 1, 1]
+    assert pq.read_schema(tmp_path / "parts" / "part-00002.parquet").metadata[b"part"] == b"2"
+    with pytest.raises(ValueError, match="seglab.classes"):
+        ShardWriter(tmp_path / "x", {})
+    with pytest.raises(ValueError, match="must start with SHARD_SCHEMA"):
+        ShardWriter(tmp_path / "x", metadata, schema=pa.schema([pa.field("image", pa.binary())]))

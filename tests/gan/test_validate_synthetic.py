@@ -39,7 +39,7 @@ from seglab.gan.validate import (
     synthetic_profile,
     validate_samples,
 )
-from seglab.gan.warehouse import SummaryFileError, ingest_synthetic_validation
+from seglab.warehouse.synthetic import SummaryFileError, ingest_synthetic_validation
 
 SIZE = 64
 CHECKS = SyntheticChecks(image_size=(SIZE, SIZE))

@@ -9,6 +9,7 @@ byte-identical for identical inputs and params (so DVC's cache holds).
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -127,33 +128,75 @@ def shard_metadata(class_set: ClassSet, split: str, rules: LabelRules, extra: di
     return {k.encode(): v.encode() for k, v in meta.items()}
 
 
+class ShardWriter:
+    """Rows -> `<out_dir>/part-NNNNN.parquet`, the one place that lays out a shard file.
+
+    A part ends once about `max_shard_mb` of encoded payload is in it (or at `end_part`). `schema`
+    is `SHARD_SCHEMA`, optionally followed by extra columns (synthetic shards add the generator);
+    `metadata` must name the class list (`seglab.classes`), so no shard is ever written without it.
+    Payloads are stored as they are (already compressed), the other columns zstd-compressed, in
+    row groups of 64 rows (what readers stream). `write_shards` wraps this in an atomic folder.
+    """
+
+    def __init__(self, out_dir: str | Path, metadata: dict[bytes, bytes], *, schema: pa.Schema = SHARD_SCHEMA,
+                 max_shard_mb: float = 16.0):
+        _check_shard_schema(schema)
+        _check_shard_metadata(metadata)
+        self.out_dir = Path(out_dir)
+        self.schema = schema.with_metadata(metadata)
+        self.limit = max_shard_mb * 1024 * 1024
+        self.files: list[dict] = []
+        self._rows: list[dict] = []
+        self._size = 0
+
+    def add(self, row: dict) -> None:
+        self._rows.append(row)
+        self._size += len(row["image"]) + len(row["label"])
+        if self._size >= self.limit:
+            self.end_part()
+
+    def end_part(self, metadata: dict[bytes, bytes] | None = None) -> None:
+        """Write the rows added since the last part as the next part file (none if there are none);
+        `metadata` replaces the writer's for this part only."""
+        if not self._rows:
+            return
+        schema = self.schema
+        if metadata is not None:
+            _check_shard_metadata(metadata)
+            schema = schema.with_metadata(metadata)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / f"part-{len(self.files):05d}.parquet"
+        compression = {name: _COMPRESSION.get(name, "ZSTD") for name in schema.names}
+        pq.write_table(pa.Table.from_pylist(self._rows, schema=schema), path, compression=compression,
+                       row_group_size=_ROW_GROUP_ROWS)
+        self.files.append({"file": path.name, "rows": len(self._rows)})
+        self._rows, self._size = [], 0
+
+
+def _check_shard_schema(schema: pa.Schema) -> None:
+    head = [(f.name, f.type) for f in schema][:len(SHARD_SCHEMA)]
+    if head != [(f.name, f.type) for f in SHARD_SCHEMA]:
+        raise ValueError(f"a shard schema must start with SHARD_SCHEMA's columns {SHARD_SCHEMA.names}, "
+                         f"got {schema.names}")
+
+
+def _check_shard_metadata(metadata: dict[bytes, bytes]) -> None:
+    if b"seglab.classes" not in metadata:
+        raise ValueError("shard metadata lacks 'seglab.classes' (the class list, see shard_metadata)")
+
+
 def write_shards(
-    rows: Iterable[dict], out_dir: Path, metadata: dict[bytes, bytes], max_shard_mb: float
+    rows: Iterable[dict], out_dir: Path, metadata: dict[bytes, bytes], max_shard_mb: float = 16.0, *,
+    schema: pa.Schema = SHARD_SCHEMA,
 ) -> list[dict]:
-    """Write rows into part-NNNNN.parquet files of about max_shard_mb each; return per-file info."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    schema = SHARD_SCHEMA.with_metadata(metadata)
-    limit = max_shard_mb * 1024 * 1024
-    files: list[dict] = []
-    batch: list[dict] = []
-    size = 0
-
-    def flush() -> None:
-        nonlocal batch, size
-        path = out_dir / f"part-{len(files):05d}.parquet"
-        table = pa.Table.from_pylist(batch, schema=schema)
-        pq.write_table(table, path, compression=_COMPRESSION, row_group_size=_ROW_GROUP_ROWS)
-        files.append({"file": path.name, "rows": len(batch)})
-        batch, size = [], 0
-
-    for row in rows:
-        batch.append(row)
-        size += len(row["image"]) + len(row["label"])
-        if size >= limit:
-            flush()
-    if batch:
-        flush()
-    return files
+    """Write rows into `out_dir`/part-NNNNN.parquet files of about max_shard_mb each (`ShardWriter`),
+    atomically: `out_dir` ends up with all of them or keeps what it held. Returns per-file info."""
+    with atomic_dir(out_dir) as tmp:
+        writer = ShardWriter(tmp, metadata, schema=schema, max_shard_mb=max_shard_mb)
+        for row in rows:
+            writer.add(row)
+        writer.end_part()
+    return writer.files
 
 
 def _results(tasks: list[tuple], workers: int) -> Iterator[tuple]:
@@ -175,8 +218,11 @@ def build_shards(
     settings: ShardSettings = ShardSettings(),
     on_bad_record: str = "error",
     report_path: str | Path | None = None,
+    details_path: str | Path | None = None,
 ) -> dict:
-    """COCO root -> `<out_dir>/<split>/part-*.parquet`; returns (and optionally writes) a report."""
+    """COCO root -> `<out_dir>/<split>/part-*.parquet`; returns a report and optionally writes it:
+    what runs compare to `report_path` (a DVC metric), per-class counts and skipped records to
+    `details_path`."""
     root, out_dir = Path(root), Path(out_dir)
     source = root.resolve().name
     workers = settings.workers or os.cpu_count() or 1
@@ -227,19 +273,42 @@ def build_shards(
                 "filtered_min_area": filtered,
                 "skipped": sum(skipped.values()),
                 "skipped_by_rule": dict(sorted(skipped.items())),
+                # Of the pixels with a class (ignore excluded), the share that is not background.
+                "labelled_pixel_share": round(float(pixels[1:].sum() / max(int(pixels.sum()), 1)), 4),
                 "class_pixels": {c: int(p) for c, p in zip(coco.class_set.classes, pixels)},
             }
     elapsed = time.perf_counter() - started
     log.info("sharded %d images from %s in %.1fs (%.1f images/s, %d workers)", total_images, root, elapsed,
              total_images / max(elapsed, 1e-9), workers)
     report["skipped_records"] = skipped_records
+    metrics, details = split_report(report)
     if report_path is not None:
-        write_text_atomic(report_path, json.dumps(report, indent=2) + "\n")
+        write_text_atomic(report_path, json.dumps(metrics, indent=2) + "\n")
+    if details_path is not None:
+        write_text_atomic(details_path, json.dumps(details, indent=2) + "\n")
     return report
 
 
+# Per class or per record: too wide for `dvc metrics show`, so these go to the details file.
+_DETAIL_KEYS = ("classes", "skipped_records")
+_SPLIT_DETAIL_KEYS = ("class_pixels",)
+
+
+def split_report(report: dict) -> tuple[dict, dict]:
+    """A shard report as (metrics: what runs compare, details: per-class counts and skipped records)."""
+    metrics = {k: v for k, v in report.items() if k not in (*_DETAIL_KEYS, "splits")}
+    metrics["num_classes"] = len(report["classes"] or [])
+    metrics["splits"] = {split: {k: v for k, v in values.items() if k not in _SPLIT_DETAIL_KEYS}
+                         for split, values in report["splits"].items()}
+    details = {k: report.get(k) for k in _DETAIL_KEYS}
+    details["splits"] = {split: {k: values[k] for k in _SPLIT_DETAIL_KEYS}
+                         for split, values in report["splits"].items()}
+    return metrics, details
+
+
 def run_shard(cfg) -> dict:
-    """The `shard` stage: params.yaml -> data/shards + data/reports/shard.json."""
+    """The `shard` stage: params.yaml -> data/shards + data/reports/shard.json (metrics) and
+    data/reports/shard_details.json."""
     d, s = cfg.data, cfg.shard
     return build_shards(
         d.root,
@@ -251,6 +320,7 @@ def run_shard(cfg) -> dict:
                                workers=s.workers),
         on_bad_record=d.on_bad_record,
         report_path=Path("data/reports/shard.json"),
+        details_path=Path("data/reports/shard_details.json"),
     )
 
 
@@ -279,6 +349,48 @@ def read_split(shard_dir: str | Path, split: str, columns: list[str] | None = No
         if read_classes(f) != classes:
             raise ValueError(f"{f}: class list differs from {files[0]}; shards of one split must share it")
     return pa.concat_tables(pq.read_table(f, columns=columns) for f in files)
+
+
+@dataclass(frozen=True)
+class SplitSummary:
+    """What the shards of some splits hold, from the files' footers and `source` column (no payload read)."""
+
+    classes: list[str]
+    class_set: str | None  # the files' `seglab.class_set` names, joined with "+"
+    dataset: str  # the rows' sources, joined with "+"
+    rows: dict[str, int]  # per split
+    fingerprint: str  # changes when a file of these splits is added, removed, resized or holds other rows
+
+
+def summarize_splits(shard_dir: str | Path, splits: Iterable[str] = ("train", "val")) -> SplitSummary:
+    """Summary of `splits` of `shard_dir`; every file of them must carry the same class list."""
+    shard_dir, splits = Path(shard_dir), list(splits)
+    classes: dict[str, list[str]] = {}
+    rows: dict[str, int] = {}
+    sources: set[str] = set()
+    class_sets: set[str] = set()
+    digest = hashlib.sha256()
+    for split in splits:
+        rows[split] = 0
+        for path in shard_files(shard_dir, split):
+            file_classes = read_classes(path)
+            if classes.setdefault(split, file_classes) != file_classes:
+                raise ValueError(f"{path}: class list differs from the split's first file; "
+                                 "shards of one split must share it")
+            parquet = pq.ParquetFile(path)
+            rows[split] += parquet.metadata.num_rows
+            digest.update(f"{split}/{path.name}:{path.stat().st_size}:{parquet.metadata.num_rows};".encode())
+            meta = parquet.schema_arrow.metadata or {}
+            if b"seglab.class_set" in meta:
+                class_sets.add(meta[b"seglab.class_set"].decode())
+            sources.update(parquet.read(columns=["source"]).column("source").to_pylist())
+    first = classes[splits[0]]
+    for split in splits[1:]:
+        if classes[split] != first:
+            raise ValueError(f"{shard_dir}: split '{split}' has classes {classes[split]} but '{splits[0]}' has "
+                             f"{first}; train and val must share one class list (rebuild the shards)")
+    return SplitSummary(first, "+".join(sorted(class_sets)) or None, "+".join(sorted(sources)), rows,
+                        digest.hexdigest())
 
 
 def decode_label(png: bytes) -> np.ndarray:

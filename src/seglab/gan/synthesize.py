@@ -38,7 +38,7 @@ from PIL import Image
 
 from seglab.atomic import atomic_dir
 from seglab.data.classes import IGNORE_INDEX
-from seglab.data.shards import SHARD_SCHEMA, read_classes, shard_files
+from seglab.data.shards import SHARD_SCHEMA, read_classes, shard_files, write_shards
 from seglab.gan import GANS
 
 log = logging.getLogger(__name__)
@@ -49,9 +49,6 @@ __all__ = ["SYNTHETIC_ID_BASE", "SYNTHETIC_SCHEMA", "load_generator", "run_synth
 SYNTHETIC_SCHEMA = SHARD_SCHEMA.append(pa.field("generator", pa.string(), nullable=False)).append(
     pa.field("generator_seed", pa.int64(), nullable=False))
 SYNTHETIC_ID_BASE = 1 << 40
-# As in seglab.data.shards: the payloads are already compressed, the other columns gain from zstd.
-_COMPRESSION = {f.name: ("NONE" if f.name in ("image", "label") else "ZSTD") for f in SYNTHETIC_SCHEMA}
-_ROW_GROUP_ROWS = 64
 _PREVIEW_PAIRS = 16
 
 
@@ -100,24 +97,6 @@ def _encode(image: np.ndarray, label: np.ndarray, jpeg_quality: int) -> tuple[by
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="JPEG", quality=jpeg_quality)
     return buffer.getvalue(), encode_png(label)
-
-
-def _write_parts(rows: list[dict], out_dir: Path, metadata: dict[bytes, bytes], max_shard_mb: float) -> list[dict]:
-    """Rows -> part-NNNNN.parquet files of about `max_shard_mb` of payload each."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    schema = SYNTHETIC_SCHEMA.with_metadata(metadata)
-    limit = max_shard_mb * 1024 * 1024
-    files, batch, size = [], [], 0
-    for position, row in enumerate(rows):
-        batch.append(row)
-        size += len(row["image"]) + len(row["label"])
-        if size >= limit or position == len(rows) - 1:
-            path = out_dir / f"part-{len(files):05d}.parquet"
-            pq.write_table(pa.Table.from_pylist(batch, schema=schema), path, compression=_COMPRESSION,
-                           row_group_size=_ROW_GROUP_ROWS)
-            files.append({"file": path.name, "rows": len(batch)})
-            batch, size = [], 0
-    return files
 
 
 def synthesize(
@@ -222,7 +201,7 @@ def synthesize(
     }
     target = out_dir / gan
     with atomic_dir(target) as tmp:
-        report["files"] = _write_parts(rows, tmp / "train", metadata, max_shard_mb)
+        report["files"] = write_shards(rows, tmp / "train", metadata, max_shard_mb, schema=SYNTHETIC_SCHEMA)
         preview = min(count, _PREVIEW_PAIRS)
         save_sample_grid(tmp / "preview.png", images[:preview], labels[:preview])
         report["seconds"] = round(time.perf_counter() - started, 2)

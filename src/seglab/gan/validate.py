@@ -63,6 +63,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
@@ -79,7 +80,7 @@ from PIL import Image
 
 from seglab.atomic import atomic_dir, write_text_atomic
 from seglab.data.classes import IGNORE_INDEX
-from seglab.data.shards import SHARD_SCHEMA, decode_rgb, read_classes, shard_files
+from seglab.data.shards import SHARD_SCHEMA, ShardWriter, decode_rgb, read_classes, shard_files
 from seglab.data.synthetic import NONE_ACCEPTED, VALIDATION_FILE, accepted_synthetic_shards  # noqa: F401 (re-exported)
 from seglab.data.validate import _DATA_DOCS_SITE, _ephemeral_context, _summarise_result
 
@@ -794,34 +795,31 @@ def validate_synthetic(
                        "synthetic_dir": str(synthetic_dir), "synthetic_digest": synthetic_digest,
                        "real_dir": str(real_dir), "real_digest": real_digest, "out_dir": str(out_dir)})
     summary = validation.summary
-    _write_accepted(tables, files, validation.accepted, out_dir, split, summary, report_dir)
+    _write_accepted(tables, validation.accepted, out_dir, split, summary, report_dir)
     level = logging.INFO if summary["accepted"] else logging.WARNING
     log.log(level, "validate_synthetic@%s: %s (report %s)", gan, summary["decision"], Path(report_dir) / "index.html")
     return summary
 
 
-def _write_accepted(tables: list[pa.Table], files: list[Path], accepted: np.ndarray, out_dir: Path, split: str,
-                    summary: dict, report_dir: str | Path) -> None:
+def _write_accepted(tables: list[pa.Table], accepted: np.ndarray, out_dir: Path, split: str, summary: dict,
+                    report_dir: str | Path) -> None:
     verdict = {k: summary[k] for k in ("gan", "generator", "generator_seed", "params_hash", "validated_at",
                                        "success", "decision", "images", "accepted", "rejected",
                                        "rejected_by_rule")}
     verdict["report"] = str(Path(report_dir) / "summary.json")
     with atomic_dir(out_dir) as tmp:
-        start, written = 0, 0
-        for path, table in zip(files, tables):
+        # One output part per input file that kept a row: the generator's sharding as it was.
+        writer = ShardWriter(tmp / split, tables[0].schema.metadata or {}, schema=tables[0].schema,
+                             max_shard_mb=math.inf)
+        start = 0
+        for table in tables:
             keep = accepted[start:start + table.num_rows]
             start += table.num_rows
-            if not keep.any():
-                continue
-            kept = table.filter(pa.array(keep))
-            metadata = {**(table.schema.metadata or {}),
-                        b"seglab.synthetic_validation": json.dumps(verdict, default=str).encode()}
-            # The generator's schema and sharding as they were, payloads stored uncompressed like real shards.
-            compression = {n: ("NONE" if n in ("image", "label") else "ZSTD") for n in kept.schema.names}
-            (tmp / split).mkdir(exist_ok=True)
-            pq.write_table(kept.replace_schema_metadata(metadata), tmp / split / f"part-{written:05d}.parquet",
-                           compression=compression, row_group_size=64)
-            written += 1
+            for row in table.filter(pa.array(keep)).to_pylist():
+                writer.add(row)
+            writer.end_part({**(table.schema.metadata or {}),
+                             b"seglab.synthetic_validation": json.dumps(verdict, default=str).encode()})
+        written = len(writer.files)
         verdict["files"] = written
         if not written:
             write_text_atomic(tmp / NONE_ACCEPTED, summary["decision"] + "\n")
