@@ -19,8 +19,9 @@ import keras  # noqa: E402
 
 from environment import machine  # noqa: E402
 from seglab.data.pipeline import classes_of, make_dataset  # noqa: E402
+from seglab.data.stats import pixel_counts  # noqa: E402
 from seglab.models import build  # noqa: E402
-from seglab.train.fit import class_pixel_counts, init_logits_from_prior  # noqa: E402
+from seglab.train.plan import init_logits_from_prior  # noqa: E402
 
 
 def losses(shards: Path, *, prior: bool, epochs: int, steps: int, size: int) -> list[float]:
@@ -30,7 +31,7 @@ def losses(shards: Path, *, prior: bool, epochs: int, steps: int, size: int) -> 
     keras.utils.set_random_seed(0)
     model = build("unet", num_classes, (size, size, 3), width=0.25)
     if prior:
-        init_logits_from_prior(model, class_pixel_counts([shards], "train", num_classes))
+        init_logits_from_prior(model, pixel_counts(shards, "train", num_classes).classes)
     model.compile(keras.optimizers.Adam(1e-3),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=255))
     history = model.fit(data, steps_per_epoch=steps, epochs=epochs, verbose=0)

@@ -1,7 +1,7 @@
 """Training speed per model at a profile: step time, images/s, input wait, bfloat16 vs float32.
 
 For every model of params.yaml `models` (or `--models`), with the run's own code path
-(`seglab.train.fit.plan_run` / `training_datasets` / `train_model`: same model, optimizer, loss,
+(`seglab.train.plan.plan_run` / `training_datasets`, `seglab.train.loop.train_model`: same model, optimizer, loss,
 metric, callbacks and per-epoch commit as `seglab train`):
 
 1. **real vs cached input, paired**: one training run whose epochs alternate between the real
@@ -50,7 +50,8 @@ import tensorflow as tf  # noqa: E402
 from environment import machine, versions  # noqa: E402
 from seglab.atomic import write_text_atomic  # noqa: E402
 from seglab.config import load_config  # noqa: E402
-from seglab.train.fit import plan_run, train_model, training_datasets  # noqa: E402
+from seglab.train.loop import train_model  # noqa: E402
+from seglab.train.plan import plan_run, training_datasets  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,7 +80,8 @@ def in_memory(train_data: tf.data.Dataset, steps: int) -> tf.data.Dataset:
 
 
 def _train(plan, data, val_data, *, epochs: int, policy: str) -> tuple[list[dict], list[float], int]:
-    settings = dataclasses.replace(plan.settings, epochs=epochs, freeze_encoder_epochs=0)
+    settings = dataclasses.replace(plan.settings, profile=plan.settings.profile.model_copy(update={"epochs": epochs}),
+                                   train=plan.settings.train.model_copy(update={"freeze_encoder_epochs": 0}))
     keras.backend.clear_session()
     cpu = TrainCpuTime()
     with tempfile.TemporaryDirectory(prefix="seglab-bench-") as state:

@@ -40,7 +40,7 @@ def _validate_data(cfg, args) -> dict:
 
 
 def _train(cfg, args) -> dict:
-    from seglab.train.fit import run_train
+    from seglab.train.run import run_train
 
     return run_train(cfg, args.name)
 

@@ -24,8 +24,9 @@ from seglab.data.classes import ClassSet
 from seglab.data.coco import LabelRules, encode_png
 from seglab.data.shards import shard_files, shard_metadata, write_shards
 from seglab.gan.synthesize import SYNTHETIC_SCHEMA, synthetic_image_id
-from seglab.gan.validate import NONE_ACCEPTED, VALIDATION_FILE
-from seglab.train.fit import params_hash, plan_run, run_train, training_datasets
+from seglab.data.synthetic import NONE_ACCEPTED, VALIDATION_FILE
+from seglab.train.plan import params_hash, plan_run, training_datasets
+from seglab.train.run import run_train
 
 CLASSES = ("background", "cat", "dog", "car")
 PALETTE = np.array([[0, 0, 0], [230, 30, 30], [30, 220, 40], [40, 60, 230]], np.uint8)
@@ -179,7 +180,7 @@ def test_a_missing_verdict_names_the_stage_to_run(data, tmp_path):
 
 def test_when_every_synthetic_sample_was_rejected_training_uses_real_data_only_and_records_it(data, tmp_path, caplog):
     cfg = make_cfg(data, tmp_path, valid="rejected")
-    with caplog.at_level(logging.WARNING, logger="seglab.train.fit"):
+    with caplog.at_level(logging.WARNING, logger="seglab.train"):
         info = run_train(cfg, "tiny+pix2pix", verbose=0)
     assert "train@tiny+pix2pix" in caplog.text and "training on real data only" in caplog.text
     train_json = json.loads((tmp_path / "models" / "tiny+pix2pix" / "train.json").read_text())
@@ -196,7 +197,7 @@ def test_when_every_synthetic_sample_was_rejected_training_uses_real_data_only_a
 
 def test_accepted_synthetic_images_are_counted_in_train_json(data, tmp_path, caplog):
     cfg = make_cfg(data, tmp_path)
-    with caplog.at_level(logging.INFO, logger="seglab.train.fit"):
+    with caplog.at_level(logging.INFO, logger="seglab.train"):
         run_train(cfg, "tiny+pix2pix", verbose=0)
     assert f"{REAL_TRAIN} real + {SYNTHETIC} synthetic images" in caplog.text
     train_json = json.loads((tmp_path / "models" / "tiny+pix2pix" / "train.json").read_text())

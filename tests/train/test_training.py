@@ -27,26 +27,18 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from seglab.config import Config
+from seglab.config import Config, ProfileConfig, TrainConfig
 from seglab.data.classes import ClassSet
 from seglab.data.coco import LabelRules, encode_png
 from seglab.data.shards import shard_metadata, write_shards
-from seglab.train import fit
-from seglab.train.fit import (
-    HISTORY_COLUMNS,
-    PlateauScaledSchedule,
-    ScheduleReduceLROnPlateau,
-    TrainSettings,
-    class_pixel_counts,
-    dtype_policy,
-    init_logits_from_prior,
-    params_hash,
-    plan_run,
-    resolve_mixed_precision,
-    run_train,
-    train_model,
-    warmup_cosine_schedule,
-)
+from seglab.data.stats import pixel_counts
+from seglab.train.loop import HISTORY_COLUMNS, train_model
+from seglab.train.plan import init_logits_from_prior, params_hash, plan_run
+from seglab.train.precision import CPU_AUTO_POLICY, dtype_policy, resolve_mixed_precision
+from seglab.train.run import run_train
+from seglab.train.schedules import PlateauScaledSchedule, ScheduleReduceLROnPlateau, warmup_cosine_schedule
+from seglab.train.settings import TrainSettings
+from seglab.train.strategy import get_strategy
 
 CLASSES = ("background", "cat", "dog", "car")
 PALETTE = np.array([[0, 0, 0], [230, 30, 30], [30, 220, 40], [40, 60, 230]], np.uint8)
@@ -122,7 +114,7 @@ def test_run_train_writes_the_contract_files(shards, tmp_path, caplog):
     (state / "run.json").write_text(json.dumps({"params_hash": "0" * 64, "shards": "x"}))
     (state / "backup" / "LATEST").write_text("epoch-0002")
     before = keras.config.dtype_policy().name
-    with caplog.at_level(logging.WARNING, logger="seglab.train.fit"):
+    with caplog.at_level(logging.WARNING, logger="seglab.train.resume"):
         info = run_train(cfg, "tiny", verbose=0)
     assert "discarding a training state from other settings" in caplog.text
 
@@ -170,7 +162,7 @@ def test_the_classifier_bias_starts_at_the_log_class_prior(shards, tmp_path):
     expected = np.zeros(len(CLASSES), np.int64)
     for row in _rows("train", 16, np.random.default_rng(0)):  # the fixture's train rows, regenerated
         expected += row["class_pixels"]
-    assert list(class_pixel_counts([shards], "train", len(CLASSES))) == list(expected)
+    assert list(pixel_counts(shards, "train", len(CLASSES)).classes) == list(expected)
 
     plan = plan_run(make_cfg(shards, tmp_path), "tiny")
     model, _ = plan.build()
@@ -209,7 +201,7 @@ DRIVER = textwrap.dedent("""
     import json, sys, time
     import keras
     from seglab.config import Config
-    from seglab.train.fit import run_train
+    from seglab.train.run import run_train
 
     class SlowEpochStart(keras.callbacks.Callback):
         # Leaves a window after each commit in which the test can kill the process.
@@ -277,6 +269,16 @@ def test_resume_after_kill_continues_with_history_intact(shards, tmp_path):
 # ----------------------------------------------------------------------------------- recipe
 
 
+def tiny_settings(*, epochs: int, steps_per_epoch: int, batch_size: int, learning_rate: float,
+                  pretrained_encoder: bool = False, num_classes: int = 4, **train) -> TrainSettings:
+    """Settings of a tiny run: `train` are params.yaml `train` keys; the encoder ones count only for a
+    `pretrained_encoder` (as in plan_run)."""
+    profile = ProfileConfig(image_size=32, batch_size=batch_size, epochs=epochs, width=0.125,
+                            learning_rate=learning_rate)
+    return TrainSettings(TrainConfig(**train), profile, num_classes=num_classes, steps_per_epoch=steps_per_epoch,
+                         pretrained_encoder=pretrained_encoder)
+
+
 def tiny_segmenter(num_classes: int = 4) -> keras.Model:
     """A segmenter with an encoder nested as a layer named "encoder", like the zoo's backbone models."""
     image = keras.Input((32, 32, 3))
@@ -322,9 +324,9 @@ def _changed(before, after) -> bool:
 
 def test_encoder_frozen_then_unfrozen_at_the_given_epoch(tmp_path):
     keras.utils.set_random_seed(0)
-    settings = TrainSettings(num_classes=4, epochs=3, steps_per_epoch=2, batch_size=4, learning_rate=1e-2,
+    settings = tiny_settings(epochs=3, steps_per_epoch=2, batch_size=4, learning_rate=1e-2, pretrained_encoder=True,
                              warmup_epochs=0, freeze_encoder_epochs=2, encoder_lr_multiplier=0.5,
-                             optimizer="adamw")
+                             encoder_batchnorm="train", optimizer="adamw")
     snapshots = WeightSnapshots()
     result = train_model(tiny_segmenter, random_batches(2).repeat(), random_batches(1, seed=1), settings,
                          state_dir=tmp_path / "state", callbacks=[snapshots], verbose=0)
@@ -342,7 +344,7 @@ def test_encoder_frozen_then_unfrozen_at_the_given_epoch(tmp_path):
 @pytest.mark.parametrize("freeze_epochs", [1, 0])
 def test_encoder_batchnorm_frozen_keeps_its_statistics_while_the_encoder_trains(tmp_path, freeze_epochs):
     keras.utils.set_random_seed(0)
-    settings = TrainSettings(num_classes=4, epochs=2, steps_per_epoch=2, batch_size=4, learning_rate=1e-2,
+    settings = tiny_settings(epochs=2, steps_per_epoch=2, batch_size=4, learning_rate=1e-2, pretrained_encoder=True,
                              warmup_epochs=0, freeze_encoder_epochs=freeze_epochs, encoder_lr_multiplier=0.5,
                              encoder_batchnorm="frozen")
     snapshots = WeightSnapshots()
@@ -359,14 +361,13 @@ def test_encoder_batchnorm_frozen_keeps_its_statistics_while_the_encoder_trains(
 
 def test_encoder_batchnorm_setting_is_checked():
     with pytest.raises(ValueError, match="encoder_batchnorm"):
-        TrainSettings(num_classes=4, epochs=1, steps_per_epoch=1, batch_size=4, learning_rate=1e-3,
-                      encoder_batchnorm="fixed")
+        tiny_settings(epochs=1, steps_per_epoch=1, batch_size=4, learning_rate=1e-3, encoder_batchnorm="fixed")
 
 
 def test_mixed_float16_with_frozen_encoder_trains(tmp_path):
     """The GPU default path (loss scaling + encoder learning-rate wrapper + unfreeze) runs end to end."""
-    settings = TrainSettings(num_classes=4, epochs=2, steps_per_epoch=2, batch_size=4, learning_rate=1e-3,
-                             freeze_encoder_epochs=1, encoder_lr_multiplier=0.1)
+    settings = tiny_settings(epochs=2, steps_per_epoch=2, batch_size=4, learning_rate=1e-3, pretrained_encoder=True,
+                             freeze_encoder_epochs=1, encoder_lr_multiplier=0.1, encoder_batchnorm="train")
     result = train_model(tiny_segmenter, random_batches(2).repeat(), random_batches(1, seed=1), settings,
                          state_dir=tmp_path / "state", mixed_precision="mixed_float16", verbose=0)
     assert isinstance(result.model.optimizer, keras.optimizers.LossScaleOptimizer)
@@ -376,7 +377,7 @@ def test_mixed_float16_with_frozen_encoder_trains(tmp_path):
 
 
 def test_freezing_a_model_without_encoder_is_refused(tmp_path):
-    settings = TrainSettings(num_classes=4, epochs=1, steps_per_epoch=1, batch_size=4, learning_rate=1e-3,
+    settings = tiny_settings(epochs=1, steps_per_epoch=1, batch_size=4, learning_rate=1e-3, pretrained_encoder=True,
                              freeze_encoder_epochs=1)
 
     def no_encoder():
@@ -422,7 +423,7 @@ def test_mixed_precision_resolution_and_policy_restore():
     assert resolve_mixed_precision("off") == "float32"
     assert resolve_mixed_precision("mixed_bfloat16") == "mixed_bfloat16"
     if not tf.config.list_physical_devices("GPU"):
-        assert resolve_mixed_precision("auto") == fit.CPU_AUTO_POLICY
+        assert resolve_mixed_precision("auto") == CPU_AUTO_POLICY
     with pytest.raises(ValueError, match="mixed_precision"):
         resolve_mixed_precision("fp8")
     with pytest.raises(RuntimeError, match="boom"):
@@ -434,20 +435,22 @@ def test_mixed_precision_resolution_and_policy_restore():
 
 def test_strategy_selection(monkeypatch):
     monkeypatch.delenv("TF_CONFIG", raising=False)
-    strategy = fit.get_strategy()
+    strategy = get_strategy()
     assert strategy.num_replicas_in_sync == 1
     monkeypatch.setenv("TF_CONFIG", "{not json")
     with pytest.raises(ValueError, match="TF_CONFIG is not valid JSON"):
-        fit.get_strategy()
+        get_strategy()
 
 
 def test_settings_validation_names_the_field():
     with pytest.raises(ValueError, match="steps_per_epoch"):
-        TrainSettings(num_classes=4, epochs=1, steps_per_epoch=0, batch_size=4, learning_rate=1e-3)
+        tiny_settings(epochs=1, steps_per_epoch=0, batch_size=4, learning_rate=1e-3)
     with pytest.raises(ValueError, match="optimizer"):
-        TrainSettings(num_classes=4, epochs=1, steps_per_epoch=1, batch_size=4, learning_rate=1e-3, optimizer="sgd")
-    assert math.isfinite(TrainSettings(num_classes=4, epochs=1, steps_per_epoch=1, batch_size=4,
-                                       learning_rate=1e-3).learning_rate)
+        tiny_settings(epochs=1, steps_per_epoch=1, batch_size=4, learning_rate=1e-3, optimizer="sgd")
+    with pytest.raises(ValueError, match="class_weights has 2 entries; the shards have 4 classes"):
+        tiny_settings(epochs=1, steps_per_epoch=1, batch_size=4, learning_rate=1e-3, class_weights=[1.0, 2.0])
+    settings = tiny_settings(epochs=1, steps_per_epoch=1, batch_size=4, learning_rate=1e-3, freeze_encoder_epochs=3)
+    assert (settings.freeze_encoder_epochs, settings.encoder_lr_multiplier) == (0, 1.0)  # no pretrained encoder
 
 
 # ----------------------------------------------------------------------------------- distribution
@@ -466,8 +469,8 @@ EQUIVALENCE_DRIVER = SPLIT_CPU + textwrap.dedent("""
     import keras
     import numpy as np
     sys.path.insert(0, sys.argv[1])
-    from tests.train.test_fit import tiny_segmenter
-    from seglab.train.fit import TrainSettings, train_model
+    from tests.train.test_training import tiny_segmenter, tiny_settings
+    from seglab.train.loop import train_model
 
     def batches(count, seed, copies):
         # Batches of 2 images, each repeated `copies` times: under two replicas, each gets one copy.
@@ -481,8 +484,8 @@ EQUIVALENCE_DRIVER = SPLIT_CPU + textwrap.dedent("""
     for name, options in json.loads(sys.argv[2]).items():
         for strategy, copies in ((tf.distribute.get_strategy(), 1), (MIRRORED, 2)):
             keras.utils.set_random_seed(0)
-            settings = TrainSettings(num_classes=4, epochs=3, steps_per_epoch=2, batch_size=2 * copies,
-                                     learning_rate=1e-2, **options)
+            settings = tiny_settings(epochs=3, steps_per_epoch=2, batch_size=2 * copies, learning_rate=1e-2,
+                                     **options)
             result = train_model(tiny_segmenter, batches(8, 0, copies).repeat(), batches(4, 1, copies), settings,
                                  state_dir=f"{sys.argv[3]}/{name}-{copies}", strategy=strategy, verbose=0)
             out[f"{name}/{result.replicas}"] = {
@@ -507,7 +510,8 @@ def test_two_replicas_train_like_one_device_on_its_share(tmp_path):
     the optimizers (EncoderLROptimizer's two copies included) apply the summed gradients once, and
     metrics are summed over the replicas."""
     runs = {"plain": {},
-            "encoder": {"freeze_encoder_epochs": 1, "encoder_lr_multiplier": 0.5, "optimizer": "adamw"}}
+            "encoder": {"pretrained_encoder": True, "freeze_encoder_epochs": 1, "encoder_lr_multiplier": 0.5,
+                        "encoder_batchnorm": "train", "optimizer": "adamw"}}
     (tmp_path / "driver.py").write_text(EQUIVALENCE_DRIVER)
     proc = subprocess.run([sys.executable, str(tmp_path / "driver.py"), str(REPO), json.dumps(runs), str(tmp_path)],
                           cwd=REPO, env=_subprocess_env(), capture_output=True, text=True, timeout=300, check=False)
@@ -532,7 +536,7 @@ RUN_DRIVER = "import sys\nMIRRORED = None\nif sys.argv[3] == 'mirrored':\n" + te
     import json, time
     import keras
     from seglab.config import Config
-    from seglab.train.fit import run_train
+    from seglab.train.run import run_train
 
     class SlowEpochStart(keras.callbacks.Callback):
         # Leaves a window after each commit in which the test can kill the process.

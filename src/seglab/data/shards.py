@@ -10,6 +10,7 @@ byte-identical for identical inputs and params (so DVC's cache holds).
 from __future__ import annotations
 
 import hashlib
+import hashlib
 import io
 import json
 import logging
@@ -349,6 +350,48 @@ def read_split(shard_dir: str | Path, split: str, columns: list[str] | None = No
         if read_classes(f) != classes:
             raise ValueError(f"{f}: class list differs from {files[0]}; shards of one split must share it")
     return pa.concat_tables(pq.read_table(f, columns=columns) for f in files)
+
+
+@dataclass(frozen=True)
+class SplitSummary:
+    """What the shards of some splits hold, from the files' footers and `source` column (no payload read)."""
+
+    classes: list[str]
+    class_set: str | None  # the files' `seglab.class_set` names, joined with "+"
+    dataset: str  # the rows' sources, joined with "+"
+    rows: dict[str, int]  # per split
+    fingerprint: str  # changes when a file of these splits is added, removed, resized or holds other rows
+
+
+def summarize_splits(shard_dir: str | Path, splits: Iterable[str] = ("train", "val")) -> SplitSummary:
+    """Summary of `splits` of `shard_dir`; every file of them must carry the same class list."""
+    shard_dir, splits = Path(shard_dir), list(splits)
+    classes: dict[str, list[str]] = {}
+    rows: dict[str, int] = {}
+    sources: set[str] = set()
+    class_sets: set[str] = set()
+    digest = hashlib.sha256()
+    for split in splits:
+        rows[split] = 0
+        for path in shard_files(shard_dir, split):
+            file_classes = read_classes(path)
+            if classes.setdefault(split, file_classes) != file_classes:
+                raise ValueError(f"{path}: class list differs from the split's first file; "
+                                 "shards of one split must share it")
+            parquet = pq.ParquetFile(path)
+            rows[split] += parquet.metadata.num_rows
+            digest.update(f"{split}/{path.name}:{path.stat().st_size}:{parquet.metadata.num_rows};".encode())
+            meta = parquet.schema_arrow.metadata or {}
+            if b"seglab.class_set" in meta:
+                class_sets.add(meta[b"seglab.class_set"].decode())
+            sources.update(parquet.read(columns=["source"]).column("source").to_pylist())
+    first = classes[splits[0]]
+    for split in splits[1:]:
+        if classes[split] != first:
+            raise ValueError(f"{shard_dir}: split '{split}' has classes {classes[split]} but '{splits[0]}' has "
+                             f"{first}; train and val must share one class list (rebuild the shards)")
+    return SplitSummary(first, "+".join(sorted(class_sets)) or None, "+".join(sorted(sources)), rows,
+                        digest.hexdigest())
 
 
 @dataclass(frozen=True)

@@ -216,13 +216,12 @@ def label_prior(shard_dir: str | Path, split: str, *, smoothing: float = 1.0) ->
     leaves the generator no useful gradient (observed: the discriminator wins within ~100 steps
     and the generator collapses). `smoothing` pixels are added per channel so no class gets -inf.
     """
-    from seglab.data.shards import read_split
+    from seglab.data.stats import pixel_counts
 
-    table = read_split(shard_dir, split, columns=["class_pixels", "ignore_pixels"])
-    class_pixels = np.asarray(table.column("class_pixels").to_pylist(), dtype=np.float64)
-    if class_pixels.ndim != 2 or len(class_pixels) == 0:
+    counted = pixel_counts(shard_dir, split)
+    if counted.images == 0:
         raise ValueError(f"{Path(shard_dir) / split}: no class_pixels to derive a label prior from")
-    counts = np.append(class_pixels.sum(axis=0), float(np.sum(table.column("ignore_pixels").to_pylist())))
+    counts = np.append(counted.classes, counted.ignore).astype(np.float64)
     counts += smoothing
     return counts / counts.sum()
 

@@ -1,5 +1,10 @@
-"""Training: segmentation losses (``losses``), learning-rate schedules and the fit stage.
+"""Training: the `train@<model>` stage, by concern.
 
-Submodules are imported explicitly (``from seglab.train.losses import get_loss``) so that importing
-the package stays cheap and independent of the other training modules.
+``run`` (the stage: plan, train, write artefacts) uses ``plan`` (what params.yaml and the shards
+decide), ``loop`` (the recipe around Keras' fit), ``resume`` (per-epoch commits), ``schedules``,
+``losses``, ``precision`` (dtype policy) and ``strategy`` (devices and workers); ``settings`` holds
+one run's knobs, read from the typed config.
+
+Submodules are imported explicitly (``from seglab.train.run import run_train``) so that importing
+the package stays cheap.
 """
