@@ -8,6 +8,7 @@ from __future__ import annotations
 import streamlit as st
 
 import dashboard_support as ds
+from seglab.warehouse.schema import SchemaError
 
 GALLERY_SIZE = 12  # earlier sample grids shown under the latest one
 
@@ -46,11 +47,12 @@ if isinstance(found, ds.WarehouseProblem):
 wh = found
 validation = ds.load_synthetic_validation(wh.path, wh.stamp)
 if validation is None:
-    st.info("The warehouse has no `synthetic_validation` table yet. It is written when the GAN "
-            "stages synthesize and validate data: run `dvc repro` after "
-            + ", ".join(f"`train_gan@{g}`" for g in ds.GAN_NAMES) + ".")
+    st.info("The warehouse has no `synthetic_validation` table yet: it was built by an older seglab. "
+            "Run `seglab ingest` (or `dvc repro`) to upgrade it.")
 elif validation.empty:
-    st.info("The `synthetic_validation` table is empty.")
+    st.info("No synthetic-data validation in the warehouse yet. It is written when the GAN stages "
+            "synthesize and validate data: run `dvc repro` after "
+            + ", ".join(f"`train_gan@{g}`" for g in ds.GAN_NAMES) + ".")
 else:
     st.dataframe(validation, hide_index=True)
     st.caption(f"{len(validation)} rows; columns: " + ", ".join(map(str, validation.columns)))
@@ -59,12 +61,16 @@ else:
 st.subheader("Per-class effect of each augmenter")
 metric = st.selectbox("Score", ["iou", "dice", "precision", "recall"],
                       format_func=ds.PER_CLASS_LABELS.get, key="gan_metric")
-effects = ds.load_augmenter_effects(wh.path, wh.stamp, metric)
+try:
+    effects = ds.load_augmenter_effects(wh.path, wh.stamp, metric)
+except SchemaError as e:  # a warehouse older than the pairing view: it says how to upgrade
+    st.warning(str(e))
+    st.stop()
 if effects.empty:
     st.info("No run in the warehouse was trained with a GAN augmenter yet (an augmented run names it "
             "in its train.json / eval.json as `augmenter`; params.yaml's `<model>+<gan>` entries, e.g. "
             "`dvc repro 'train@unet_mobilenetv2_imagenet+pix2pix'`, train them). Its effect is measured "
-            "against the run with the same architecture, weights, size, data and class set trained without one.")
+            "against the run of the same configuration and seed trained without one, as in `seglab report`.")
 else:
     effects["pair"] = (effects["augmenter"] + ": " + effects["name"] + " vs " + effects["baseline_name"]
                        + " (" + effects["variant"] + ")")

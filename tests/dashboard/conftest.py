@@ -7,8 +7,6 @@ artefacts and GAN samples are drawn beside them. No TensorFlow import: the fixtu
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from PIL import Image, ImageDraw
 
 from seglab.warehouse import ingest, schema
 from seglab.warehouse.ingest import ingest_files, open_warehouse
+from tests.factories import eval_entry, eval_run, scores_of, write_eval
 
 REPO = Path(__file__).resolve().parents[2]
 APP = REPO / "dashboards" / "app.py"
@@ -72,78 +71,34 @@ def _confusion(rng: np.random.Generator, quality: float, absent: int | None) -> 
     return matrix
 
 
-def _scores(matrix: np.ndarray) -> dict:
-    """Per-class and macro scores of a confusion matrix (rows truth); NaN where undefined."""
-    tp = np.diag(matrix).astype(float)
-    support, predicted = matrix.sum(axis=1), matrix.sum(axis=0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        iou = tp / (support + predicted - tp)
-        dice = 2 * tp / (support + predicted)
-        precision = tp / predicted
-        recall = tp / support
-    present = (support + predicted) > 0
-    return {"iou": iou, "dice": dice, "precision": precision, "recall": recall,
-            "support": support, "predicted": predicted,
-            "miou": np.nanmean(iou[present]), "mdice": np.nanmean(dice[present]),
-            "mprecision": np.nanmean(precision[present]), "mrecall": np.nanmean(recall[present]),
-            "miou_fg": np.nanmean(iou[1:][present[1:]]), "accuracy": tp.sum() / matrix.sum()}
-
-
 def _entry(name: str, variant: str, arch, backbone, weights, augmenter, matrix, *, epochs: int,
            rng: np.random.Generator, members=None) -> dict:
-    scores = _scores(matrix)
-    params_hash = hashlib.sha256(f"{name}-params".encode()).hexdigest()
-    run_id = hashlib.sha256(f"{name}{variant}{params_hash}".encode()).hexdigest()[:16]
-    nan_to_none = lambda v: None if v is None or not np.isfinite(v) else float(v)  # noqa: E731
-    per_class = []
-    pixels = int(matrix.sum())
-    for i, cls in enumerate(CLASSES):
-        tp = int(matrix[i, i])
-        fp = int(scores["predicted"][i]) - tp
-        fn = int(scores["support"][i]) - tp
-        per_class.append({
-            "class_index": i, "class_name": cls,
-            "iou": nan_to_none(scores["iou"][i]), "dice": nan_to_none(scores["dice"][i]),
-            "precision": nan_to_none(scores["precision"][i]), "recall": nan_to_none(scores["recall"][i]),
-            "accuracy": (pixels - fp - fn) / pixels,
-            "support": int(scores["support"][i]), "predicted": int(scores["predicted"][i]),
-        })
+    """One eval.json entry (`tests.factories`): scores from `matrix`, a training curve for plain runs."""
+    miou = scores_of(matrix)["means"]["miou"]
     history = []
     if variant == "plain":
         for epoch in range(1, epochs + 1):
             progress = epoch / epochs
             history.append({
                 "epoch": epoch, "loss": 1.6 - 1.1 * progress + rng.normal(0, 0.02),
-                "miou": scores["miou"] * (0.4 + 0.65 * progress),
+                "miou": miou * (0.4 + 0.65 * progress),
                 "val_loss": 1.7 - 1.0 * progress + rng.normal(0, 0.03),
-                "val_miou": scores["miou"] * (0.35 + 0.65 * progress),
+                "val_miou": miou * (0.35 + 0.65 * progress),
                 "lr": 1e-3 * 0.5 * (1 + np.cos(np.pi * progress)) + 1e-6,
             })
-    run = {
-        "run_id": run_id, "name": name, "variant": variant, "split": "val", "model": name,
-        "arch": arch, "backbone": backbone, "weights": weights,
-        "weights_loaded": "random" if weights is None else "sha256:b0353104",
-        "width": 1.0 if backbone else 0.25, "image_size": 128, "batch_size": 8,
-        "epochs_planned": epochs, "epochs_run": epochs, "best_epoch": epochs,
-        "best_val_miou": float(scores["miou"]), "seconds_per_epoch": 3.0 + len(name) / 10,
-        "train_seconds": epochs * (3.0 + len(name) / 10), "train_images_per_second": 40.0,
-        "param_count": 1_900_000 if backbone else 480_000, "trainable_param_count": 1_800_000,
-        "classes": CLASSES, "class_set": CLASS_SET, "dataset": DATASET,
-        "train_images": 120, "val_images": 40, "seed": 0, "params_hash": params_hash,
-        "mixed_precision": "off", "strategy": "default", "replicas": 1, "git_rev": None,
-        "created_at": "2025-01-01T00:00:00+00:00", "evaluated_at": "2025-01-01T00:10:00+00:00",
-        "images_per_second": 120.0 if variant == "plain" else 24.0,
-        "latency_ms_p50": 8.0, "latency_ms_p90": 9.5,
-    }
-    if augmenter:
-        run["augmenter"] = augmenter
-    if variant == "tta":
-        run["tta"] = ["identity", "hflip", "vflip", "rot90", "rot270"]
+    run = eval_run(
+        name, variant, arch=arch or "ensemble", backbone=backbone, weights=weights,
+        weights_loaded="random" if weights is None else "sha256:b0353104",
+        width=1.0 if backbone else 0.25, epochs_planned=epochs, epochs_run=epochs, best_epoch=epochs,
+        best_val_miou=miou, seconds_per_epoch=3.0 + len(name) / 10, train_seconds=epochs * (3.0 + len(name) / 10),
+        train_images_per_second=40.0, param_count=1_900_000 if backbone else 480_000,
+        trainable_param_count=1_800_000, classes=CLASSES, class_set=CLASS_SET, dataset=DATASET,
+        augmenter=augmenter, created_at="2025-01-01T00:00:00+00:00", evaluated_at="2025-01-01T00:10:00+00:00",
+        images_per_second=120.0 if variant == "plain" else 24.0, latency_ms_p50=8.0, latency_ms_p90=9.5,
+    )
     if members:
         run.update(members=members, weights=[0.5, 0.5], arch=None, backbone=None)
-    metrics = {k: nan_to_none(scores[k]) for k in ("miou", "mdice", "mprecision", "mrecall", "accuracy", "miou_fg")}
-    return {"run": run, "metrics": metrics, "per_class": per_class, "confusion": matrix.tolist(),
-            "history": history}
+    return eval_entry(run, matrix, history=history)
 
 
 def _png(path: Path, size: tuple[int, int], seed: int, text: str) -> None:
@@ -173,25 +128,25 @@ def build_fixture_warehouse(root: Path) -> FixtureWarehouse:
             for variant in ("plain", "tta")
         ]
         out = fixture.eval_dir / name
-        out.mkdir(parents=True)
-        (out / "eval.json").write_text(json.dumps({"runs": entries}))
-        paths.append(out / "eval.json")
+        paths.append(write_eval(out / "eval.json", entries))
         if name == "unet":  # the others show the "no prediction grid" state
             _png(out / "predictions.png", (360, 240), 1, "image / truth / prediction")
             _png(out / "confusion.png", (240, 240), 2, "confusion")
     ensemble = _entry("ensemble", "ensemble", None, None, None, None, _confusion(rng, 0.84, None),
                       epochs=0, rng=rng, members=["unet", "deeplabv3plus_mobilenetv2_imagenet"])
-    (fixture.eval_dir / "ensemble").mkdir()
-    (fixture.eval_dir / "ensemble" / "eval.json").write_text(json.dumps({"runs": [ensemble]}))
-    paths.append(fixture.eval_dir / "ensemble" / "eval.json")
+    paths.append(write_eval(fixture.eval_dir / "ensemble" / "eval.json", [ensemble]))
 
     con = open_warehouse(fixture.warehouse)
     try:
         ingest_files(con, paths)
-        # What the GAN stages will add: a table the dashboard shows without knowing its columns.
-        con.execute("CREATE TABLE synthetic_validation (gan VARCHAR, images INTEGER, passed INTEGER, "
-                    "expectation_failures INTEGER)")
-        con.execute("INSERT INTO synthetic_validation VALUES ('dcgan', 64, 61, 3), ('sagan', 64, 64, 0)")
+        # Two validation reports of the GAN gate, as `seglab.warehouse.synthetic` ingests them.
+        for gan, rejected in (("dcgan", 3), ("sagan", 0)):
+            con.execute(
+                "INSERT INTO synthetic_validation (gan, params_hash, validated_at, images, accepted, rejected, "
+                "rejected_per_image, rejected_by_batch, rejected_by_rule, success, batch_success, decision, "
+                "source_file, ingested_at, summary) VALUES (?, 'p0', '2025-01-01T00:20:00Z', 64, ?, ?, ?, 0, "
+                "'{}', true, true, 'accepted', 'summary.json', '2025-01-01T00:30:00Z', '{}')",
+                [gan, 64 - rejected, rejected, rejected])
         fixture.runs = [dict(zip(("run_id", "name", "variant", "miou"), row)) for row in con.execute(
             "SELECT run_id, name, variant, miou FROM leaderboard ORDER BY miou DESC").fetchall()]
         con.execute("CHECKPOINT")
@@ -236,10 +191,7 @@ def build_augmented_warehouse(root: Path, schema_version: int = schema.SCHEMA_VE
         if augmenter:
             for entry in entries:
                 entry["run"].update(synthetic_images_used=0, synthetic_accepted=False)
-        path = root / name / "eval.json"
-        path.parent.mkdir(parents=True)
-        path.write_text(json.dumps({"runs": entries}))
-        paths.append(path)
+        paths.append(write_eval(root / name / "eval.json", entries))
     with pytest.MonkeyPatch.context() as patch:
         if schema_version == 1:  # as ingested before runs had the augmenter columns (run_json only)
             patch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:1])

@@ -56,7 +56,7 @@ def test_every_page_renders_its_content(served_app, browser, fixture_warehouse):
                                      *fixture_warehouse.classes, "unet · plain", "IoU difference per class"]),
         ("runs", f"/runs?run={unet['run_id']}", ["Training curves", "val_miou", "learning rate",
                                                  "labelled pixels", "on the diagonal", "Predictions"]),
-        ("gan", "/gan", ["dcgan: epoch_003.png (latest of 3)", "expectation_failures",
+        ("gan", "/gan", ["dcgan: epoch_003.png (latest of 3)", "rejected_by_batch",
                          "dcgan: unet_dcgan vs unet (plain)"]),
         ("sql", "/sql", ["Start from an example", "Row limit", "Run query"]),
     ]

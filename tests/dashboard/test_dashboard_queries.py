@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 
 from seglab.warehouse import dashboard_queries as dq
-from seglab.warehouse import schema
 from seglab.warehouse.queries import connect_read_only
-from seglab.warehouse.schema import WarehouseError
+from seglab.warehouse.schema import SchemaError, WarehouseError
 
 from .conftest import AUGMENTED_WAREHOUSE, CLASSES, build_augmented_warehouse
 
@@ -108,7 +107,7 @@ def test_optional_tables(con, empty_warehouse):
     assert list(frame["gan"]) == ["dcgan", "sagan"]
     empty = connect_read_only(empty_warehouse)
     try:
-        assert dq.synthetic_validation(empty) is None
+        assert dq.synthetic_validation(empty).empty  # schema version 4 has the table
         assert dq.count_runs(empty) == 0
         assert dq.augmenter_effects(empty).empty
     finally:
@@ -131,12 +130,19 @@ def test_augmenter_effect_is_the_per_class_difference_to_the_matching_baseline(c
         dq.augmenter_effects(con, "iou; DROP TABLE runs")
 
 
-@pytest.mark.parametrize("version", [schema.SCHEMA_VERSION, 1])
-def test_an_augmented_variant_is_compared_with_the_model_it_is_named_after(tmp_path, version):
-    path = build_augmented_warehouse(tmp_path, version)
+def test_a_warehouse_older_than_the_pairing_view_is_refused_with_how_to_upgrade(tmp_path):
+    con = dq.harden(connect_read_only(build_augmented_warehouse(tmp_path, 1)))
+    try:
+        with pytest.raises(SchemaError, match=r"no 'augmenter_pairs' view.*seglab ingest"):
+            dq.augmenter_effects(con, "iou")
+    finally:
+        con.close()
+
+
+def test_an_augmented_variant_is_compared_with_the_model_it_is_named_after(tmp_path):
+    path = build_augmented_warehouse(tmp_path)
     con = dq.harden(connect_read_only(path))
     try:
-        assert ("augmenter" in {c[0] for c in con.execute("DESCRIBE runs").fetchall()}) == (version > 1)
         effects = dq.augmenter_effects(con, "iou")
         per_class = con.execute("SELECT r.name, r.variant, p.class_index, p.iou FROM per_class AS p "
                                 "JOIN runs AS r USING (run_id)").df()
@@ -159,3 +165,48 @@ def test_schema_listing_names_every_table(con):
     columns = dq.warehouse_columns(con)
     assert {"runs", "metrics", "per_class", "confusion", "history", "leaderboard",
             "synthetic_validation"} <= set(columns["table_name"])
+
+
+# Pairs where the dashboard's own pairing (by name, else best mIoU; seed, batch and epochs ignored)
+# named another baseline than `seglab report`: both now read the `augmenter_pairs` view.
+PAIRING = {  # name -> seed, epochs, augmenter, per-class IoU
+    "m": (0, 4, None, [0.90, 0.50, 0.30, 0.20]),  # the base `m+pix2pix` is named after, but seed 0
+    "m_s1": (1, 4, None, [0.92, 0.40, 0.35, 0.25]),
+    "m_s1_long": (1, 8, None, [0.99, 0.90, 0.90, 0.90]),  # same seed, other epochs: not comparable
+    "m+pix2pix": (1, 4, "pix2pix", [0.91, 0.55, 0.30, 0.30]),
+    "m_s2": (2, 4, None, [0.94, 0.30, 0.20, 0.40]),
+    "m_s2_long": (2, 8, None, [0.99, 0.95, 0.95, 0.95]),  # the best mIoU of seed 2
+    "x+pix2pix": (2, 4, "pix2pix", [0.97, 0.30, 0.25, 0.35]),  # no run named `x`
+}
+
+
+def test_the_dashboard_and_the_report_pair_the_same_runs(tmp_path):
+    from seglab.warehouse.ingest import ingest_files, open_warehouse
+    from seglab.warehouse.queries import augmenter_effect_per_class
+    from tests.factories import eval_entry, eval_run, write_eval
+
+    classes = ["background", "person", "car", "dog"]
+    paths = []
+    for name, (seed, epochs, augmenter, ious) in PAIRING.items():
+        run = eval_run(name, arch="unet_mobilenetv2", classes=classes, seed=seed, epochs_planned=epochs,
+                       epochs_run=epochs, augmenter=augmenter, synthetic_images_used=10 if augmenter else None)
+        entry = eval_entry(run, ious=ious, metrics={"miou": sum(ious) / len(ious)})
+        paths.append(write_eval(tmp_path / "eval" / name / "eval.json", [entry]))
+    con = open_warehouse(tmp_path / "warehouse.duckdb")
+    try:
+        ingest_files(con, paths)
+        effects = dq.augmenter_effects(con, "iou")
+        report = augmenter_effect_per_class(con)
+        view = con.execute("SELECT augmented_name, base_name FROM augmenter_pairs").fetchall()
+    finally:
+        con.close()
+    pairs = dict(effects[["name", "baseline_name"]].drop_duplicates().itertuples(index=False))
+    assert pairs == {"m+pix2pix": "m_s1", "x+pix2pix": "m_s2"} == dict(view)
+    # The report's per-class effect is the mean of the dashboard's per-class differences.
+    assert len(report) == len(classes) and report["n_pairs"].eq(2).all()
+    dashboard_mean = effects.groupby("class_index")["delta"].mean()
+    np.testing.assert_allclose(report.sort_values("class_index")["delta_iou_mean"].to_numpy(float),
+                               dashboard_mean.sort_index().to_numpy(float))
+    expected = [np.mean([PAIRING["m+pix2pix"][3][c] - PAIRING["m_s1"][3][c],
+                         PAIRING["x+pix2pix"][3][c] - PAIRING["m_s2"][3][c]]) for c in range(len(classes))]
+    np.testing.assert_allclose(dashboard_mean.sort_index().to_numpy(float), expected)

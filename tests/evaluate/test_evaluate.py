@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import keras
@@ -23,6 +24,7 @@ from seglab.evaluate.ensemble import ensemble_model, run_ensemble
 from seglab.evaluate.evaluate import read_history, run_evaluate
 from seglab.evaluate.plots import IGNORE_COLOR, colorize, label_palette
 from seglab.models import build
+from tests.factories import train_record, write_train_record
 
 CLASSES = ["background", "cat", "dog", "bird"]  # "bird" never occurs in the val labels
 ABSENT = 3
@@ -93,17 +95,11 @@ def _save_trained(root: Path, name: str, model: keras.Model, classes=CLASSES, hi
     folder = root / "models" / name
     folder.mkdir(parents=True, exist_ok=True)
     model.save(folder / "model.keras")
-    info = {
-        "model": name, "arch": "unet", "backbone": None, "weights": None, "weights_loaded": "random",
-        "width": 0.125, "image_size": int(model.input_shape[1]), "batch_size": BATCH, "epochs_planned": 2,
-        "epochs_run": 2, "best_epoch": 0, "best_val_miou": 0.25, "seconds_per_epoch": 1.0, "train_seconds": 2.0,
-        "train_images_per_second": 10.0, "param_count": model.count_params(),
-        "trainable_param_count": model.count_params(), "classes": list(classes), "class_set": "custom",
-        "dataset": "tiny", "train_images": 10, "val_images": VAL_IMAGES, "seed": 0,
-        "params_hash": hashlib.sha256(name.encode()).hexdigest(), "mixed_precision": "off",
-        "strategy": "OneDeviceStrategy", "replicas": 1, "git_rev": None, "created_at": "2026-01-01T00:00:00+00:00",
-    }
-    (folder / "train.json").write_text(json.dumps(info))
+    info = train_record(name, classes=classes, width=0.125, image_size=int(model.input_shape[1]), batch_size=BATCH,
+                        epochs_planned=2, epochs_run=2, best_epoch=0, best_val_miou=0.25,
+                        param_count=model.count_params(), trainable_param_count=model.count_params(),
+                        class_set="custom", dataset="tiny", train_images=10, val_images=VAL_IMAGES)
+    write_train_record(folder / "train.json", info)
     metrics = root / "metrics" / name
     metrics.mkdir(parents=True, exist_ok=True)
     (metrics / "history.csv").write_text(history)
@@ -215,7 +211,7 @@ def test_the_augmenter_goes_from_train_json_through_eval_json_into_the_warehouse
     _save_trained(workspace, "pixel", _pixel_model())
     info = _save_trained(workspace, "pixel+pix2pix", _pixel_model(seed=1))
     info.update(augmenter="pix2pix", synthetic_accepted=True, synthetic_images_used=12)
-    (workspace / "models" / "pixel+pix2pix" / "train.json").write_text(json.dumps(info))
+    write_train_record(workspace / "models" / "pixel+pix2pix" / "train.json", info)
     cfg = _config(workspace, models=("pixel", "pixel+pix2pix"))
     cfg = cfg.model_copy(update={"warehouse": cfg.warehouse.model_copy(update={"path": workspace / "wh.duckdb"})})
     for name in ("pixel", "pixel+pix2pix"):
@@ -278,6 +274,27 @@ def test_train_json_that_disagrees_with_the_model_is_refused(workspace):
     _save_trained(workspace, "pixel", _pixel_model(classes=3), classes=CLASSES)
     with pytest.raises(ValueError, match="outputs 3 classes but .*train.json lists 4"):
         run_evaluate(_config(workspace), "pixel")
+
+
+def test_a_bad_train_json_is_refused_naming_the_file_and_field(workspace):
+    _save_trained(workspace, "pixel", _pixel_model())
+    path = workspace / "models" / "pixel" / "train.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"image_size": "big"}))
+    with pytest.raises(ValueError, match=r"pixel/train.json: image_size: expected an integer"):
+        run_evaluate(_config(workspace), "pixel")
+
+
+def test_a_trained_zoo_model_loads_without_the_training_package(workspace):
+    # Training saves an uncompiled inference view; evaluation must not need seglab.train to load it.
+    keras.utils.set_random_seed(1)
+    _save_trained(workspace, "zoo", build("deeplabv3plus_mobilenetv2", len(CLASSES), (SIZE, SIZE, 3), width=0.35))
+    script = ("import sys; from seglab.evaluate.evaluate import load_trained; "
+              f"trained = load_trained({str(workspace / 'models')!r}, 'zoo'); "
+              "assert trained.model.output_shape[-1] == 4; "
+              "print(sorted(m for m in sys.modules if m.startswith('seglab.train')))")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
 
 
 def test_missing_training_outputs_are_named(workspace):

@@ -4,7 +4,6 @@ fixture below (scores are given directly, not derived, so every expected number 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from seglab.cli import main
+from tests.factories import eval_entry, eval_run, write_eval
 from seglab.warehouse import (
     SchemaError,
     augmenter_effect,
@@ -57,32 +57,16 @@ def entry(name: str, seed: int | None, augmenter: str | None, arch: str, miou: f
           accuracy: float, ious: list, synthetic: int | None, *, variant: str = "plain",
           params_hash: str = "p0", evaluated_at: str = "2025-03-01T12:00:00Z",
           dataset: str = "sample", epochs: int = 4) -> dict:
-    """One eval.json run entry per the contract; a class with undefined IoU has no pixels."""
-    support = [0 if iou is None else 100 for iou in ious]
-    run = {
-        "run_id": hashlib.sha256(f"{name}{variant}{params_hash}".encode()).hexdigest()[:16],
-        "name": name, "variant": variant, "split": "val", "model": name, "arch": arch,
-        "backbone": "mobilenetv2", "weights": "imagenet", "weights_loaded": "sha256:abc",
-        "width": 0.5, "image_size": 128, "batch_size": 8, "epochs_planned": epochs,
-        "epochs_run": epochs, "seed": seed, "params_hash": params_hash, "dataset": dataset,
-        "class_set": "voc20", "classes": CLASSES, "param_count": 123_456,
-        "seconds_per_epoch": 12.5, "images_per_second": 30.0,
-        "evaluated_at": evaluated_at, "augmenter": augmenter, "synthetic_images_used": synthetic,
-    }
-    per_class = [{"class_index": i, "class_name": c, "iou": iou, "dice": iou, "precision": iou,
-                  "recall": iou, "accuracy": None if iou is None else 0.9,
-                  "support": support[i], "predicted": support[i]}
-                 for i, (c, iou) in enumerate(zip(CLASSES, ious, strict=True))]
-    confusion = [[support[t] if t == p else 0 for p in range(len(CLASSES))] for t in range(len(CLASSES))]
-    return {"run": run, "metrics": {"miou": miou, "mdice": mdice, "accuracy": accuracy},
-            "per_class": per_class, "confusion": confusion, "history": []}
+    """One eval.json run entry (`tests.factories`); a class with undefined IoU has no pixels."""
+    run = eval_run(name, variant, arch=arch, backbone="mobilenetv2", weights="imagenet",
+                   weights_loaded="sha256:abc", width=0.5, batch_size=8, epochs_planned=epochs, epochs_run=epochs,
+                   seed=seed, params_hash=params_hash, dataset=dataset, classes=CLASSES, param_count=123_456,
+                   evaluated_at=evaluated_at, augmenter=augmenter, synthetic_images_used=synthetic)
+    return eval_entry(run, ious=ious, metrics={"miou": miou, "mdice": mdice, "accuracy": accuracy})
 
 
 def write(root: Path, name: str, entries: list[dict]) -> Path:
-    path = root / "eval" / name / "eval.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"runs": entries}))
-    return path
+    return write_eval(root / "eval" / name / "eval.json", entries)
 
 
 def fixture_files(root: Path) -> list[Path]:

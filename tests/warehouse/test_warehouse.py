@@ -4,7 +4,6 @@ under errors and kills, and the read-side queries checked against independently 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import math
 import os
@@ -39,7 +38,8 @@ from seglab.warehouse import (
     run_ingest,
     worst_classes,
 )
-from seglab.warehouse.schema import SCHEMA_VERSION, TABLES
+from seglab.warehouse.schema import SCHEMA_VERSION, SYNTHETIC_VALIDATION_TABLE, TABLES
+from tests.factories import eval_entry, eval_run, scores_of, write_eval
 
 REPO = Path(__file__).resolve().parents[2]
 CLASSES = ["background", "person", "car", "dog", "cat", "bird"]
@@ -59,68 +59,27 @@ MODELS = [
 
 # ---- fixture eval.json files, written per the contract ------------------------------------------
 
-def scores(cm: np.ndarray) -> dict:
-    """Per-class and mean scores of a confusion matrix (rows truth), NaN where undefined."""
-    tp = np.diag(cm).astype(float)
-    support, predicted = cm.sum(1), cm.sum(0)
-    fp, fn = predicted - tp, support - tp
-    n = cm.sum()
-
-    def ratio(a, b):
-        return np.where(b > 0, a / np.where(b > 0, b, 1), np.nan)
-
-    per = {"iou": ratio(tp, tp + fp + fn), "dice": ratio(2 * tp, 2 * tp + fp + fn),
-           "precision": ratio(tp, tp + fp), "recall": ratio(tp, tp + fn),
-           "accuracy": (n - fp - fn) / n}
-    present = (support + predicted) > 0
-    per["accuracy"] = np.where(present, per["accuracy"], np.nan)
-    means = {f"m{k}": float(np.nanmean(v[present])) for k, v in per.items() if k != "accuracy"}
-    means["miou_fg"] = float(np.nanmean(per["iou"][1:][present[1:]]))
-    means["accuracy"] = float(tp.sum() / n)
-    means["pixels"] = int(n)
-    return {"per_class": per, "support": support, "predicted": predicted, "means": means}
-
-
-def null(x: float):
-    return None if math.isnan(x) else float(x)
-
-
 def make_run(name, arch, variant, dataset, quality, rng, *, params_hash="p0", epochs=4):
+    """One eval.json entry (`tests.factories`) from a seeded confusion matrix; `quality` scales its diagonal."""
     cm = rng.integers(0, 40, size=(len(CLASSES), len(CLASSES)))
     cm[np.diag_indices(len(CLASSES))] = (rng.integers(50, 400, size=len(CLASSES)) * quality).astype(int)
     cm[ABSENT, :] = 0
     cm[:, ABSENT] = 0
-    s = scores(cm)
-    run = {
-        "run_id": hashlib.sha256(f"{name}{variant}{params_hash}".encode()).hexdigest()[:16],
-        "name": name, "variant": variant, "split": "val", "model": name, "arch": arch,
-        "backbone": arch.split("_", 1)[1] if "_" in arch else None,
-        "weights": "imagenet-offline" if name.endswith("imagenet") else None,
-        "weights_loaded": "sha256:abc" if name.endswith("imagenet") else "random",
-        "width": 0.25, "image_size": 128, "batch_size": 8, "epochs_planned": epochs,
-        "epochs_run": epochs, "best_epoch": epochs - 1, "best_val_miou": s["means"]["miou"],
-        "seconds_per_epoch": 12.5, "train_seconds": 50.0, "train_images_per_second": 9.6,
-        "param_count": int(1000 * quality), "trainable_param_count": int(900 * quality),
-        "classes": CLASSES, "class_set": "voc20", "dataset": dataset, "train_images": 120,
-        "val_images": 40, "eval_images": 40, "seed": 0, "params_hash": params_hash, "mixed_precision": "off",
-        "strategy": "OneDeviceStrategy", "replicas": 1, "git_rev": None,
-        "created_at": "2025-01-02T03:04:05+00:00", "evaluated_at": "2025-01-02T04:00:00Z",
-        "images_per_second": 30.0 + quality, "latency_ms_p50": 20.0, "latency_ms_p90": 25.5,
-    }
-    if variant == "tta":
-        run["tta"] = ["identity", "hflip", "vflip", "rot90", "rot270"]
-    per_class = [
-        {"class_index": c, "class_name": CLASSES[c],
-         **{k: null(s["per_class"][k][c]) for k in ("iou", "dice", "precision", "recall", "accuracy")},
-         "support": int(s["support"][c]), "predicted": int(s["predicted"][c])}
-        for c in range(len(CLASSES))
-    ]
     hist = []
     if variant == "plain":
         hist = [{"epoch": e, **{m: round(float(rng.random()), 6) for m in HISTORY_METRICS}}
                 for e in range(epochs)]
-    return {"run": run, "metrics": s["means"], "per_class": per_class,
-            "confusion": cm.tolist(), "history": hist}
+    run = eval_run(
+        name, variant, arch=arch, backbone=arch.split("_", 1)[1] if "_" in arch else None,
+        weights="imagenet-offline" if name.endswith("imagenet") else None,
+        weights_loaded="sha256:abc" if name.endswith("imagenet") else "random",
+        epochs_planned=epochs, epochs_run=epochs, best_epoch=epochs - 1,
+        best_val_miou=scores_of(cm)["means"]["miou"], param_count=int(1000 * quality),
+        trainable_param_count=int(900 * quality), classes=CLASSES, dataset=dataset, params_hash=params_hash,
+        mixed_precision="off", images_per_second=30.0 + quality, evaluated_at="2025-01-02T04:00:00Z",
+    )
+    # ABSENT is in no truth and no prediction: every score of it, accuracy too, is undefined here.
+    return eval_entry(run, cm, history=hist, accuracy_of_absent=None)
 
 
 def make_ensemble(rng):
@@ -132,7 +91,8 @@ def make_ensemble(rng):
     return entry
 
 
-def write_eval(path: Path, entries: list[dict]) -> Path:
+def write_raw_eval(path: Path, entries: list[dict]) -> Path:
+    """An eval.json written without `seglab.records`' checks: what a foreign or broken writer leaves."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"runs": entries}, indent=1))
     return path
@@ -198,6 +158,7 @@ def test_ingest_writes_every_table_with_the_right_rows_and_values(tmp_path, eval
         "per_class": n_runs * len(CLASSES),
         "confusion": sum(int(np.count_nonzero(e["confusion"])) for e in entries),
         "history": sum(len(e["history"]) * len(HISTORY_METRICS) for e in entries),
+        SYNTHETIC_VALIDATION_TABLE: 0,  # no GAN validation reports here
     }
     assert summary["rows"] == expected_rows
     assert not list(cfg.warehouse.path.parent.glob("*.wal"))  # checkpointed into one file
@@ -315,7 +276,7 @@ def test_csv_text_in_history_and_nan_values_are_read(tmp_path, warehouse):
     entry = make_run("csvrun", "unet", "plain", "sample", 3.0, np.random.default_rng(3))
     entry["history"] = [{"epoch": "0", "loss": "0.5", "lr": ""}, {"epoch": 1, "loss": 0.25, "lr": 1e-3}]
     entry["metrics"]["mprecision"] = float("nan")  # json writes NaN; it must become NULL
-    path = write_eval(tmp_path / "other" / "eval.json", [entry])
+    path = write_raw_eval(tmp_path / "other" / "eval.json", [entry])
     ingest_eval(warehouse, path)
     con = connect_read_only(warehouse)
     run_id = entry["run"]["run_id"]
@@ -479,7 +440,7 @@ def test_augmented_runs_carry_their_augmenter_into_runs_and_the_leaderboard(tmp_
     bad = copy.deepcopy(runs)
     bad[0]["run"]["augmenter"] = 7
     with pytest.raises(EvalFileError, match=r"runs\[0\]\.run\.augmenter: expected a non-empty string"):
-        ingest_eval(warehouse, write_eval(tmp_path / "bad" / "eval.json", bad))
+        ingest_eval(warehouse, write_raw_eval(tmp_path / "bad" / "eval.json", bad))
 
 
 def test_a_version_1_warehouse_gains_the_augmenter_columns_backfilled_from_run_json(tmp_path, monkeypatch):

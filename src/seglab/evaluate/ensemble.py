@@ -11,8 +11,6 @@ variant "ensemble".
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import re
 from collections.abc import Sequence
@@ -24,6 +22,7 @@ import numpy as np
 from keras import ops
 
 from seglab.data.pipeline import classes_of
+from seglab.digest import json_safe, sha256_json
 from seglab.evaluate.evaluate import (
     EVAL_SPLIT,
     GRID_IMAGES,
@@ -36,7 +35,6 @@ from seglab.evaluate.evaluate import (
     load_trained,
     run_id,
     speed_fields,
-    to_jsonable,
     utc_now,
     variant_entry,
     write_evaluation,
@@ -140,9 +138,7 @@ def run_ensemble(cfg: Any, *, split: str = EVAL_SPLIT, grid_images: int = GRID_I
 
     member_hashes = [m.info.get("params_hash") for m in members]
     # The ensemble is defined by its members' runs and their weights.
-    params_hash = hashlib.sha256(
-        json.dumps({"members": list(zip(names, member_hashes)), "weights": weights}, sort_keys=True).encode()
-    ).hexdigest()
+    params_hash = sha256_json({"members": [list(pair) for pair in zip(names, member_hashes)], "weights": weights})
     infos = [m.info for m in members]
     class_sets = [i.get("class_set") for i in infos]
     if any(c != class_sets[0] for c in class_sets):
@@ -180,4 +176,4 @@ def run_ensemble(cfg: Any, *, split: str = EVAL_SPLIT, grid_images: int = GRID_I
                      title=f"ensemble of {', '.join(names)}")
     log.info("ensemble: mIoU %.4f, %.1f images/s -> %s", metrics["miou"], metrics["images_per_second"], out_dir)
     return {"model": ENSEMBLE_NAME, "members": names, "member_weights": weights, "out": str(out_dir),
-            **to_jsonable(metrics)}
+            **json_safe(metrics)}

@@ -45,11 +45,13 @@ import numpy as np
 import tensorflow as tf
 
 from seglab.atomic import atomic_dir
+from seglab.digest import json_safe
 from seglab.data.classes import IGNORE_INDEX
 from seglab.data.pipeline import classes_of, make_dataset
 from seglab.evaluate.plots import plot_confusion, plot_prediction_grid
 from seglab.evaluate.tta import probability_model, tta_model
 from seglab.metrics import METRIC_NAMES, ConfusionMatrix
+from seglab.records import EvalRecord, TrainRecord
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +73,6 @@ __all__ = [
 
 EVAL_SPLIT = "val"
 GRID_IMAGES = 6
-REQUIRED_TRAIN_FIELDS = ("classes", "image_size", "params_hash")
 PER_CLASS_FIELDS = ("class_index", "class_name", "iou", "dice", "precision", "recall", "accuracy",
                     "support", "predicted")
 # metrics.json: the headline means, for `dvc metrics show/diff`.
@@ -80,28 +81,8 @@ HEADLINE_METRICS = ("miou", "mdice", "mprecision", "mrecall", "accuracy", "miou_
 
 # ------------------------------------------------------------------------------------------ helpers
 
-def to_jsonable(value: Any) -> Any:
-    """Plain JSON values: NumPy scalars/arrays unwrapped, NaN and infinities -> None, paths -> str."""
-    if isinstance(value, Mapping):
-        return {str(k): to_jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [to_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return to_jsonable(value.tolist())
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    if isinstance(value, (int, np.integer)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        value = float(value)
-        return value if math.isfinite(value) else None
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 def _dump_json(value: Any) -> str:
-    return json.dumps(to_jsonable(value), indent=2, allow_nan=False) + "\n"
+    return json.dumps(json_safe(value), indent=2, allow_nan=False) + "\n"
 
 
 def run_id(name: str, variant: str, params_hash: str | None) -> str:
@@ -143,33 +124,22 @@ class TrainedModel:
 
 
 def _register_custom_objects() -> None:
-    # Importing these registers seglab's serialisable layers/optimizers/losses/metrics with Keras,
-    # so load_model finds them.
-    import seglab.metrics  # noqa: F401
+    # Importing these registers seglab's serialisable layers with Keras, so load_model finds them.
+    # Training saves an uncompiled inference view and it is loaded with compile=False, so no loss,
+    # metric or optimizer (seglab.train's) is ever deserialised here.
     import seglab.models.registry  # noqa: F401
     import seglab.models.transfer  # noqa: F401
-    import seglab.train.losses  # noqa: F401
 
 
 def load_trained(models_dir: str | Path, name: str) -> TrainedModel:
-    """Load ``<models_dir>/<name>/{model.keras, train.json}`` and check they agree with each other."""
+    """Load ``<models_dir>/<name>/{model.keras, train.json}`` (a `TrainRecord`) and check they agree."""
     directory = Path(models_dir) / name
     info_path, model_path = directory / "train.json", directory / "model.keras"
     for path in (info_path, model_path):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: not found; train the model first (`seglab train {name}`)")
-    try:
-        info = json.loads(info_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{info_path}: not valid JSON ({e})") from None
-    if not isinstance(info, dict):
-        raise ValueError(f"{info_path}: expected a JSON object, got {type(info).__name__}")
-    missing = [key for key in REQUIRED_TRAIN_FIELDS if key not in info]
-    if missing:
-        raise ValueError(f"{info_path}: lacks field(s) {missing} that evaluation needs")
+    info = TrainRecord.load(info_path).to_json()  # RecordError (a ValueError) names file and field
     classes = info["classes"]
-    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
-        raise ValueError(f"{info_path}: 'classes' must be a non-empty list of class names, got {classes!r}")
 
     _register_custom_objects()
     try:
@@ -442,7 +412,7 @@ def _per_class_csv(entries: Sequence[Mapping[str, Any]]) -> str:
     for entry in entries:
         for row in entry["per_class"]:
             # Undefined scores as empty cells, like history.csv, not as the text "nan".
-            writer.writerow({"variant": entry["run"]["variant"], **{k: to_jsonable(v) for k, v in row.items()}})
+            writer.writerow({"variant": entry["run"]["variant"], **{k: json_safe(v) for k, v in row.items()}})
     return buffer.getvalue()
 
 
@@ -462,7 +432,7 @@ def write_evaluation(
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         (tmp / "metrics.json").write_text(_dump_json(metrics))
-        (tmp / "eval.json").write_text(_dump_json({"runs": list(entries)}))
+        EvalRecord.of({"runs": list(entries)}, source=out_dir / "eval.json").write(tmp / "eval.json")
         (tmp / "per_class.csv").write_text(_per_class_csv(entries))
         for position, entry in enumerate(entries):
             variant = entry["run"]["variant"]
@@ -540,4 +510,4 @@ def run_evaluate(cfg: Any, name: str, *, split: str = EVAL_SPLIT, grid_images: i
     write_evaluation(out_dir, entries, metrics, evaluation, shard_classes, title=name)
     log.info("%s: mIoU %.4f (TTA %.4f), %.1f images/s (TTA %.1f) -> %s", name, metrics["miou"],
              metrics["tta_miou"], metrics["images_per_second"], metrics["tta_images_per_second"], out_dir)
-    return {"model": name, "out": str(out_dir), **to_jsonable(metrics)}
+    return {"model": name, "out": str(out_dir), **json_safe(metrics)}

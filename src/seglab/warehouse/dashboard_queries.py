@@ -5,8 +5,8 @@
   ``DESCRIBE``, ``SUMMARIZE``); anything else is refused with `SqlRefused` before it runs. It
   runs with a row limit and a time limit, on a connection that `harden` has cut off from the file
   system and network (a SELECT could otherwise ``read_csv('/etc/passwd')``).
-- Optional tables (``synthetic_validation``, written by the GAN stages) are looked up first and
-  read only if present.
+- ``synthetic_validation`` is read only if present: a warehouse from before schema version 4,
+  opened read-only, is never migrated.
 
 Every value reaches SQL as a bound parameter; no identifiers are built from user input.
 """
@@ -21,8 +21,8 @@ from typing import Any
 import duckdb
 import pandas as pd
 
-from seglab.warehouse.queries import PER_CLASS_METRICS
-from seglab.warehouse.schema import WarehouseError
+from seglab.warehouse.queries import PER_CLASS_METRICS, require_view
+from seglab.warehouse.schema import SYNTHETIC_VALIDATION_TABLE, WarehouseError, table_exists
 
 __all__ = [
     "SYNTHETIC_VALIDATION_TABLE",
@@ -39,15 +39,6 @@ __all__ = [
     "table_exists",
     "warehouse_columns",
 ]
-
-SYNTHETIC_VALIDATION_TABLE = "synthetic_validation"
-
-# Where a run names the GAN augmenter it was trained with: the `runs.augmenter` column (schema 2),
-# else these run_json fields (warehouses ingested before it; the first one present wins).
-AUGMENTER_FIELDS = ("augmenter", "gan")
-# `<model>+<gan>` (params.yaml's augmented variants) -> `<model>`, the preferred baseline.
-_VARIANT_SUFFIX = r"\+[^+]*$"
-
 
 class SqlRefused(ValueError):
     """A query the SQL page does not run (not a single read-only SELECT, or not parseable)."""
@@ -131,16 +122,6 @@ def run_read_only_sql(con: duckdb.DuckDBPyConnection, sql: str, *, max_rows: int
     return SqlResult(frame=frame, truncated=truncated, seconds=seconds, statement=statement)
 
 
-def table_exists(con: duckdb.DuckDBPyConnection, name: str) -> bool:
-    """Whether a table or view called `name` is in the warehouse's main schema."""
-    # fetchall, not fetchone: DuckDB refuses other work on a connection with an unfinished result.
-    rows = con.execute(
-        "SELECT count(*) FROM information_schema.tables "
-        "WHERE table_schema = current_schema() AND table_name = ?", [name]
-    ).fetchall()
-    return bool(rows[0][0])
-
-
 def warehouse_columns(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:
     """Every table and view with its columns and types (the SQL page's schema reference)."""
     return con.execute("""
@@ -166,68 +147,33 @@ def run_details(con: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, Any]:
 
 
 def synthetic_validation(con: duckdb.DuckDBPyConnection) -> pd.DataFrame | None:
-    """The GAN stages' synthetic-validation results, or None while that table does not exist.
-
-    Its columns are whatever those stages write; nothing here depends on them.
-    """
+    """The GAN gate's validation reports (`synthetic_validation`), or None in a warehouse without it."""
     if not table_exists(con, SYNTHETIC_VALIDATION_TABLE):
         return None
     return con.sql(f"SELECT * FROM {SYNTHETIC_VALIDATION_TABLE}").df()
 
 
-def _runs_columns(con: duckdb.DuckDBPyConnection) -> set[str]:
-    rows = con.execute("SELECT column_name FROM information_schema.columns "
-                       "WHERE table_schema = current_schema() AND table_name = 'runs'").fetchall()
-    return {r[0] for r in rows}
-
-
 def augmenter_effects(con: duckdb.DuckDBPyConnection, metric: str = "iou") -> pd.DataFrame:
-    """Per class, how much each GAN augmenter moved a per-class score against its baseline.
+    """Per class, how much each GAN augmenter moved a per-class score against its real-only run.
 
-    An augmented run names its augmenter (`runs.augmenter`, or run_json's `AUGMENTER_FIELDS` in
-    a warehouse not yet migrated); its baseline is a run without one that has the same arch,
-    weights, width, image size, dataset, class set and variant, so only the training data
-    differs: the run named like it without the `+<gan>` suffix (`unet+pix2pix` -> `unet`) when
-    there is one, else the best such run by mIoU. Columns: augmenter, name, variant, run_id,
-    synthetic_images_used (0: the gate accepted no synthetic sample, the run trained on real
-    data only; NULL: not recorded), baseline_name, baseline_run_id, class_index, class_name,
-    augmented, baseline, delta (augmented - baseline). Empty when no run names an augmenter.
+    The pairs are the ``augmenter_pairs`` view's, the ones `seglab report` averages: the latest
+    augmented run of a model and the real-only run of the same configuration (arch, weights,
+    width, image size, batch size, epochs, data, class set, split, variant) and seed. Columns:
+    augmenter, name, variant, run_id, synthetic_images_used (0: the gate accepted no synthetic
+    sample, the run trained on real data only; NULL: not recorded), baseline_name,
+    baseline_run_id, class_index, class_name, augmented, baseline, delta (augmented - baseline).
+    Empty when no run is paired. SchemaError for a warehouse older than the view.
     """
     if metric not in PER_CLASS_METRICS:
         raise ValueError(f"metric must be one of {PER_CLASS_METRICS}; got {metric!r}")
-    columns = _runs_columns(con)
-    json_fields = [f"nullif(r.run_json->>'$.{field}', '')" for field in AUGMENTER_FIELDS]
-    column = ["nullif(r.augmenter, '')"] if "augmenter" in columns else []
-    augmenter_sql = "coalesce(" + ", ".join(column + json_fields) + ")"
-    synthetic_json = "TRY_CAST(r.run_json->>'$.synthetic_images_used' AS INTEGER)"
-    synthetic_sql = (f"coalesce(r.synthetic_images_used, {synthetic_json})"
-                     if "synthetic_images_used" in columns else synthetic_json)
+    require_view(con, "augmenter_pairs")
     return con.execute(f"""
-        WITH tagged AS (
-            SELECT r.run_id, r.name, r.arch, r.weights, r.width, r.image_size, r.dataset,
-                   r.class_set, r.variant, l.miou, {augmenter_sql} AS augmenter,
-                   {synthetic_sql} AS synthetic_images_used
-            FROM runs AS r JOIN leaderboard AS l USING (run_id)
-        ),
-        pairs AS (
-            SELECT a.augmenter, a.name, a.variant, a.run_id, a.synthetic_images_used,
-                   b.name AS baseline_name, b.run_id AS baseline_run_id
-            FROM tagged AS a
-            JOIN tagged AS b
-              ON b.augmenter IS NULL AND a.augmenter IS NOT NULL
-             AND a.arch IS NOT DISTINCT FROM b.arch AND a.weights IS NOT DISTINCT FROM b.weights
-             AND a.width IS NOT DISTINCT FROM b.width
-             AND a.image_size IS NOT DISTINCT FROM b.image_size
-             AND a.dataset = b.dataset AND a.class_set = b.class_set AND a.variant = b.variant
-            QUALIFY row_number() OVER (PARTITION BY a.run_id
-                                       ORDER BY (b.name = regexp_replace(a.name, ?, '')) DESC,
-                                                b.miou DESC NULLS LAST, b.run_id) = 1
-        )
-        SELECT p.augmenter, p.name, p.variant, p.run_id, p.synthetic_images_used, p.baseline_name,
-               p.baseline_run_id, pa.class_index, pa.class_name, pa.{metric} AS augmented,
-               pb.{metric} AS baseline, pa.{metric} - pb.{metric} AS delta
-        FROM pairs AS p
-        JOIN per_class AS pa ON pa.run_id = p.run_id
-        JOIN per_class AS pb ON pb.run_id = p.baseline_run_id AND pb.class_index = pa.class_index
-        ORDER BY p.augmenter, p.name, p.variant, pa.class_index
-    """, [_VARIANT_SUFFIX]).df()
+        SELECT p.augmenter, p.augmented_name AS name, p.variant, p.augmented_run_id AS run_id,
+               p.synthetic_images_used, p.base_name AS baseline_name, p.base_run_id AS baseline_run_id,
+               pa.class_index, pa.class_name, pa.{metric} AS augmented, pb.{metric} AS baseline,
+               pa.{metric} - pb.{metric} AS delta
+        FROM augmenter_pairs AS p
+        JOIN per_class AS pa ON pa.run_id = p.augmented_run_id
+        JOIN per_class AS pb ON pb.run_id = p.base_run_id AND pb.class_index = pa.class_index
+        ORDER BY p.augmenter, p.augmented_name, p.variant, p.seed, pa.class_index
+    """).df()

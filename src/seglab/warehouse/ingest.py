@@ -17,10 +17,8 @@ Rows go in as Arrow tables (``INSERT ... BY NAME SELECT``), not row-by-row SQL.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,7 +27,10 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from seglab.warehouse.schema import TABLES, WarehouseError, connect, ensure_schema
+from seglab.digest import json_safe, sha256_file
+from seglab.records import PER_CLASS_COUNTS, PER_CLASS_SCORES, EvalEntry, EvalRecord, EvalRun, RecordError
+from seglab.warehouse.schema import SYNTHETIC_VALIDATION_TABLE, TABLES, WarehouseError, connect, ensure_schema
+from seglab.warehouse.synthetic import ingest_synthetic_validation
 
 __all__ = ["EvalFileError", "ingest_eval", "ingest_files", "load_eval", "open_warehouse", "run_ingest"]
 
@@ -38,8 +39,9 @@ class EvalFileError(WarehouseError, ValueError):
     """An eval.json that is missing, not JSON, or does not follow the contract."""
 
 
-# The `run` object's fields with a column of their own, and what each must hold. Other fields
-# are kept only in runs.run_json. `weights` and `class_set` are handled apart (see _run_row).
+# The `run` object's fields with a column of their own (`seglab.records.EvalRun` checks them) and
+# their Arrow types. Other fields are kept only in runs.run_json. `weights` and `class_set` are
+# handled apart (see _run_row).
 _RUN_FIELD_KINDS: dict[str, str] = {
     "run_id": "str", "name": "str", "variant": "str", "split": "str", "model": "str",
     "arch": "str", "backbone": "str", "weights_loaded": "str", "members": "str_list",
@@ -53,9 +55,8 @@ _RUN_FIELD_KINDS: dict[str, str] = {
     "latency_ms_p50": "float", "latency_ms_p90": "float", "created_at": "timestamp",
     "evaluated_at": "timestamp", "augmenter": "str", "synthetic_images_used": "int",
 }
-_REQUIRED_RUN_FIELDS = ("run_id", "name", "variant", "split", "dataset", "class_set", "classes")
-_PER_CLASS_SCORES = ("iou", "dice", "precision", "recall", "accuracy")
-_PER_CLASS_COUNTS = ("support", "predicted")
+_PER_CLASS_SCORES = PER_CLASS_SCORES
+_PER_CLASS_COUNTS = PER_CLASS_COUNTS
 
 _ARROW_KINDS = {
     "str": pa.string(),
@@ -104,309 +105,62 @@ class EvalFile:
     rows: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: {t: [] for t in TABLES})
 
 
-class _Checker:
-    """Type checks that raise EvalFileError naming the file and where in it."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def fail(self, where: str, problem: str) -> EvalFileError:
-        return EvalFileError(f"{self.path}: {where}: {problem}")
-
-    def mapping(self, value: Any, where: str) -> Mapping[str, Any]:
-        if not isinstance(value, Mapping):
-            raise self.fail(where, f"expected an object, got {_describe(value)}")
-        return value
-
-    def sequence(self, value: Any, where: str) -> list[Any]:
-        if not isinstance(value, list):
-            raise self.fail(where, f"expected a list, got {_describe(value)}")
-        return value
-
-    def require(self, record: Mapping[str, Any], key: str, where: str, expected: str) -> Any:
-        if key not in record:
-            raise self.fail(where, f"field {key!r} is missing (expected {expected})")
-        return record[key]
-
-    def string(self, value: Any, where: str, *, nullable: bool = True) -> str | None:
-        if value is None and nullable:
-            return None
-        if not isinstance(value, str) or not value:
-            raise self.fail(where, f"expected a non-empty string, got {_describe(value)}")
-        return value
-
-    def integer(self, value: Any, where: str, *, minimum: int | None = None,
-                nullable: bool = True) -> int | None:
-        if value is None and nullable:
-            return None
-        # JSON writers may emit 8.0 for 8; a fractional value is a real error.
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(where, f"expected an integer, got {_describe(value)}")
-        if minimum is not None and value < minimum:
-            raise self.fail(where, f"expected an integer >= {minimum}, got {value}")
-        return value
-
-    def number(self, value: Any, where: str, *, from_text: bool = False) -> float | None:
-        """A float; null and NaN (the contract's 'undefined') become None; infinities are errors."""
-        if value is None:
-            return None
-        if from_text and isinstance(value, str):
-            # history rows come from history.csv, whose cells may still be text.
-            if not value.strip():
-                return None
-            try:
-                value = float(value)
-            except ValueError:
-                raise self.fail(where, f"expected a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.fail(where, f"expected a number or null, got {_describe(value)}")
-        value = float(value)
-        if math.isnan(value):
-            return None
-        if math.isinf(value):
-            raise self.fail(where, f"expected a finite number, got {value}")
-        return value
-
-    def timestamp(self, value: Any, where: str) -> datetime | None:
-        if value is None:
-            return None
-        if not isinstance(value, str):
-            raise self.fail(where, f"expected an ISO 8601 timestamp string, got {_describe(value)}")
-        try:
-            moment = datetime.fromisoformat(value)
-        except ValueError:
-            raise self.fail(where, f"expected an ISO 8601 timestamp, got {value!r}") from None
-        # The contract writes UTC; a timestamp without an offset is read as UTC.
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=timezone.utc)
-        return moment.astimezone(timezone.utc)
-
-    def of_kind(self, kind: str, value: Any, where: str) -> Any:
-        if kind == "str":
-            return self.string(value, where)
-        if kind == "int":
-            return self.integer(value, where)
-        if kind == "float":
-            return self.number(value, where)
-        if kind == "timestamp":
-            return self.timestamp(value, where)
-        if value is None:
-            return None
-        items = self.sequence(value, where)
-        item_kind = {"str_list": "str", "float_list": "float"}[kind]
-        checked = [self.of_kind(item_kind, item, f"{where}[{i}]") for i, item in enumerate(items)]
-        if any(item is None for item in checked):
-            raise self.fail(where, f"holds a null or NaN entry: {items!r}")
-        return checked
+def _utc(moment: str | None) -> datetime | None:
+    if moment is None:
+        return None
+    parsed = datetime.fromisoformat(moment)
+    # The contract writes UTC; a timestamp without an offset is read as UTC.
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=timezone.utc)
+    return parsed.astimezone(timezone.utc)
 
 
-def _describe(value: Any) -> str:
-    text = json.dumps(value, default=repr)
-    if len(text) > 60:
-        text = text[:57] + "..."
-    return f"{type(value).__name__} {text}"
-
-
-def _run_row(check: _Checker, run: Mapping[str, Any], where: str) -> dict[str, Any]:
-    for key in _REQUIRED_RUN_FIELDS:
-        check.require(run, key, where, "by the eval.json contract")
-    row = {key: check.of_kind(kind, run.get(key), f"{where}.{key}")
-           for key, kind in _RUN_FIELD_KINDS.items()}
-    for key in ("run_id", "name", "variant", "split", "dataset"):
-        check.string(run[key], f"{where}.{key}", nullable=False)
-
-    classes = row["classes"]
-    if not classes:
-        raise check.fail(f"{where}.classes", "expected a non-empty list of class names")
-    if len(set(classes)) != len(classes):
-        raise check.fail(f"{where}.classes", "class names must be unique")
-    row["num_classes"] = len(classes)
-
+def _run_row(run: EvalRun) -> dict[str, Any]:
+    row = {key: getattr(run, key) for key in _RUN_FIELD_KINDS}
+    for key in ("created_at", "evaluated_at"):
+        row[key] = _utc(row[key])
+    row["num_classes"] = len(run.classes)
     # A named class set stays as its name; an explicit list of categories is stored as JSON.
-    class_set = run["class_set"]
-    if isinstance(class_set, list):
-        check.of_kind("str_list", class_set, f"{where}.class_set")
-        row["class_set"] = json.dumps(class_set)
-    else:
-        row["class_set"] = check.string(class_set, f"{where}.class_set", nullable=False)
-
+    row["class_set"] = json.dumps(run.class_set) if isinstance(run.class_set, list) else run.class_set
     # For a model `weights` names the pretrained weights; the ensemble's run gives the members'
     # weights in the mean there instead.
-    weights = run.get("weights")
-    if isinstance(weights, list):
-        if row["member_weights"] is not None:
-            raise check.fail(f"{where}.weights", "a list, but member_weights is given as well")
-        row["member_weights"] = check.of_kind("float_list", weights, f"{where}.weights")
-        row["weights"] = None
+    if isinstance(run.weights, list):
+        row["member_weights"], row["weights"] = run.weights, None
     else:
-        row["weights"] = check.string(weights, f"{where}.weights")
-    if row["member_weights"] is not None:
-        members = row["members"]
-        if members is None or len(members) != len(row["member_weights"]):
-            raise check.fail(where, f"member weights {row['member_weights']} do not match "
-                                    f"members {members}")
+        row["weights"] = run.weights
     return row
 
 
-def _per_class_rows(check: _Checker, entries: Any, classes: list[str], run_id: str,
-                    where: str) -> list[dict[str, Any]]:
-    entries = check.sequence(entries, where)
-    rows: dict[int, dict[str, Any]] = {}
-    for i, entry in enumerate(entries):
-        at = f"{where}[{i}]"
-        entry = check.mapping(entry, at)
-        index = check.integer(check.require(entry, "class_index", at, "an integer"),
-                              f"{at}.class_index", minimum=0, nullable=False)
-        if index >= len(classes):
-            raise check.fail(f"{at}.class_index", f"{index} is outside the run's "
-                                                  f"{len(classes)} classes")
-        if index in rows:
-            raise check.fail(f"{at}.class_index", f"class {index} is listed twice")
-        name = check.string(check.require(entry, "class_name", at, "a string"),
-                            f"{at}.class_name", nullable=False)
-        if name != classes[index]:
-            raise check.fail(f"{at}.class_name", f"{name!r} but the run's class {index} is "
-                                                 f"{classes[index]!r}")
-        row: dict[str, Any] = {"run_id": run_id, "class_index": index, "class_name": name}
-        for score in _PER_CLASS_SCORES:
-            row[score] = check.number(check.require(entry, score, at, "a number or null"),
-                                      f"{at}.{score}")
-            if row[score] is not None and not 0.0 <= row[score] <= 1.0:
-                raise check.fail(f"{at}.{score}", f"expected a value in [0, 1], got {row[score]}")
-        for count in _PER_CLASS_COUNTS:
-            row[count] = check.integer(check.require(entry, count, at, "a pixel count"),
-                                       f"{at}.{count}", minimum=0, nullable=False)
-        rows[index] = row
-    missing = sorted(set(range(len(classes))) - set(rows))
-    if missing:
-        raise check.fail(where, f"no entry for class index(es) {missing} "
-                                f"(expected one per class, {len(classes)} in all)")
-    return [rows[index] for index in range(len(classes))]
-
-
-def _confusion_rows(check: _Checker, matrix: Any, per_class: list[dict[str, Any]], run_id: str,
-                    where: str) -> list[dict[str, Any]]:
-    size = len(per_class)
-    matrix = check.sequence(matrix, where)
-    if len(matrix) != size:
-        raise check.fail(where, f"expected {size} rows (one per class), got {len(matrix)}")
-    rows = []
-    column_sums = [0] * size
-    for t, matrix_row in enumerate(matrix):
-        matrix_row = check.sequence(matrix_row, f"{where}[{t}]")
-        if len(matrix_row) != size:
-            raise check.fail(f"{where}[{t}]", f"expected {size} counts, got {len(matrix_row)}")
-        for p, count in enumerate(matrix_row):
-            count = check.integer(count, f"{where}[{t}][{p}]", minimum=0, nullable=False)
-            column_sums[p] += count
-            if count:
-                rows.append({"run_id": run_id, "true_index": t, "pred_index": p, "count": count})
-        # per_class and the matrix must describe the same evaluation.
-        if sum(matrix_row) != per_class[t]["support"]:
-            raise check.fail(f"{where}[{t}]", f"row sums to {sum(matrix_row)} pixels but "
-                                              f"per_class support of class {t} is "
-                                              f"{per_class[t]['support']}")
-    for p, total in enumerate(column_sums):
-        if total != per_class[p]["predicted"]:
-            raise check.fail(where, f"column {p} sums to {total} pixels but per_class predicted "
-                                    f"of class {p} is {per_class[p]['predicted']}")
-    return rows
-
-
-def _history_rows(check: _Checker, entries: Any, run_id: str, where: str) -> list[dict[str, Any]]:
-    entries = check.sequence(entries, where)
-    rows = []
-    seen_epochs: set[int] = set()
-    for i, entry in enumerate(entries):
-        at = f"{where}[{i}]"
-        entry = check.mapping(entry, at)
-        epoch = check.require(entry, "epoch", at, "an integer")
-        if isinstance(epoch, str) and epoch.strip().isdigit():  # a history.csv cell
-            epoch = int(epoch)
-        epoch = check.integer(epoch, f"{at}.epoch", minimum=0, nullable=False)
-        if epoch in seen_epochs:
-            raise check.fail(f"{at}.epoch", f"epoch {epoch} is listed twice")
-        seen_epochs.add(epoch)
-        for metric, value in entry.items():
-            if metric == "epoch":
-                continue
-            rows.append({"run_id": run_id, "epoch": epoch, "metric": str(metric),
-                         "value": check.number(value, f"{at}.{metric}", from_text=True)})
-    return rows
+def _entry_rows(entry: EvalEntry, rows: dict[str, list[dict[str, Any]]]) -> None:
+    run_id, split = entry.run.run_id, entry.run.split
+    rows["metrics"].extend({"run_id": run_id, "split": split, "metric": metric, "value": value}
+                           for metric, value in entry.metrics.items())
+    rows["per_class"].extend({"run_id": run_id, **scores.model_dump()} for scores in entry.class_scores())
+    rows["confusion"].extend({"run_id": run_id, "true_index": t, "pred_index": p, "count": count}
+                             for t, counts in enumerate(entry.confusion)
+                             for p, count in enumerate(counts) if count)
+    rows["history"].extend({"run_id": run_id, "epoch": epoch.epoch, "metric": metric, "value": value}
+                           for epoch in entry.history for metric, value in epoch.metrics().items())
 
 
 def load_eval(eval_json_path: str | Path) -> EvalFile:
-    """Read and check one eval.json completely; raise EvalFileError on the first problem."""
+    """Read and check one eval.json completely (`seglab.records.EvalRecord`); raise EvalFileError
+    naming the file and the field on the first problem."""
     path = Path(eval_json_path)
-    check = _Checker(path)
     try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise EvalFileError(f"{path}: not found") from None
-    except OSError as e:
-        raise EvalFileError(f"{path}: cannot be read: {e}") from None
-    try:
-        document = json.loads(raw)
-    except UnicodeDecodeError as e:
-        raise EvalFileError(f"{path}: not UTF-8 text: {e}") from None
-    except json.JSONDecodeError as e:
-        raise EvalFileError(f"{path}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-
-    document = check.mapping(document, "top level")
-    entries = check.sequence(check.require(document, "runs", "top level", "a list of runs"), "runs")
-    if not entries:
-        raise check.fail("runs", "is empty (expected one entry per evaluated variant)")
-
-    result = EvalFile(path=path, source_file=str(path.resolve()),
-                      sha256=hashlib.sha256(raw).hexdigest(), run_ids=[])
+        record = EvalRecord.load(path)
+    except RecordError as e:
+        raise EvalFileError(str(e)) from None
+    result = EvalFile(path=path, source_file=str(path.resolve()), sha256=sha256_file(path),
+                      run_ids=[entry.run.run_id for entry in record.runs])
     ingested_at = datetime.now(timezone.utc)
-    for i, entry in enumerate(entries):
-        where = f"runs[{i}]"
-        entry = check.mapping(entry, where)
-        run = check.mapping(check.require(entry, "run", where, "an object"), f"{where}.run")
-        run_row = _run_row(check, run, f"{where}.run")
-        run_id = run_row["run_id"]
-        if run_id in result.run_ids:
-            raise check.fail(f"{where}.run.run_id", f"{run_id!r} appears twice in the file")
-        result.run_ids.append(run_id)
-        run_row.update(source_file=result.source_file, source_sha256=result.sha256,
-                       ingested_at=ingested_at,
-                       run_json=json.dumps(_nan_to_null(run), sort_keys=True, allow_nan=False))
+    for entry in record.runs:
+        run_row = _run_row(entry.run)
+        run_row.update(source_file=result.source_file, source_sha256=result.sha256, ingested_at=ingested_at,
+                       run_json=json.dumps(json_safe(entry.run.to_json()), sort_keys=True, allow_nan=False))
         result.rows["runs"].append(run_row)
-
-        metrics = check.mapping(check.require(entry, "metrics", where, "an object of mean scores"),
-                                f"{where}.metrics")
-        check.require(metrics, "miou", f"{where}.metrics", "a number or null")
-        for metric, value in metrics.items():
-            result.rows["metrics"].append({
-                "run_id": run_id, "split": run_row["split"], "metric": str(metric),
-                "value": check.number(value, f"{where}.metrics.{metric}"),
-            })
-
-        per_class = _per_class_rows(
-            check, check.require(entry, "per_class", where, "a list with one entry per class"),
-            run_row["classes"], run_id, f"{where}.per_class")
-        result.rows["per_class"].extend(per_class)
-        result.rows["confusion"].extend(_confusion_rows(
-            check, check.require(entry, "confusion", where, "a C x C list of pixel counts"),
-            per_class, run_id, f"{where}.confusion"))
-        result.rows["history"].extend(_history_rows(
-            check, check.require(entry, "history", where, "a list of epochs (may be empty)"),
-            run_id, f"{where}.history"))
+        _entry_rows(entry, result.rows)
     return result
-
-
-def _nan_to_null(value: Any) -> Any:
-    # run_json must be valid JSON, which has no NaN.
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {k: _nan_to_null(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_nan_to_null(v) for v in value]
-    return value
 
 
 def _insert(con: duckdb.DuckDBPyConnection, table: str, rows: pa.Table) -> None:
@@ -516,10 +270,6 @@ def ingest_eval(con_or_path: duckdb.DuckDBPyConnection | str | Path, eval_json_p
         con.close()
 
 
-def _has_table(con: duckdb.DuckDBPyConnection, name: str) -> bool:
-    return bool(con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = ?", [name]).fetchone()[0])
-
-
 def run_ingest(cfg, *, mirror: bool | None = None) -> dict[str, Any]:
     """The `ingest` stage: every ``<evaluate.out>/*/eval.json`` into ``warehouse.path``, one transaction.
 
@@ -538,14 +288,12 @@ def run_ingest(cfg, *, mirror: bool | None = None) -> dict[str, Any]:
     con = open_warehouse(cfg.warehouse.path)
     try:
         summary = ingest_files(con, paths, replace_source=mirror, prune_under=eval_dir if mirror else None)
-        # The synthetic-data gate's figures, one idempotent transaction per report (issue: GAN augmenters).
-        from seglab.gan.warehouse import ingest_synthetic_validation
-
+        # The synthetic-data gate's figures, one idempotent transaction per report.
         synthetic = sorted(Path(cfg.validate_synthetic.report).glob("*/summary.json"))
         for report in synthetic:
             ingest_synthetic_validation(con, report)
-        total = {table: con.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-                 for table in (*TABLES, "synthetic_validation") if _has_table(con, table)}
+        total = {table: con.execute(f"SELECT count(*) FROM {table}").fetchall()[0][0]
+                 for table in (*TABLES, SYNTHETIC_VALIDATION_TABLE)}
         con.execute("CHECKPOINT")  # fold the WAL into the file: DVC caches a single file
     finally:
         con.close()

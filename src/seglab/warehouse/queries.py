@@ -13,7 +13,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 
-from seglab.warehouse.schema import SCHEMA_VERSION, SchemaError, WarehouseError, connect, schema_version
+from seglab.warehouse.schema import SCHEMA_VERSION, SchemaError, WarehouseError, connect, schema_version, table_exists
 
 __all__ = [
     "PER_CLASS_METRICS",
@@ -28,6 +28,7 @@ __all__ = [
     "latest_runs",
     "leaderboard",
     "per_class_matrix",
+    "require_view",
     "seed_summary",
     "worst_classes",
 ]
@@ -250,12 +251,10 @@ _CONFIGURATION_ORDER = ("dataset, class_set, split, variant, arch, weights NULLS
                         "width NULLS FIRST, image_size, batch_size, epochs_planned")
 
 
-def _require_view(con: duckdb.DuckDBPyConnection, name: str) -> None:
+def require_view(con: duckdb.DuckDBPyConnection, name: str) -> None:
     """A clear error for a warehouse written before the view existed (opened read-only, so never
     migrated here)."""
-    found = con.execute("SELECT count(*) FROM information_schema.tables "
-                        "WHERE table_schema = current_schema() AND table_name = ?", [name]).fetchall()
-    if not found[0][0]:
+    if not table_exists(con, name):
         raise SchemaError(f"the warehouse (schema version {schema_version(con)}) has no {name!r} view, "
                           f"which schema version 3 adds; run `seglab ingest` (or `dvc repro`) to "
                           "upgrade it")
@@ -280,7 +279,7 @@ def seed_summary(con: duckdb.DuckDBPyConnection, dataset: str | None = None,
     """The ``seed_summary`` view: per configuration, its replicates (models, seeds, n) and the
     mean and sample std of mIoU, mDice and pixel accuracy (std NaN for n = 1); per dataset and
     class set, best mean mIoU first."""
-    _require_view(con, "seed_summary")
+    require_view(con, "seed_summary")
     return _df(con, f"SELECT * FROM seed_summary WHERE {_VIEW_FILTERS} "
                     "ORDER BY dataset, class_set, split, miou_mean DESC NULLS LAST, "
                     f"{_CONFIGURATION_ORDER}, augmenter NULLS FIRST",
@@ -291,7 +290,7 @@ def augmenter_effect(con: duckdb.DuckDBPyConnection, dataset: str | None = None,
                      class_set: str | None = None, variant: str | None = None) -> pd.DataFrame:
     """The ``augmenter_effect`` view: per augmented configuration, the mIoU of the real-only and
     augmented runs and their difference, mean and std over the runs paired by seed."""
-    _require_view(con, "augmenter_effect")
+    require_view(con, "augmenter_effect")
     return _df(con, f"SELECT * FROM augmenter_effect WHERE {_VIEW_FILTERS} "
                     f"ORDER BY {_CONFIGURATION_ORDER}, augmenter",
                {"dataset": dataset, "class_set": class_set, "variant": variant})
@@ -301,7 +300,7 @@ def augmenter_effect_per_class(con: duckdb.DuckDBPyConnection, dataset: str | No
                                class_set: str | None = None, variant: str | None = None) -> pd.DataFrame:
     """The ``augmenter_effect_per_class`` view: per augmented configuration and class, the IoU
     difference (augmented - real-only) over seeds, pairs with an undefined IoU skipped."""
-    _require_view(con, "augmenter_effect_per_class")
+    require_view(con, "augmenter_effect_per_class")
     return _df(con, f"SELECT * FROM augmenter_effect_per_class WHERE {_VIEW_FILTERS} "
                     f"ORDER BY {_CONFIGURATION_ORDER}, augmenter, class_index",
                {"dataset": dataset, "class_set": class_set, "variant": variant})

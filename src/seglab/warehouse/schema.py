@@ -35,6 +35,10 @@ over the ``latest`` run of every model (ensembles, which have no arch, left out)
 - ``augmenter_effect_per_class`` the same per class for IoU; a pair where either IoU is undefined
                      is skipped for that class (``n_pairs`` counts the rest, 0 if none).
 
+Version 4 adds ``synthetic_validation``: one row per validation of a GAN's synthetic batch, keyed
+by (gan, params_hash), from the reports ``seglab.warehouse.synthetic`` ingests. It was created
+outside the migrations before; a warehouse that has it keeps it.
+
 Undefined scores (a class absent from truth and prediction) are NULL, never 0 or 1.
 
 Runs accumulate: a model re-evaluated with other settings gets a new run_id and its earlier run
@@ -58,6 +62,7 @@ import duckdb
 __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
+    "SYNTHETIC_VALIDATION_TABLE",
     "TABLES",
     "Migration",
     "SchemaError",
@@ -65,6 +70,7 @@ __all__ = [
     "connect",
     "ensure_schema",
     "schema_version",
+    "table_exists",
 ]
 
 
@@ -365,6 +371,46 @@ FROM class_pairs
 GROUP BY {_V3_PAIR_GROUP}, class_index, class_name
 """
 
+# The synthetic-data gate's figures, one row per validation report (`seglab.warehouse.synthetic`).
+# Warehouses from before version 4 may hold this table already (then made outside the migrations,
+# with these columns): IF NOT EXISTS keeps it and its rows.
+_V4_SYNTHETIC_VALIDATION = """
+CREATE TABLE IF NOT EXISTS synthetic_validation (
+    gan                      VARCHAR NOT NULL,   -- params.yaml GAN name (dcgan, sagan, pix2pix, ...)
+    params_hash              VARCHAR NOT NULL,   -- sha256(settings + synthetic and real shard digests)[:16]
+    generator                VARCHAR,            -- generator column of the shards (comma-joined if several)
+    generator_seed           BIGINT,             -- NULL when the shards mix seeds
+    validated_at             TIMESTAMPTZ NOT NULL,
+    images                   INTEGER NOT NULL,
+    accepted                 INTEGER NOT NULL,
+    rejected                 INTEGER NOT NULL,
+    rejected_per_image       INTEGER NOT NULL,   -- excluded by a per-image rule
+    rejected_by_batch        INTEGER NOT NULL,   -- passed those, then rejected with the whole batch
+    rejected_by_rule         JSON NOT NULL,      -- rule -> samples rejected by it
+    success                  BOOLEAN NOT NULL,   -- at least one sample accepted (training uses synthetic data)
+    batch_success            BOOLEAN NOT NULL,   -- every batch rule held
+    decision                 VARCHAR NOT NULL,
+    diversity                DOUBLE,             -- mean pairwise RMS distance, pixels in [0, 1]
+    real_diversity           DOUBLE,
+    kid_mean                 DOUBLE,
+    kid_std                  DOUBLE,
+    kid_max                  DOUBLE,
+    channel_mean_delta_r     DOUBLE,             -- synthetic - real, [0, 255] units
+    channel_mean_delta_g     DOUBLE,
+    channel_mean_delta_b     DOUBLE,
+    channel_std_delta_r      DOUBLE,
+    channel_std_delta_g      DOUBLE,
+    channel_std_delta_b      DOUBLE,
+    resolution               INTEGER,            -- side both sets were compared at
+    feature_size             INTEGER,            -- MobileNetV2 input side
+    real_images              INTEGER,            -- real reference images
+    source_file              VARCHAR NOT NULL,   -- the summary.json ingested
+    ingested_at              TIMESTAMPTZ NOT NULL,
+    summary                  JSON NOT NULL,
+    PRIMARY KEY (gan, params_hash)
+)
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         1,
@@ -384,23 +430,32 @@ MIGRATIONS: tuple[Migration, ...] = (
         (_V3_SEED_SUMMARY, _V3_AUGMENTER_PAIRS, _V3_AUGMENTER_EFFECT,
          _V3_AUGMENTER_EFFECT_PER_CLASS),
     ),
+    Migration(4, "synthetic_validation: the GAN gate's validation reports", (_V4_SYNTHETIC_VALIDATION,)),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version
+
+SYNTHETIC_VALIDATION_TABLE = "synthetic_validation"
 
 # Tables holding one run's rows, children first: what replacing a run deletes.
 TABLES = ("metrics", "per_class", "confusion", "history", "runs")
 
 
+def table_exists(con: duckdb.DuckDBPyConnection, name: str) -> bool:
+    """Whether a table or view called `name` is in the warehouse's main schema."""
+    # fetchall, not fetchone: DuckDB refuses other work on a connection with an unfinished result.
+    rows = con.execute(
+        "SELECT count(*) FROM information_schema.tables "
+        "WHERE table_schema = current_schema() AND table_name = ?", [name]
+    ).fetchall()
+    return bool(rows[0][0])
+
+
 def schema_version(con: duckdb.DuckDBPyConnection) -> int:
     """The highest migration applied to this database; 0 for an empty one."""
-    exists = con.execute(
-        "SELECT count(*) FROM information_schema.tables "
-        "WHERE table_schema = current_schema() AND table_name = 'schema_version'"
-    ).fetchone()[0]
-    if not exists:
+    if not table_exists(con, "schema_version"):
         return 0
-    version = con.execute("SELECT max(version) FROM schema_version").fetchone()[0]
+    version = con.execute("SELECT max(version) FROM schema_version").fetchall()[0][0]
     return int(version or 0)
 
 

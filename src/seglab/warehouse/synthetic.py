@@ -1,4 +1,5 @@
-"""The `synthetic_validation` warehouse table: one row per validation of a GAN's synthetic batch.
+"""Ingest into the `synthetic_validation` table (schema version 4): one row per validation of a GAN's
+synthetic batch.
 
 Rows come from `data/reports/synthetic/<gan>/summary.json` (written by
 `seglab.gan.validate.validate_synthetic`), keyed by (gan, params_hash): params_hash identifies
@@ -22,47 +23,9 @@ from typing import Any
 
 import duckdb
 
-from seglab.warehouse.schema import WarehouseError, connect
+from seglab.warehouse.schema import WarehouseError, connect, ensure_schema
 
-__all__ = ["SYNTHETIC_VALIDATION_DDL", "SummaryFileError", "ensure_synthetic_validation_table",
-           "ingest_synthetic_validation"]
-
-SYNTHETIC_VALIDATION_DDL = """
-CREATE TABLE IF NOT EXISTS synthetic_validation (
-    gan                      VARCHAR NOT NULL,   -- params.yaml GAN name (dcgan, sagan, pix2pix, ...)
-    params_hash              VARCHAR NOT NULL,   -- sha256(settings + synthetic and real shard digests)[:16]
-    generator                VARCHAR,            -- generator column of the shards (comma-joined if several)
-    generator_seed           BIGINT,             -- NULL when the shards mix seeds
-    validated_at             TIMESTAMPTZ NOT NULL,
-    images                   INTEGER NOT NULL,
-    accepted                 INTEGER NOT NULL,
-    rejected                 INTEGER NOT NULL,
-    rejected_per_image       INTEGER NOT NULL,   -- excluded by a per-image rule
-    rejected_by_batch        INTEGER NOT NULL,   -- passed those, then rejected with the whole batch
-    rejected_by_rule         JSON NOT NULL,      -- rule -> samples rejected by it
-    success                  BOOLEAN NOT NULL,   -- at least one sample accepted (training uses synthetic data)
-    batch_success            BOOLEAN NOT NULL,   -- every batch rule held
-    decision                 VARCHAR NOT NULL,
-    diversity                DOUBLE,             -- mean pairwise RMS distance, pixels in [0, 1]
-    real_diversity           DOUBLE,
-    kid_mean                 DOUBLE,
-    kid_std                  DOUBLE,
-    kid_max                  DOUBLE,
-    channel_mean_delta_r     DOUBLE,             -- synthetic - real, [0, 255] units
-    channel_mean_delta_g     DOUBLE,
-    channel_mean_delta_b     DOUBLE,
-    channel_std_delta_r      DOUBLE,
-    channel_std_delta_g      DOUBLE,
-    channel_std_delta_b      DOUBLE,
-    resolution               INTEGER,            -- side both sets were compared at
-    feature_size             INTEGER,            -- MobileNetV2 input side
-    real_images              INTEGER,            -- real reference images
-    source_file              VARCHAR NOT NULL,   -- the summary.json ingested
-    ingested_at              TIMESTAMPTZ NOT NULL,
-    summary                  JSON NOT NULL,
-    PRIMARY KEY (gan, params_hash)
-)
-"""
+__all__ = ["SummaryFileError", "ingest_synthetic_validation"]
 
 _FIGURES = ("diversity", "kid_mean", "kid_std", *(f"channel_{s}_delta_{c}" for s in ("mean", "std") for c in "rgb"))
 _COUNTS = ("images", "accepted", "rejected", "rejected_per_image", "rejected_by_batch")
@@ -71,10 +34,6 @@ _BULKY = ("rejected_samples", "expectations")  # per-sample lists and GX results
 
 class SummaryFileError(WarehouseError, ValueError):
     """A synthetic-validation summary.json that is missing, not JSON, or lacks a field."""
-
-
-def ensure_synthetic_validation_table(con: duckdb.DuckDBPyConnection) -> None:
-    con.execute(SYNTHETIC_VALIDATION_DDL)
 
 
 def _finite(value: Any, path: Path, field: str) -> float | None:
@@ -160,14 +119,15 @@ def ingest_synthetic_validation(con_or_path: duckdb.DuckDBPyConnection | str | P
     if not isinstance(con_or_path, duckdb.DuckDBPyConnection):
         con = connect(con_or_path)
         try:
+            ensure_schema(con)
             return ingest_synthetic_validation(con, path)
         finally:
             con.close()
     con = con_or_path
     columns = list(row)
+    ensure_schema(con)  # the table is schema version 4's
     con.begin()
     try:
-        ensure_synthetic_validation_table(con)
         con.execute("DELETE FROM synthetic_validation WHERE gan = ? AND params_hash = ?",
                     [row["gan"], row["params_hash"]])
         con.execute(f"INSERT INTO synthetic_validation ({', '.join(columns)}) "
