@@ -11,6 +11,7 @@ import yaml
 
 from .conftest import COCO_MINI, make_scratch_repo, requires_coco_mini
 from .conftest import run_command as _run
+from .stage_deps import stage_dependency_problems
 
 pytestmark = pytest.mark.slow
 
@@ -21,8 +22,12 @@ def scratch_repo(tmp_path) -> Path:
     return make_scratch_repo(tmp_path / "repo", lambda p: p["sample"].update(train_images=24, val_images=8))
 
 
-def test_dvc_repro_runs_sample_shard_validate_then_does_nothing(scratch_repo):
+def test_dvc_repro_runs_sample_shard_validate_then_does_nothing(scratch_repo, tmp_path, monkeypatch):
+    # Each stage records the modules it loaded and the params it read (seglab.stage_trace).
+    monkeypatch.setenv("SEGLAB_TRACE", str(tmp_path / "traces"))
     first = _run(["dvc", "repro", "validate_data"], scratch_repo)
+    data_stages = {"sample", "shard", "validate_data"}
+    assert stage_dependency_problems(scratch_repo, tmp_path / "traces", data_stages) == {}
     for stage in ("sample", "shard", "validate_data"):
         assert f"Running stage '{stage}'" in first.stdout, first.stdout
     report = json.loads((scratch_repo / "data/reports/shard.json").read_text())
@@ -32,8 +37,13 @@ def test_dvc_repro_runs_sample_shard_validate_then_does_nothing(scratch_repo):
     assert list((scratch_repo / "data/shards/train").glob("part-*.parquet"))
     second = _run(["dvc", "repro", "validate_data"], scratch_repo)
     assert "Running stage" not in second.stdout and "Data and pipelines are up to date" in second.stdout
-    metrics = _run(["dvc", "metrics", "show", "--json"], scratch_repo)
-    assert "shard.json" in metrics.stdout
+    # What runs compare, one column each; per-class counts stay in the details file.
+    shown = json.loads(_run(["dvc", "metrics", "show", "--json"], scratch_repo).stdout)
+    [metrics] = [files["data"]["data/reports/shard.json"]["data"] for files in shown.values()]
+    assert metrics["splits"]["train"]["images"] == 24 and 0 < metrics["splits"]["train"]["labelled_pixel_share"] < 1
+    assert "class_pixels" not in json.dumps(metrics) and "classes" not in metrics
+    table = _run(["dvc", "metrics", "show"], scratch_repo).stdout
+    assert len(table.splitlines()[0].split()) <= 20, table
 
 
 @requires_coco_mini
@@ -43,7 +53,9 @@ def test_dvc_exp_run_switches_to_a_real_coco_root(scratch_repo):
                 scratch_repo)
     assert "Running stage 'shard'" in proc.stdout, proc.stdout
     report = json.loads((scratch_repo / "data/reports/shard.json").read_text())
-    assert report["source"] == "coco-mini" and report["class_set"] == "all80" and len(report["classes"]) == 81
+    assert report["source"] == "coco-mini" and report["class_set"] == "all80" and report["num_classes"] == 81
+    details = json.loads((scratch_repo / "data/reports/shard_details.json").read_text())
+    assert len(details["classes"]) == 81 and len(details["splits"]["val"]["class_pixels"]) == 81
     assert report["splits"]["train"]["images"] == 158 and report["splits"]["val"]["images"] == 133
 
 

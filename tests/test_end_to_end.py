@@ -10,13 +10,11 @@ README's dashboard command (`streamlit run dashboards/app.py -- --warehouse PATH
 that warehouse, each page showing its real content in headless Chromium (screenshots in
 ``$SEGLAB_TEST_ARTIFACTS/dashboard/end_to_end``, default ``tests/artifacts/dashboard/end_to_end``).
 
-The browser test skips, with test_browser.py's reason, without Debian's chromium/chromedriver;
-the pipeline tests never skip.
+The same run records what each stage loaded and read (SEGLAB_TRACE), and one test checks that
+dvc.yaml declares exactly that as the stage's code and params deps.
 
-Duration (measured 2026-11-24, 2-core CPU machine, `pytest tests/test_end_to_end.py`): 4 min 05 s
-wall while two other pipeline runs shared the cores (`dvc repro` 223 s of it: 20 stages, each
-paying ~4 s of TensorFlow start-up; ~170 s of CPU); 3 min 51 s on the otherwise idle machine
-in a run that still evaluated 5 TTA transforms instead of 2.
+The browser test skips, with test_browser.py's reason, without Debian's chromium/chromedriver;
+the pipeline tests never skip. The run takes a few minutes (one real `dvc repro` of ~20 stages).
 """
 
 from __future__ import annotations
@@ -31,6 +29,7 @@ import pytest
 import yaml
 
 from .conftest import make_scratch_repo, run_command
+from .stage_deps import stage_dependency_problems
 from .dashboard.browser_support import (
     ARTIFACTS,
     check_and_capture,
@@ -83,6 +82,7 @@ class Pipeline:
     repo: Path
     output: str     # `dvc repro`'s stdout
     seconds: float
+    traces: Path    # one JSON per stage run: the modules it loaded, the params it read
 
     @property
     def warehouse(self) -> Path:
@@ -100,16 +100,23 @@ class Pipeline:
 def pipeline(tmp_path_factory) -> Pipeline:
     """The toy-scale project after one real, complete `dvc repro`."""
     repo = make_scratch_repo(tmp_path_factory.mktemp("end_to_end") / "repo", _toy_scale)
+    traces = repo.parent / "traces"
     started = time.monotonic()
-    proc = run_command(["dvc", "repro"], repo, timeout=900)
-    return Pipeline(repo, proc.stdout, time.monotonic() - started)
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("SEGLAB_TRACE", str(traces))
+        proc = run_command(["dvc", "repro"], repo, timeout=900)
+    return Pipeline(repo, proc.stdout, time.monotonic() - started, traces)
+
+
+def _stages() -> set[str]:
+    return {"sample", "shard", "validate_data", "ensemble", "ingest",
+            *(f"{stage}@{gan}" for stage in ("train_gan", "synthesize", "validate_synthetic") for gan in GANS),
+            *(f"{stage}@{model}" for stage in ("train", "evaluate") for model in MODELS)}
 
 
 def test_dvc_repro_runs_every_stage(pipeline):
     print(f"dvc repro took {pipeline.seconds:.0f} s")
-    expected = {"sample", "shard", "validate_data", "ensemble", "ingest",
-                *(f"{stage}@{gan}" for stage in ("train_gan", "synthesize", "validate_synthetic") for gan in GANS),
-                *(f"{stage}@{model}" for stage in ("train", "evaluate") for model in MODELS)}
+    expected = _stages()
     lock = yaml.safe_load((pipeline.repo / "dvc.lock").read_text())
     assert set(lock["stages"]) == expected
     for stage in expected:
@@ -126,6 +133,14 @@ def test_dvc_repro_runs_every_stage(pipeline):
             f"epoch_{e:03d}.png" for e in range(1, GAN_EPOCHS + 1)]
         assert (data / "reports" / "synthetic" / gan / "summary.json").is_file()
     assert (data / "eval" / "ensemble" / "eval.json").is_file()
+
+
+def test_every_stage_depends_on_exactly_the_code_and_params_it_uses(pipeline):
+    # Too few deps: a change that alters a stage's output reruns nothing. Too many: a change that
+    # cannot alter it (a GPU-profile value, another GAN's epochs) reruns it anyway.
+    problems = stage_dependency_problems(pipeline.repo, pipeline.traces, _stages())
+    assert not problems, "dvc.yaml disagrees with what the stages used:\n" + "\n".join(
+        f"  {stage}: {problem}" for stage, found in problems.items() for problem in found)
 
 
 def test_warehouse_holds_every_model_and_the_ensemble(pipeline):
