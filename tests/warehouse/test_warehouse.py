@@ -468,6 +468,37 @@ def test_a_version_1_warehouse_gains_the_augmenter_columns_backfilled_from_run_j
     con.close()
 
 
+def test_a_version_3_warehouse_keeps_the_synthetic_validation_rows_made_outside_the_migrations(tmp_path, monkeypatch):
+    from seglab.warehouse import schema
+
+    path = tmp_path / "v3.duckdb"
+    monkeypatch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:3])
+    monkeypatch.setattr(schema, "SCHEMA_VERSION", 3)
+    con = open_warehouse(path)
+    # Before version 4 the GAN stage's ingest created the table itself, with the same DDL.
+    con.execute(schema._V4_SYNTHETIC_VALIDATION)
+    con.execute("INSERT INTO synthetic_validation (gan, params_hash, validated_at, images, accepted, rejected, "
+                "rejected_per_image, rejected_by_batch, rejected_by_rule, success, batch_success, decision, "
+                "source_file, ingested_at, summary) VALUES ('dcgan', 'p', now(), 4, 3, 1, 1, 0, '{}', true, true, "
+                "'accepted', 'f', now(), '{}')")
+    con.close()
+    monkeypatch.undo()
+
+    con = open_warehouse(path)
+    assert schema.schema_version(con) == SCHEMA_VERSION >= 4
+    assert con.execute("SELECT gan, accepted FROM synthetic_validation").fetchall() == [("dcgan", 3)]
+    con.close()
+    # A warehouse from before the table existed gains it empty.
+    monkeypatch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:3])
+    monkeypatch.setattr(schema, "SCHEMA_VERSION", 3)
+    open_warehouse(tmp_path / "bare.duckdb").close()
+    monkeypatch.undo()
+    con = open_warehouse(tmp_path / "bare.duckdb")
+    assert schema.table_exists(con, "synthetic_validation")
+    assert con.execute("SELECT count(*) FROM synthetic_validation").fetchall() == [(0,)]
+    con.close()
+
+
 def test_read_only_connection_refuses_writes_and_missing_or_foreign_files_are_named(tmp_path, warehouse):
     con = connect_read_only(warehouse)
     with pytest.raises(duckdb.Error, match="read-only"):
