@@ -1,5 +1,6 @@
 """params.yaml's `models.<name>.train_data`: what the config accepts, how it names a mistake, and the
-project's own params (every entry carries it, because dvc.yaml interpolates it into a dependency)."""
+project's own params (every entry carries it, because dvc.yaml interpolates it into a dependency);
+defaults come from params.yaml alone; SEGLAB_TRACE's record of the keys a stage reads."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic_core import PydanticUndefined
 
+from seglab import config as config_module
 from seglab.config import Config, ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,3 +92,66 @@ def test_a_replicate_entry_overrides_the_seed_and_nothing_else():
     assert (cfg.model_seed("base"), cfg.model_seed("base_s1")) == (7, 1)
     with pytest.raises(ValueError, match=r"models\.bad\.seed"):
         config({"bad": {"arch": "unet", "seed": -1}})
+
+
+# ---- defaults: params.yaml is their one source ----------------------------------------------------
+
+
+def test_left_out_keys_take_the_project_params_yaml_values():
+    params = load_config(REPO / "params.yaml")
+    # Everything but the comparison (models, ensemble), which a settings mapping names itself.
+    assert Config.model_validate({}).model_dump(exclude={"models", "ensemble"}) == params.model_dump(
+        exclude={"models", "ensemble"})
+    partial = Config.model_validate({"sample": {"train_images": 2}, "train": {"augment": {"hflip": False}}})
+    assert partial.sample == params.sample.model_copy(update={"train_images": 2})
+    assert partial.train.augment == params.train.augment.model_copy(update={"hflip": False})
+    assert partial.train.loss == params.train.loss and partial.run_profile == params.run_profile
+
+
+@pytest.mark.parametrize("section", [
+    config_module.SampleConfig, config_module.DataConfig, config_module.ShardConfig, config_module.ValidateConfig,
+    config_module.ProfileConfig, config_module.AugmentConfig, config_module.TrainConfig,
+    config_module.EvaluateConfig, config_module.WarehouseConfig, config_module.ScheduleConfig])
+def test_no_section_restates_a_value_of_params_yaml(section):
+    restated = {name: field.default for name, field in section.model_fields.items()
+                if field.default is not PydanticUndefined and field.default is not None}
+    assert not restated, f"{section.__name__} repeats params.yaml's values in code: {restated}"
+
+
+def test_a_key_the_project_params_yaml_lacks_is_required(tmp_path, monkeypatch):
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    del raw["train"]["loss"]
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    monkeypatch.setattr(config_module, "PROJECT_PARAMS", path)  # the defaults are this very file
+    config_module.project_params.cache_clear()
+    try:
+        with pytest.raises(ConfigError, match=r"train\.loss: Field required"):
+            load_config(path)
+    finally:
+        monkeypatch.undo()
+        config_module.project_params.cache_clear()
+
+
+# ---- SEGLAB_TRACE: which params keys a stage reads -------------------------------------------------
+
+
+def test_params_reads_records_the_keys_read_and_stops_cleanly():
+    from seglab.stage_trace import ParamsReads
+
+    cfg = load_config(REPO / "params.yaml")
+    reads = ParamsReads(cfg)
+    try:
+        cfg.run_profile.epochs
+        cfg.model_width("unet")
+        assert cfg.model("unet_mobilenetv2_imagenet+pix2pix").gan == "pix2pix"
+        cfg.validate_.min_side
+        cfg.train.augment.model_dump()
+    finally:
+        reads.stop()
+    cfg.seed  # after stop(): not recorded
+    assert reads.keys == {
+        "profile", "profiles.cpu.epochs", "profiles.cpu.width", "models.unet.width",
+        "models.unet_mobilenetv2_imagenet+pix2pix.train_data",  # `gan` is derived from train_data
+        "validate.min_side", *(f"train.augment.{k}" for k in cfg.train.augment.model_fields)}
+    assert "__getattribute__" not in config_module._Section.__dict__
