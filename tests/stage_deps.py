@@ -4,7 +4,8 @@ A stage's code deps must cover exactly the seglab modules its run loaded (a file
 modules it all loaded), and its params exactly the keys it read. Keys a stage reads that dvc.yaml
 interpolates into the stage itself (`${shard.out}` in its deps, `${train.out}` in its outs) are
 covered without a params entry: changing them changes the stage, so DVC reruns it anyway.
-Modules that are only a docstring need not be declared (no code, no behaviour).
+Modules that are only a docstring need not be declared (no code, no behaviour). The stages of a
+`foreach` share one deps list: a module some of them import may be listed for all.
 """
 
 from __future__ import annotations
@@ -75,6 +76,11 @@ def stage_dependency_problems(repo: Path, traces: Path, stages: set[str] | None 
         runs[" ".join(["seglab", *trace["argv"]])] = trace
     with Repo(str(repo)) as dvc_repo:
         declared = {stage.name: stage for stage in dvc_repo.index.stages}
+    # The stages of one `foreach` share their deps list, so a dep is in vain only if no item imports it.
+    loaded_by_group: dict[str, set[str]] = {}
+    for name, stage in declared.items():
+        if stage.cmd in runs:
+            loaded_by_group.setdefault(name.partition("@")[0], set()).update(runs[stage.cmd]["modules"])
     problems: dict[str, list[str]] = {}
     for name, stage in sorted(declared.items()):
         trace = runs.get(stage.cmd)
@@ -94,7 +100,8 @@ def stage_dependency_problems(repo: Path, traces: Path, stages: set[str] | None 
         for dep in code:
             files = [dep] if dep.endswith(".py") else sorted(
                 p.relative_to(repo).as_posix() for p in (repo / dep).rglob("*.py"))
-            unused = [f for f in files if f not in loaded and not _is_docstring_only(repo / f)]
+            group = loaded_by_group[name.partition("@")[0]]
+            unused = [f for f in files if f not in group and not _is_docstring_only(repo / f)]
             if unused:
                 found.append(f"lists {dep} but never imports {', '.join(unused)}")
         keys = {k for d in stage.deps if isinstance(d, ParamsDependency) for k in d.params}
