@@ -371,6 +371,14 @@ class Config(_Section):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+def settings_snapshot(section: BaseModel) -> dict:
+    """`section` as JSON-ready data, for a provenance hash (a resume key, a record of the settings).
+
+    Unlike `section.model_dump()` this is not a read of the keys (seglab.stage_trace): a hash that
+    only names the settings must not become a dvc.yaml params dependency of the stage."""
+    return BaseModel.model_dump(section, mode="json")
+
+
 class ConfigError(ValueError):
     """params.yaml is missing, unreadable or has a wrong value."""
 
