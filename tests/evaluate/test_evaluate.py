@@ -69,7 +69,8 @@ def _config(root: Path, models=("pixel",), members=(), weights=None, tta=None) -
     return Config.model_validate({
         "seed": 0,
         "shard": {"out": str(root / "shards")},
-        "profiles": {"cpu": {"image_size": SIZE}},
+        "profiles": {"cpu": {"image_size": SIZE, "batch_size": BATCH, "epochs": 2, "width": 0.125,
+                             "learning_rate": 1e-3}},
         "models": {name: {"arch": "unet"} for name in models},
         "train": {"out": str(root / "models"), "metrics": str(root / "metrics")},
         "evaluate": evaluate,
