@@ -27,7 +27,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from seglab.config import Config, GanTrainingConfig
+from seglab.config import Config, GanTrainingConfig, settings_snapshot
 from seglab.data.augment import Augmentation
 from seglab.data.pipeline import make_dataset
 from seglab.data.shards import SplitSummary, summarize_splits
@@ -160,20 +160,21 @@ def params_hash(cfg: Config, name: str) -> str:
         # an augmented model is told apart by its augmenter below.
         "model": entry.model_dump(mode="json", exclude={"train_data", "seed"}),
         "width": cfg.model_width(name),
-        "profile": cfg.run_profile.model_dump(mode="json"),
-        "train": cfg.train.model_dump(mode="json"),
-        "data": cfg.data.model_dump(mode="json"),
-        "shard": cfg.shard.model_dump(mode="json"),
+        # Snapshots, not reads: the run's data arrives as a DVC dependency, not through these params.
+        "profile": settings_snapshot(cfg.run_profile),
+        "train": settings_snapshot(cfg.train),
+        "data": settings_snapshot(cfg.data),
+        "shard": settings_snapshot(cfg.shard),
         "seed": cfg.model_seed(name),
     }
     gan = entry.gan
     if gan is not None:
         # The settings all GANs share, and this GAN's own section: another GAN's do not change this run's data.
         per_gan = {key for key, value in cfg.gan if isinstance(value, GanTrainingConfig)}
-        shared = {k: v for k, v in cfg.gan.model_dump(mode="json").items() if k not in ("names", "state", *per_gan)}
+        shared = {k: v for k, v in settings_snapshot(cfg.gan).items() if k not in ("names", "state", *per_gan)}
         settings["augmenter"] = {"name": gan, "gan": shared,
-                                 gan: getattr(cfg.gan, gan).model_dump(mode="json"),
-                                 "validate_synthetic": cfg.validate_synthetic.model_dump(mode="json")}
+                                 gan: settings_snapshot(getattr(cfg.gan, gan)),
+                                 "validate_synthetic": settings_snapshot(cfg.validate_synthetic)}
     return sha256_json(settings)
 
 
