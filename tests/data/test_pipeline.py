@@ -13,7 +13,7 @@ from PIL import Image
 from seglab.data.classes import ClassSet
 from seglab.data.coco import LabelRules, encode_png
 from seglab.data.pipeline import classes_of, fit_to_size, make_dataset, num_classes_of
-from seglab.data.shards import build_shards, shard_files, shard_metadata, write_shards
+from seglab.data.shards import build_shards, shard_files, shard_metadata, write_manifest, write_shards
 
 COCO_MINI = (Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "coco-mini").resolve()
 requires_coco_mini = pytest.mark.skipif(
@@ -277,6 +277,7 @@ def test_errors_name_the_problem(tmp_path, colour_shards):
     other = mixed / "other"
     write_split(other, [row(1, coloured(label), label)], classes=("background", "cat"))
     (other / "train" / "part-00000.parquet").rename(mixed / "train" / "part-00001.parquet")
+    write_manifest(mixed / "train")  # as if written so: the manifest vouches for what is there
     with pytest.raises(ValueError, match=r"part-00001.parquet: class list .* differs"):
         make_dataset(mixed, "train")
     with pytest.raises(ValueError, match="differs"):
@@ -285,7 +286,7 @@ def test_errors_name_the_problem(tmp_path, colour_shards):
     # payloads that are not what the schema promises fail naming the row
     bad = tmp_path / "bad"
     write_split(bad, [row(0, coloured(label), label), row(41, coloured(label), label, image_bytes=b"not a jpeg")])
-    with pytest.raises(tf.errors.InvalidArgumentError, match=r"image is not a JPEG.*row 1 \(image_id 41\)"):
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"row 1 \(image_id 41\): image JPEG is corrupt: not a"):
         as_numpy(make_dataset(bad, "train", image_size=(8, 8)))
 
     out_of_range = tmp_path / "range"

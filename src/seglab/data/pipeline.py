@@ -31,16 +31,17 @@ image, can change from run to run.
 from __future__ import annotations
 
 import logging
+import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
 import numpy as np
-import pyarrow.parquet as pq
 import tensorflow as tf
 
 from seglab.data.classes import IGNORE_INDEX
-from seglab.data.shards import read_classes, shard_files
+from seglab.data.shards import open_shard, read_classes, shard_files
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,9 @@ ShardDirs = str | Path | Sequence[str | Path]
 AugmentFn = Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
 
 _REQUIRED_COLUMNS = ("image_id", "image", "label")
-_JPEG_MAGIC = b"\xff\xd8"
-_PNG_MAGIC = b"\x89PNG"
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by colour type
+_JPEG_FRAME_MARKERS = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOF0..SOF15 (not DHT, JPG, DAC)
 
 
 @dataclass(frozen=True)
@@ -81,13 +83,14 @@ def _shard_dirs(shard_dir: ShardDirs) -> list[Path]:
 
 def _index_split(shard_dir: ShardDirs, split: str) -> _SplitIndex:
     """List a split's files and row groups from their footers; check they agree on the classes."""
-    # FileNotFoundError naming the folder when one has no shards
+    # FileNotFoundError naming the folder when one has no shards, ShardIntegrityError naming the file
+    # when a split does not match its manifest
     files = [f for d in _shard_dirs(shard_dir) for f in shard_files(d, split)]
     classes: list[str] | None = None
     groups: list[_RowGroup] = []
     for path in files:
         try:
-            meta = pq.ParquetFile(path).metadata
+            meta = open_shard(path).metadata
         except (OSError, ValueError) as e:  # pyarrow: ArrowInvalid (a ValueError) or an OSError
             raise ValueError(f"{path}: not a readable Parquet file: {e}") from None
         file_classes = read_classes(path)
@@ -121,28 +124,99 @@ def num_classes_of(shard_dir: ShardDirs, split: str) -> int:
     return len(classes_of(shard_dir, split))
 
 
+def _png_problem(data: bytes) -> str | None:
+    """Why TF's PNG decoder would reject `data` ("Invalid PNG data", naming nothing), or None.
+
+    Checks what libpng checks: the signature, every chunk's CRC, that the image data inflates to
+    a row filter byte plus a row of pixels per line, and the end chunk.
+    """
+    if not data.startswith(_PNG_SIGNATURE):
+        return "not a PNG (bad signature)"
+    pos, header, chunks = len(_PNG_SIGNATURE), None, []
+    while True:
+        if pos + 12 > len(data):
+            return "cut short (no IEND chunk)"
+        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
+        end = pos + 12 + length
+        if end > len(data):
+            return f"cut short inside a {kind!r} chunk"
+        body = data[pos + 8:end - 4]
+        if zlib.crc32(kind + body) != struct.unpack(">I", data[end - 4:end])[0]:
+            return f"{kind!r} chunk at byte {pos} fails its CRC"
+        if kind == b"IHDR":
+            header = body
+        elif kind == b"IDAT":
+            chunks.append(body)
+        elif kind == b"IEND":
+            break
+        pos = end
+    if header is None or len(header) != 13 or not chunks:
+        return "no valid IHDR or no IDAT chunk"
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", header)
+    if colour not in _PNG_CHANNELS or depth not in (1, 2, 4, 8, 16):
+        return f"colour type {colour} with bit depth {depth} is not valid PNG"
+    try:
+        raw = zlib.decompress(b"".join(chunks))
+    except zlib.error as e:
+        return f"image data does not inflate ({e})"
+    if interlace == 0:
+        stride = 1 + (width * _PNG_CHANNELS[colour] * depth + 7) // 8
+        if len(raw) < height * stride:
+            return f"image data holds {len(raw)} bytes, {height} rows of {stride} need {height * stride}"
+        if max(raw[:height * stride:stride], default=0) > 4:
+            return "a row has an unknown filter type"
+    return None
+
+
+def _jpeg_problem(data: bytes) -> str | None:
+    """Why TF's JPEG decoder would fail on `data`, as far as its structure shows, or None: the
+    start marker, well-formed segments up to the scan, a frame header, the end marker."""
+    if not data.startswith(b"\xff\xd8"):
+        return "not a JPEG (no start-of-image marker)"
+    if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        return "cut short (no end-of-image marker)"
+    pos, frame = 2, False
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            return f"no segment marker at byte {pos}"
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        frame |= marker in _JPEG_FRAME_MARKERS
+        if marker == 0xDA:  # start of scan: entropy-coded data follows
+            return None if frame else "scan before any frame header"
+        pos += 2 + struct.unpack(">H", data[pos + 2:pos + 4])[0]
+    return "no start-of-scan segment"
+
+
 def _read_row_group(path: bytes, index: np.int64, first_row: np.int64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One row group -> (JPEG bytes, PNG bytes, record description) as object arrays."""
+    """One row group -> (JPEG bytes, PNG bytes, record description) as object arrays.
+
+    A payload TF's decoders would reject raises here, naming the file and row: their own errors
+    name neither. (Changes after writing are caught earlier by the manifest; this catches rows
+    that were written corrupt.)
+    """
     path_str = path.decode()
-    table = pq.ParquetFile(path_str).read_row_group(int(index), columns=list(_REQUIRED_COLUMNS))
+    table = open_shard(path_str).read_row_group(int(index), columns=list(_REQUIRED_COLUMNS))
     ids = table.column("image_id").to_pylist()
     records = np.array(
         [f"{path_str} row {int(first_row) + i} (image_id {image_id})" for i, image_id in enumerate(ids)], dtype=object
     )
     images = table.column("image").to_numpy(zero_copy_only=False)
     labels = table.column("label").to_numpy(zero_copy_only=False)
+    for record, image, label in zip(records, images, labels):
+        for what, problem in (("image JPEG", _jpeg_problem(image)), ("label PNG", _png_problem(label))):
+            if problem:
+                raise ValueError(f"{record}: {what} is corrupt: {problem}; rebuild the shards (`dvc repro shard`)")
     return images, labels, records
 
 
 def _decode(jpeg: tf.Tensor, png: tf.Tensor, record: tf.Tensor, num_classes: int) -> tuple[tf.Tensor, tf.Tensor]:
-    """Encoded payloads -> (uint8 (H, W, 3), uint8 (H, W)); bad payloads fail naming the record."""
-    checks = [
-        tf.debugging.Assert(tf.equal(tf.strings.substr(jpeg, 0, 2), _JPEG_MAGIC), ["image is not a JPEG:", record]),
-        tf.debugging.Assert(tf.equal(tf.strings.substr(png, 0, 4), _PNG_MAGIC), ["label is not a PNG:", record]),
-    ]
-    with tf.control_dependencies(checks):
-        image = tf.io.decode_jpeg(jpeg, channels=3)
-        label = tf.io.decode_png(png, channels=1, dtype=tf.uint8)[..., 0]
+    """Encoded payloads (checked by `_read_row_group`) -> (uint8 (H, W, 3), uint8 (H, W)); a size or
+    class mismatch fails naming the record."""
+    image = tf.io.decode_jpeg(jpeg, channels=3)
+    label = tf.io.decode_png(png, channels=1, dtype=tf.uint8)[..., 0]
     same_size = tf.reduce_all(tf.equal(tf.shape(image)[:2], tf.shape(label)))
     # Values other than ignore must index the shard's class list (catches a mixed-up mapping).
     top = tf.reduce_max(tf.where(tf.equal(label, IGNORE_INDEX), tf.zeros_like(label), label))

@@ -5,16 +5,26 @@ key-value metadata carries `seglab.classes` (JSON list of class names indexed by
 the rules that produced the labels, so a model can never be evaluated against another mapping.
 Shards are split at about `max_shard_mb` of encoded payload, written in parallel, atomically, and
 byte-identical for identical inputs and params (so DVC's cache holds).
+
+Each split folder also holds `manifest.json` (`MANIFEST_FILE`): every part's rows, size and
+sha256, written by the one writer with the parts. Every reader gets a split's files through
+`shard_files`, which checks them against it, so a missing, extra or changed file is an error
+naming the split and the file, never a silently smaller or different dataset. Parquet page
+checksums are written too and verified by `open_shard` / `read_split`.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
+import ctypes
+import fcntl
 import hashlib
 import io
 import json
 import logging
 import os
+import signal
+import sys
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -31,6 +41,9 @@ from seglab.atomic import atomic_dir, write_text_atomic
 from seglab.config import SPLIT_NAME
 from seglab.data.classes import IGNORE_INDEX, ClassSet
 from seglab.data.coco import DataError, ImageTask, LabelRules, decode_image, encode_png, label_map, load_split
+from seglab.data.manifest import (  # noqa: F401 (shard_files and friends are part of this module's API)
+    MANIFEST_FILE, ShardIntegrityError, manifest_entry, open_shard, shard_files, write_manifest, write_manifest_entries,
+)
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +149,9 @@ class ShardWriter:
     is `SHARD_SCHEMA`, optionally followed by extra columns (synthetic shards add the generator);
     `metadata` must name the class list (`seglab.classes`), so no shard is ever written without it.
     Payloads are stored as they are (already compressed), the other columns zstd-compressed, in
-    row groups of 64 rows (what readers stream). `write_shards` wraps this in an atomic folder.
+    row groups of 64 rows (what readers stream), with page checksums. After each part the folder's
+    `manifest.json` is rewritten to list every part so far (rows, bytes, sha256), so the folder
+    always describes itself. `write_shards` wraps this in an atomic folder.
     """
 
     def __init__(self, out_dir: str | Path, metadata: dict[bytes, bytes], *, schema: pa.Schema = SHARD_SCHEMA,
@@ -169,8 +184,9 @@ class ShardWriter:
         path = self.out_dir / f"part-{len(self.files):05d}.parquet"
         compression = {name: _COMPRESSION.get(name, "ZSTD") for name in schema.names}
         pq.write_table(pa.Table.from_pylist(self._rows, schema=schema), path, compression=compression,
-                       row_group_size=_ROW_GROUP_ROWS)
-        self.files.append({"file": path.name, "rows": len(self._rows)})
+                       row_group_size=_ROW_GROUP_ROWS, write_page_checksum=True)
+        self.files.append(manifest_entry(path, len(self._rows)))
+        write_manifest_entries(self.out_dir, self.files)
         self._rows, self._size = [], 0
 
 
@@ -200,13 +216,41 @@ def write_shards(
     return writer.files
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Pool initializer: the worker is killed when the process that started it dies, even by
+    kill -9 (which runs no cleanup), instead of decoding on for nobody."""
+    if sys.platform.startswith("linux"):
+        # Sent when the forking *thread* ends: the pool lives inside build_shards, in that thread.
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def _results(tasks: list[tuple], workers: int) -> Iterator[tuple]:
     if workers == 1 or len(tasks) < 2:
         yield from map(_process_star, tasks)
         return
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with ProcessPoolExecutor(max_workers=workers, initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
         # map keeps input order, so shard contents do not depend on scheduling.
         yield from pool.map(_process_star, tasks, chunksize=max(1, min(16, len(tasks) // (4 * workers))))
+
+
+@contextlib.contextmanager
+def _sole_writer(out_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `<out_dir>.lock` while writing `out_dir`: a second run would take
+    the first's temporary folder for a killed run's debris and delete it (`atomic_dir`)."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock = out_dir.parent / f"{out_dir.name}.lock"
+    with open(lock, "a") as handle:  # the kernel drops the lock when its holder dies
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DataError(f"another seglab shard is writing {out_dir} (it holds {lock}); wait for it to "
+                            "finish, then run again", "concurrent run") from None
+        yield
 
 
 def build_shards(
@@ -235,7 +279,7 @@ def build_shards(
         if not SPLIT_NAME.fullmatch(split):  # params are validated too; build_shards is also called directly
             raise DataError(f"split name {split!r} may use only letters, digits, '_' and '-' (it becomes a folder "
                             f"under {out_dir})", "bad split name")
-    with atomic_dir(out_dir) as tmp:
+    with _sole_writer(out_dir), atomic_dir(out_dir) as tmp:
         for split, folder in splits.items():
             coco = load_split(root, split, folder, class_set, on_bad_record)  # raises DataError
             report["class_set"], report["classes"] = coco.class_set.name, list(coco.class_set.classes)
@@ -327,13 +371,6 @@ def run_shard(cfg) -> dict:
 
 # ---- reading ---------------------------------------------------------------------------------
 
-def shard_files(shard_dir: str | Path, split: str) -> list[Path]:
-    files = sorted((Path(shard_dir) / split).glob("part-*.parquet"))
-    if not files:
-        raise FileNotFoundError(f"{Path(shard_dir) / split}: no shards (part-*.parquet); run `dvc repro shard`")
-    return files
-
-
 def read_classes(path: str | Path) -> list[str]:
     """Class names indexed by label value, from a shard file's metadata."""
     meta = pq.read_schema(path).metadata or {}
@@ -349,7 +386,7 @@ def read_split(shard_dir: str | Path, split: str, columns: list[str] | None = No
     for f in files[1:]:
         if read_classes(f) != classes:
             raise ValueError(f"{f}: class list differs from {files[0]}; shards of one split must share it")
-    return pa.concat_tables(pq.read_table(f, columns=columns) for f in files)
+    return pa.concat_tables(pq.read_table(f, columns=columns, page_checksum_verification=True) for f in files)
 
 
 @dataclass(frozen=True)
@@ -378,49 +415,7 @@ def summarize_splits(shard_dir: str | Path, splits: Iterable[str] = ("train", "v
             if classes.setdefault(split, file_classes) != file_classes:
                 raise ValueError(f"{path}: class list differs from the split's first file; "
                                  "shards of one split must share it")
-            parquet = pq.ParquetFile(path)
-            rows[split] += parquet.metadata.num_rows
-            digest.update(f"{split}/{path.name}:{path.stat().st_size}:{parquet.metadata.num_rows};".encode())
-            meta = parquet.schema_arrow.metadata or {}
-            if b"seglab.class_set" in meta:
-                class_sets.add(meta[b"seglab.class_set"].decode())
-            sources.update(parquet.read(columns=["source"]).column("source").to_pylist())
-    first = classes[splits[0]]
-    for split in splits[1:]:
-        if classes[split] != first:
-            raise ValueError(f"{shard_dir}: split '{split}' has classes {classes[split]} but '{splits[0]}' has "
-                             f"{first}; train and val must share one class list (rebuild the shards)")
-    return SplitSummary(first, "+".join(sorted(class_sets)) or None, "+".join(sorted(sources)), rows,
-                        digest.hexdigest())
-
-
-@dataclass(frozen=True)
-class SplitSummary:
-    """What the shards of some splits hold, from the files' footers and `source` column (no payload read)."""
-
-    classes: list[str]
-    class_set: str | None  # the files' `seglab.class_set` names, joined with "+"
-    dataset: str  # the rows' sources, joined with "+"
-    rows: dict[str, int]  # per split
-    fingerprint: str  # changes when a file of these splits is added, removed, resized or holds other rows
-
-
-def summarize_splits(shard_dir: str | Path, splits: Iterable[str] = ("train", "val")) -> SplitSummary:
-    """Summary of `splits` of `shard_dir`; every file of them must carry the same class list."""
-    shard_dir, splits = Path(shard_dir), list(splits)
-    classes: dict[str, list[str]] = {}
-    rows: dict[str, int] = {}
-    sources: set[str] = set()
-    class_sets: set[str] = set()
-    digest = hashlib.sha256()
-    for split in splits:
-        rows[split] = 0
-        for path in shard_files(shard_dir, split):
-            file_classes = read_classes(path)
-            if classes.setdefault(split, file_classes) != file_classes:
-                raise ValueError(f"{path}: class list differs from the split's first file; "
-                                 "shards of one split must share it")
-            parquet = pq.ParquetFile(path)
+            parquet = open_shard(path)
             rows[split] += parquet.metadata.num_rows
             digest.update(f"{split}/{path.name}:{path.stat().st_size}:{parquet.metadata.num_rows};".encode())
             meta = parquet.schema_arrow.metadata or {}
