@@ -1,9 +1,10 @@
 """Compare what each pipeline stage used (SEGLAB_TRACE, seglab.stage_trace) with what dvc.yaml declares.
 
 A stage's code deps must cover exactly the seglab modules its run loaded (a file, or a folder whose
-modules it all loaded), and its params exactly the keys it read. Keys a stage reads that dvc.yaml
-interpolates into the stage itself (`${shard.out}` in its deps, `${train.out}` in its outs) are
-covered without a params entry: changing them changes the stage, so DVC reruns it anyway.
+modules it all loaded), and its params exactly the keys it read (to the section: see
+`_unread_sections`). Keys a stage reads that dvc.yaml interpolates into the stage itself
+(`${shard.out}` in its deps, `${train.out}` in its outs) are covered without a params entry:
+changing them changes the stage, so DVC reruns it anyway.
 Modules that are only a docstring need not be declared (no code, no behaviour). The stages of a
 `foreach` share one deps list: a module some of them import may be listed for all.
 """
@@ -19,6 +20,8 @@ import yaml
 
 
 def _is_docstring_only(path: Path) -> bool:
+    if not path.is_file():  # a module added to the checkout after the scratch copy was made
+        return False
     body = ast.parse(path.read_text()).body
     return all(isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) for node in body)
 
@@ -29,10 +32,13 @@ def _leaves(tree: object, prefix: str) -> list[str]:
     return [prefix]
 
 
+_MISSING = object()
+
+
 def _lookup(tree: object, key: str) -> object:
     for part in key.split("."):
         if not isinstance(tree, dict) or part not in tree:
-            return None
+            return _MISSING
         tree = tree[part]
     return tree
 
@@ -56,6 +62,18 @@ def _interpolated(raw_stages: dict, stage: str) -> set[str]:
         else:
             keys.add(expression)
     return keys
+
+
+def _unread_sections(tree: object, key: str, used: set[str]) -> list[str]:
+    """The topmost keys under (and including) `key` of which the stage reads nothing. A section it
+    reads may hold values read only on some paths (`train.weight_decay` with adamw only), so values
+    count as unread only as a whole section (`profiles.gpu`) or when listed on their own."""
+    if not any(_related(read, leaf) for leaf in _leaves(tree, key) for read in used):
+        return [key]
+    if not isinstance(tree, dict):
+        return []
+    return [unread for name, value in tree.items() if isinstance(value, dict)
+            for unread in _unread_sections(value, f"{key}.{name}", used)]
 
 
 def _related(read: str, leaf: str) -> bool:
@@ -110,11 +128,11 @@ def stage_dependency_problems(repo: Path, traces: Path, stages: set[str] | None 
         for key in sorted(reads):
             if key in interpolated or any(key == k or key.startswith(k + ".") for k in keys):
                 continue
-            where = "" if _lookup(params, key) is not None else " (params.yaml does not set it)"
+            where = "" if _lookup(params, key) is not _MISSING else " (params.yaml does not set it)"
             found.append(f"reads params {key}{where}, not in its params")
+        used = reads | interpolated
         for key in sorted(keys):
-            unread = [leaf for leaf in _leaves(_lookup(params, key), key)
-                      if leaf not in interpolated and not any(_related(r, leaf) for r in reads)]
+            unread = _unread_sections(_lookup(params, key), key, used)
             if unread:
                 found.append(f"lists params {key} but never reads {', '.join(unread)}")
         if found:
