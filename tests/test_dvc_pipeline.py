@@ -90,6 +90,8 @@ def test_only_the_gan_augmented_variants_depend_on_the_gan_stages(scratch_repo):
         keys = {p for d in stage.deps if isinstance(d, ParamsDependency) for p in d.params}
         # GAN settings reach a variant through validate_synthetic@<gan>'s output, never as params.
         assert not any(k.startswith(("gan", "validate_synthetic")) for k in keys), (name, keys)
+        # The profile in use only: editing a GPU-profile value retrains nothing on the CPU profile.
+        assert {k for k in keys if k.startswith("profile")} == {"profile", f"profiles.{params['profile']}"}, keys
         expected = {"data/shards", "data/synthetic_valid/pix2pix"} if name == augmented else {"data/shards"}
         assert {d for d in deps if d.startswith("data/")} == expected, name
     # `+` works in a stage name on the command line; the variant pulls in its own GAN's stages only.
