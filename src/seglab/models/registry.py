@@ -21,8 +21,8 @@ import keras
 
 from seglab.digest import sha256_file
 from seglab.models import deeplab, unet
-from seglab.models.backbones import load_imagenet_weights
-from seglab.models.transfer import ENCODER_LAYER
+from seglab.models.backbones import BACKBONES, ENCODER_LAYER
+from seglab.models.weights import check_imagenet_request, load_imagenet_weights
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +162,7 @@ def _check_weights_request(model_spec: ModelSpec, weights: WeightsArg, width: fl
         if width != 1.0:
             raise ValueError(f"{model_spec.name}: ImageNet weights exist only for width=1.0, got width={width!r}; "
                              "use width=1.0 or weights=None")
+        check_imagenet_request(model_spec.backbone, weights)
         return
     if not isinstance(weights, (str, os.PathLike)):
         raise TypeError(f"{model_spec.name}: weights must be None, 'imagenet', 'imagenet-offline' or a path, "
@@ -252,15 +253,28 @@ def _deeplab_size_multiple(options: Mapping[str, Any]) -> int:
     return int(options["output_stride"])
 
 
+def _backbone_unet_spec(backbone: str) -> ModelSpec:
+    return ModelSpec(f"unet_{backbone}", f"U-Net decoder on a {backbone} encoder (output stride 32)",
+                     _backbone_unet_builder(backbone), lambda options: 32, backbone=backbone,
+                     options={"decoder_filters": unet.BACKBONE_UNET_DECODER_FILTERS})
+
+
+def _deeplab_spec(backbone: str) -> ModelSpec:
+    return ModelSpec(f"deeplabv3plus_{backbone}", f"DeepLabV3+ on a {backbone} encoder (output stride 16 or 8)",
+                     _deeplab_builder(backbone), _deeplab_size_multiple, backbone=backbone,
+                     options={"output_stride": 16})
+
+
+# The segmenters a backbone's table entry may name in `architectures`.
+BACKBONE_ARCHITECTURES: dict[str, Callable[[str], ModelSpec]] = {
+    "unet": _backbone_unet_spec,
+    "deeplabv3plus": _deeplab_spec,
+}
+
 register(ModelSpec("unet", "the seed's classic U-Net (64-1024 filters, transposed-conv up, concatenated skips)",
                    _unet_builder, lambda options: 16))
 register(ModelSpec("attention_unet", "classic U-Net with additive attention gates on every skip (Oktay et al. 2018)",
                    _attention_unet_builder, lambda options: 16))
-for _backbone in ("resnet50", "mobilenetv2", "efficientnet_lite0"):
-    register(ModelSpec(f"unet_{_backbone}", f"U-Net decoder on a {_backbone} encoder (output stride 32)",
-                       _backbone_unet_builder(_backbone), lambda options: 32, backbone=_backbone,
-                       options={"decoder_filters": unet.BACKBONE_UNET_DECODER_FILTERS}))
-for _backbone in ("xception", "resnet50", "resnet101", "mobilenetv2", "efficientnet_lite0"):
-    register(ModelSpec(f"deeplabv3plus_{_backbone}", f"DeepLabV3+ on a {_backbone} encoder (output stride 16 or 8)",
-                       _deeplab_builder(_backbone), _deeplab_size_multiple, backbone=_backbone,
-                       options={"output_stride": 16}))
+for _backbone in BACKBONES.values():
+    for _architecture in _backbone.architectures:
+        register(BACKBONE_ARCHITECTURES[_architecture](_backbone.name))

