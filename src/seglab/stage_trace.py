@@ -53,9 +53,9 @@ class ParamsReads:
             return value
 
         def model_dump(section: _Section, *args: Any, **kwargs: Any) -> Any:
-            exclude = kwargs.get("exclude") or ()
+            include, exclude = kwargs.get("include"), kwargs.get("exclude") or ()
             for name in type(section).model_fields:
-                if name not in exclude:
+                if (include is None or name in include) and name not in exclude:
                     reads._read_all(section, name)
             return reads._dump(section, *args, **kwargs)
 
