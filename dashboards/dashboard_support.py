@@ -10,7 +10,8 @@ others read it, not both, so a connection kept open by the dashboard would make 
 (``dvc repro``) fail while the dashboard runs. Each read opens the file read-only, queries and
 closes (a few ms), and its result is cached with ``st.cache_data`` keyed by the file's
 (mtime, size) stamp: a re-ingest changes the stamp, so the next rerun reads the new data, and the
-TTL bounds how long unused results stay in memory.
+TTL bounds how long unused results stay in memory. The SQL page's queries, which may run for
+seconds, read a private snapshot of the file instead (`seglab.warehouse.sql_sandbox`).
 """
 
 from __future__ import annotations
@@ -201,11 +202,10 @@ def load_schema(path: str, stamp: tuple[int, ...]) -> pd.DataFrame:
 
 
 @st.cache_data(ttl=SQL_CACHE_TTL_S, max_entries=32, show_spinner=False)
-def load_sql(path: str, stamp: tuple[int, ...], sql: str, max_rows: int,
-             timeout_s: float) -> dq.SqlResult:
+def load_sql(path: str, stamp: tuple[int, ...], sql: str, limits: dq.SqlLimits) -> dq.SqlResult:
+    # On a private snapshot of the warehouse, so a long query does not keep `seglab ingest` out.
     # Refusals and errors raise, and Streamlit does not cache a raised exception.
-    with read_only(path) as con:
-        return dq.run_read_only_sql(con, sql, max_rows=max_rows, timeout_s=timeout_s)
+    return dq.run_sql(path, sql, limits)
 
 
 @dataclass(frozen=True)

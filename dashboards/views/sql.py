@@ -1,6 +1,8 @@
-"""Ad-hoc SQL over the warehouse: one read-only SELECT at a time, with a row and a time limit."""
+"""Ad-hoc SQL over the warehouse: one read-only SELECT at a time, within row, size, memory and time limits."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import duckdb
 import streamlit as st
@@ -11,7 +13,7 @@ from seglab.warehouse.schema import WarehouseError
 
 DEFAULT_ROW_LIMIT = 1000
 MAX_ROW_LIMIT = 100_000
-TIMEOUT_S = 30.0
+LIMITS = dq.SqlLimits(max_rows=DEFAULT_ROW_LIMIT)
 
 EXAMPLES = {
     "Five worst classes of every run": """\
@@ -51,7 +53,8 @@ st.title("SQL")
 cfg = ds.settings()
 wh = ds.require_warehouse(cfg)
 st.caption(f"One `SELECT` (or `WITH … SELECT`, `SHOW`, `DESCRIBE`, `SUMMARIZE`) over the warehouse, "
-           f"read-only; files and network are off, queries stop after {TIMEOUT_S:g} s. Tables: "
+           f"read-only; files and network are off. A query may use {LIMITS.memory_mib} MiB of memory and "
+           f"{LIMITS.timeout_s:g} s, and return {LIMITS.max_result_mib:g} MiB. Tables: "
            "`runs`, `metrics`, `per_class`, `confusion`, `history`; views: `leaderboard`, "
            "`class_scores`.")
 
@@ -76,13 +79,17 @@ submitted = st.session_state.get("sql_submitted")
 if submitted is not None:
     sql, limit = submitted
     try:
-        result = ds.load_sql(wh.path, wh.stamp, sql, limit, TIMEOUT_S)
+        result = ds.load_sql(wh.path, wh.stamp, sql, dataclasses.replace(LIMITS, max_rows=limit))
     except dq.SqlRefused as e:
         st.error(f"Refused: {e}")
     except (duckdb.Error, WarehouseError) as e:  # e.g. an unknown column: shown, not raised
         st.error(f"Query failed: {e}")
     else:
-        cut = f" — cut at the row limit of {limit:,}; raise it or narrow the query" if result.truncated else ""
+        cut = {
+            "rows": f" — cut at the row limit of {limit:,}; raise it or narrow the query",
+            "bytes": f" — cut at the result size limit of {LIMITS.max_result_mib:g} MiB; select fewer "
+                     "columns or rows",
+        }.get(result.cut_by, "")
         st.success(f"{len(result.frame):,} rows in {result.seconds * 1000:.0f} ms{cut}")
         st.dataframe(result.frame, hide_index=True)
         st.download_button("Download CSV", result.frame.to_csv(index=False).encode("utf-8"),

@@ -1,10 +1,7 @@
 """Read-side helpers the dashboard needs beyond `seglab.warehouse.queries`.
 
-- `run_read_only_sql`: the SQL page's guard. Exactly one statement, which DuckDB's own parser
-  types as a SELECT (``SELECT``, ``WITH ... SELECT``, ``FROM t``, ``VALUES``, ``SHOW``,
-  ``DESCRIBE``, ``SUMMARIZE``); anything else is refused with `SqlRefused` before it runs. It
-  runs with a row limit and a time limit, on a connection that `harden` has cut off from the file
-  system and network (a SELECT could otherwise ``read_csv('/etc/passwd')``).
+- The SQL page's sandbox (`run_sql`, `SqlLimits`, the guard `check_read_only_sql`, `harden`) lives
+  in `seglab.warehouse.sql_sandbox` and is re-exported here.
 - ``synthetic_validation`` is read only if present: a warehouse from before schema version 4,
   opened read-only, is never migrated.
 
@@ -13,9 +10,6 @@ Every value reaches SQL as a bound parameter; no identifiers are built from user
 
 from __future__ import annotations
 
-import threading
-import time
-from dataclasses import dataclass
 from typing import Any
 
 import duckdb
@@ -23,9 +17,22 @@ import pandas as pd
 
 from seglab.warehouse.queries import PER_CLASS_METRICS, require_view
 from seglab.warehouse.schema import SYNTHETIC_VALIDATION_TABLE, WarehouseError, table_exists
+from seglab.warehouse.sql_sandbox import (
+    SqlLimits,
+    SqlOutOfMemory,
+    SqlRefused,
+    SqlResult,
+    SqlTimeout,
+    check_read_only_sql,
+    harden,
+    run_read_only_sql,
+    run_sql,
+)
 
 __all__ = [
     "SYNTHETIC_VALIDATION_TABLE",
+    "SqlLimits",
+    "SqlOutOfMemory",
     "SqlRefused",
     "SqlResult",
     "SqlTimeout",
@@ -35,91 +42,11 @@ __all__ = [
     "harden",
     "run_details",
     "run_read_only_sql",
+    "run_sql",
     "synthetic_validation",
     "table_exists",
     "warehouse_columns",
 ]
-
-class SqlRefused(ValueError):
-    """A query the SQL page does not run (not a single read-only SELECT, or not parseable)."""
-
-
-class SqlTimeout(WarehouseError):
-    """A query interrupted for running longer than its time limit."""
-
-
-@dataclass(frozen=True)
-class SqlResult:
-    frame: pd.DataFrame
-    truncated: bool  # more rows than max_rows existed; `frame` holds the first max_rows
-    seconds: float
-    statement: str   # the statement as DuckDB's parser split it out
-
-
-def harden(con: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyConnection:
-    """Cut `con`'s database off from files and the network (irreversible while it is open).
-
-    The warehouse itself stays readable; table functions such as read_csv/read_parquet, COPY,
-    ATTACH and extension downloads fail with DuckDB's permission error.
-    """
-    con.execute("SET enable_external_access = false")
-    return con
-
-
-def check_read_only_sql(con: duckdb.DuckDBPyConnection, sql: str) -> str:
-    """The single SELECT statement in `sql`, or `SqlRefused` saying why it will not run."""
-    if not isinstance(sql, str) or not sql.strip():
-        raise SqlRefused("the query is empty: enter one SELECT (or WITH ... SELECT) statement")
-    try:
-        statements = con.extract_statements(sql)
-    except duckdb.Error as e:
-        raise SqlRefused(f"the query does not parse: {e}") from None
-    if not statements:
-        raise SqlRefused("the query holds no statement (only comments?): enter one SELECT")
-    if len(statements) > 1:
-        kinds = ", ".join(_kind(s) for s in statements)
-        raise SqlRefused(f"one statement at a time: the query holds {len(statements)} ({kinds}); "
-                         "remove all but one SELECT")
-    statement = statements[0]
-    if statement.type != duckdb.StatementType.SELECT:
-        raise SqlRefused(f"only read-only SELECT queries run here (SELECT, WITH ... SELECT, SHOW, "
-                         f"DESCRIBE, SUMMARIZE); this is a {_kind(statement)} statement. The "
-                         "warehouse is opened read-only: it changes only through `seglab ingest`")
-    return statement.query.strip().rstrip(";").strip()
-
-
-def _kind(statement: Any) -> str:
-    return str(statement.type.name)
-
-
-def run_read_only_sql(con: duckdb.DuckDBPyConnection, sql: str, *, max_rows: int = 1000,
-                      timeout_s: float = 30.0) -> SqlResult:
-    """Run one checked SELECT, returning at most `max_rows` rows; interrupt it after `timeout_s`.
-
-    `con` should be read-only and hardened (`harden`); the check here is the first line, the
-    connection the second.
-    """
-    if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
-        raise ValueError(f"max_rows must be a positive integer; got {max_rows!r}")
-    if not timeout_s > 0:
-        raise ValueError(f"timeout_s must be positive; got {timeout_s!r}")
-    statement = check_read_only_sql(con, sql)
-    # One row past the limit tells whether the result was cut.
-    timer = threading.Timer(timeout_s, con.interrupt)
-    start = time.perf_counter()
-    timer.start()
-    try:
-        frame = con.sql(statement).limit(max_rows + 1).df()
-    except duckdb.InterruptException:
-        raise SqlTimeout(f"the query ran longer than {timeout_s:g} s and was stopped; "
-                         "narrow it (WHERE, LIMIT) or aggregate first") from None
-    finally:
-        timer.cancel()
-    seconds = time.perf_counter() - start
-    truncated = len(frame) > max_rows
-    if truncated:
-        frame = frame.iloc[:max_rows]
-    return SqlResult(frame=frame, truncated=truncated, seconds=seconds, statement=statement)
 
 
 def warehouse_columns(con: duckdb.DuckDBPyConnection) -> pd.DataFrame:

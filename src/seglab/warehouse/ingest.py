@@ -29,7 +29,14 @@ import pyarrow as pa
 
 from seglab.digest import json_safe, sha256_file
 from seglab.records import PER_CLASS_COUNTS, PER_CLASS_SCORES, EvalEntry, EvalRecord, EvalRun, RecordError
-from seglab.warehouse.schema import SYNTHETIC_VALIDATION_TABLE, TABLES, WarehouseError, connect, ensure_schema
+from seglab.warehouse.schema import (
+    SYNTHETIC_VALIDATION_TABLE,
+    TABLES,
+    WRITER_LOCK_WAIT_S,
+    WarehouseError,
+    connect,
+    ensure_schema,
+)
 from seglab.warehouse.synthetic import ingest_synthetic_validation
 
 __all__ = ["EvalFileError", "ingest_eval", "ingest_files", "load_eval", "open_warehouse", "run_ingest"]
@@ -202,9 +209,13 @@ def _check_unique_runs(files: list[EvalFile]) -> None:
             owner[run_id] = f.path
 
 
-def open_warehouse(path: str | Path) -> duckdb.DuckDBPyConnection:
-    """A read-write connection to the warehouse at `path`, created and migrated as needed."""
-    con = connect(path)
+def open_warehouse(path: str | Path, *, lock_wait_s: float = WRITER_LOCK_WAIT_S) -> duckdb.DuckDBPyConnection:
+    """A read-write connection to the warehouse at `path`, created and migrated as needed.
+
+    A reader holding the file (the dashboard's reads take milliseconds) is waited for up to
+    `lock_wait_s`; after that WarehouseError names the file and who holds it.
+    """
+    con = connect(path, lock_wait_s=lock_wait_s)
     try:
         ensure_schema(con)
     except BaseException:

@@ -54,6 +54,7 @@ each in its own transaction, and records them in ``schema_version``.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,9 +62,11 @@ import duckdb
 
 __all__ = [
     "MIGRATIONS",
+    "READER_LOCK_WAIT_S",
     "SCHEMA_VERSION",
     "SYNTHETIC_VALIDATION_TABLE",
     "TABLES",
+    "WRITER_LOCK_WAIT_S",
     "Migration",
     "SchemaError",
     "WarehouseError",
@@ -82,31 +85,55 @@ class SchemaError(WarehouseError):
     """The database is not a seglab warehouse this code can read or upgrade."""
 
 
-def connect(path: str | Path, *, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+# How long opening the file waits for another connection to let go of it. Readers (the
+# dashboard's page reads, the SQL page's snapshot copy) hold it for milliseconds and ingest for
+# seconds; a writer waits longer because failing an ingest costs more than a slow page.
+WRITER_LOCK_WAIT_S = 10.0
+READER_LOCK_WAIT_S = 1.0
+
+
+def _lock_conflict(read_only: bool, error: duckdb.Error) -> str | None:
+    """What holds the file, if `error` says another connection does; None for any other error."""
+    if isinstance(error, duckdb.ConnectionException):
+        return (f"already open in this process in another mode "
+                f"({'read-write' if read_only else 'read-only'}); close that connection first")
+    if isinstance(error, duckdb.IOException) and "lock" in str(error).lower():
+        return (f"opened by another process ({'writing' if read_only else 'reading or writing'}); "
+                "close it (e.g. the dashboard, or a running `seglab ingest`) and retry")
+    return None
+
+
+def connect(path: str | Path, *, read_only: bool = False,
+            lock_wait_s: float | None = None) -> duckdb.DuckDBPyConnection:
     """Open the warehouse file; a missing file (read-only) or a lock held elsewhere is a clear error.
 
-    DuckDB lets one process write a database file or several read it, not both at once, so a
-    dashboard holding the file open read-only blocks `seglab ingest` (and the reverse).
+    DuckDB lets one process write a database file or several read it, not both at once. While
+    another connection holds the file this retries for `lock_wait_s` (default
+    `WRITER_LOCK_WAIT_S` or `READER_LOCK_WAIT_S`), then raises WarehouseError naming the file.
     """
     path = Path(path)
+    if lock_wait_s is None:
+        lock_wait_s = READER_LOCK_WAIT_S if read_only else WRITER_LOCK_WAIT_S
     if read_only and not path.is_file():
         raise WarehouseError(
             f"{path}: no warehouse there; build it with `seglab ingest` (or `dvc repro`) first"
         )
     if not read_only:
         path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        return duckdb.connect(str(path), read_only=read_only)
-    except duckdb.ConnectionException as e:
-        raise WarehouseError(f"{path}: already open in this process in another mode "
-                             f"({'read-write' if read_only else 'read-only'}); close that connection first: {e}") from None
-    except duckdb.Error as e:
-        if isinstance(e, duckdb.IOException) and "lock" in str(e).lower():
-            raise WarehouseError(
-                f"{path}: opened by another process ({'writing' if read_only else 'reading or writing'}); "
-                f"close it (e.g. the dashboard, or a running `seglab ingest`) and retry: {e}"
-            ) from None
-        raise WarehouseError(f"{path}: cannot open as a DuckDB database: {e}") from None
+    deadline = time.monotonic() + lock_wait_s
+    pause = 0.02
+    while True:
+        try:
+            return duckdb.connect(str(path), read_only=read_only)
+        except duckdb.Error as e:
+            conflict = _lock_conflict(read_only, e)
+            if conflict is None:
+                raise WarehouseError(f"{path}: cannot open as a DuckDB database: {e}") from None
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise WarehouseError(f"{path}: {conflict} (waited {lock_wait_s:g} s): {e}") from None
+        time.sleep(min(pause, left))
+        pause = min(pause * 2, 0.25)
 
 
 @dataclass(frozen=True)

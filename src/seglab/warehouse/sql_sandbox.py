@@ -1,0 +1,328 @@
+"""The dashboard's SQL page: one user-written query, run so that it can neither change nor starve anything.
+
+- Guard (`check_read_only_sql`): exactly one statement, which DuckDB's own parser types as a
+  SELECT (``SELECT``, ``WITH ... SELECT``, ``FROM t``, ``VALUES``, ``SHOW``, ``DESCRIBE``,
+  ``SUMMARIZE``); anything else is refused with `SqlRefused` before it runs.
+- Connection (`WarehouseSnapshots.connect`): read-only, with DuckDB's memory and thread limits
+  (`SqlLimits`), no spilling to disk, no file or network access (a SELECT could otherwise
+  ``read_csv('/etc/passwd')``), no extension loading, and the configuration locked, so that even
+  a statement the guard let through cannot lift a limit.
+- Result (`run_read_only_sql`): at most `max_rows` rows and `max_bytes` bytes (the rest is cut,
+  and `SqlResult.cut_by` says which limit cut it), and interrupted after `timeout_s`: DuckDB has
+  no statement timeout, so a timer calls ``con.interrupt()``.
+- Snapshot: DuckDB lets one process write a file or others read it, never both, so a query that
+  held the warehouse for its whole duration would make a concurrent `seglab ingest` fail. The page
+  reads a private copy instead, made while a read-only connection guarantees no writer is
+  mid-transaction, and remade when the file changes: the warehouse is held for a file copy, not
+  for a query.
+
+DuckDB's memory limit covers its buffer manager (hash tables, sorts, materialised results), not a
+single huge value built by a scalar function (``repeat('x', 10^9)``), which it allocates directly
+and does not interrupt until the function returns.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import itertools
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pandas as pd
+import pyarrow as pa
+
+from seglab.warehouse.queries import connect_read_only
+from seglab.warehouse.schema import WarehouseError
+
+__all__ = [
+    "SNAPSHOTS",
+    "SqlLimits",
+    "SqlOutOfMemory",
+    "SqlRefused",
+    "SqlResult",
+    "SqlTimeout",
+    "WarehouseSnapshots",
+    "check_read_only_sql",
+    "file_stamp",
+    "harden",
+    "run_read_only_sql",
+    "run_sql",
+]
+
+MIB = 2**20
+
+
+class SqlRefused(ValueError):
+    """A query the SQL page does not run (not a single read-only SELECT, or not parseable)."""
+
+
+class SqlTimeout(WarehouseError):
+    """A query interrupted for running longer than its time limit."""
+
+
+class SqlOutOfMemory(WarehouseError):
+    """A query that needed more working memory than the SQL page allows."""
+
+
+@dataclass(frozen=True)
+class SqlLimits:
+    """What one SQL-page query may use. Concurrent queries on one snapshot share memory and threads."""
+
+    memory_mib: int = 512          # DuckDB memory_limit; nothing spills to disk beyond it
+    threads: int = 2
+    max_rows: int = 1000
+    max_result_mib: float = 64.0   # the result as Arrow columns; pandas and the browser hold copies
+    timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name in ("memory_mib", "threads", "max_rows"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        for name in ("max_result_mib", "timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive; got {getattr(self, name)!r}")
+
+    def duckdb_config(self) -> dict[str, Any]:
+        # enable_external_access and lock_configuration are set after connecting: with them in
+        # the startup config DuckDB refuses the temp_directory setting.
+        return {
+            "memory_limit": f"{self.memory_mib}MiB",
+            "threads": self.threads,
+            "temp_directory": "",
+            "max_temp_directory_size": "0B",
+            "autoinstall_known_extensions": False,
+            "autoload_known_extensions": False,
+            "allow_community_extensions": False,
+            "allow_persistent_secrets": False,
+        }
+
+
+@dataclass(frozen=True)
+class SqlResult:
+    frame: pd.DataFrame
+    truncated: bool     # more rows existed than `frame` holds
+    seconds: float
+    statement: str      # the statement as DuckDB's parser split it out
+    cut_by: str | None = None  # "rows" (max_rows) or "bytes" (max_bytes) when truncated
+    result_bytes: int = 0      # the Arrow size of `frame`'s rows
+
+
+def harden(con: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyConnection:
+    """Cut `con`'s database off from files and the network (irreversible while it is open).
+
+    The warehouse itself stays readable; table functions such as read_csv/read_parquet, COPY,
+    ATTACH and extension downloads fail with DuckDB's permission error.
+    """
+    con.execute("SET enable_external_access = false")
+    return con
+
+
+def _lock(con: duckdb.DuckDBPyConnection) -> None:
+    """Harden and lock the configuration of `con`'s database, once (a locked one refuses SET)."""
+    if not con.execute("SELECT current_setting('lock_configuration')").fetchall()[0][0]:
+        harden(con)
+        con.execute("SET lock_configuration = true")
+
+
+def check_read_only_sql(con: duckdb.DuckDBPyConnection, sql: str) -> str:
+    """The single SELECT statement in `sql`, or `SqlRefused` saying why it will not run."""
+    if not isinstance(sql, str) or not sql.strip():
+        raise SqlRefused("the query is empty: enter one SELECT (or WITH ... SELECT) statement")
+    try:
+        statements = con.extract_statements(sql)
+    except duckdb.Error as e:
+        raise SqlRefused(f"the query does not parse: {e}") from None
+    if not statements:
+        raise SqlRefused("the query holds no statement (only comments?): enter one SELECT")
+    if len(statements) > 1:
+        kinds = ", ".join(_kind(s) for s in statements)
+        raise SqlRefused(f"one statement at a time: the query holds {len(statements)} ({kinds}); "
+                         "remove all but one SELECT")
+    statement = statements[0]
+    if statement.type != duckdb.StatementType.SELECT:
+        raise SqlRefused(f"only read-only SELECT queries run here (SELECT, WITH ... SELECT, SHOW, "
+                         f"DESCRIBE, SUMMARIZE); this is a {_kind(statement)} statement. The "
+                         "warehouse is opened read-only: it changes only through `seglab ingest`")
+    return statement.query.strip().rstrip(";").strip()
+
+
+def _kind(statement: Any) -> str:
+    return str(statement.type.name)
+
+
+def _rows_within(batch: pa.RecordBatch, budget: int) -> int:
+    """The most leading rows of `batch` whose Arrow size stays within `budget` bytes."""
+    low, high = 0, batch.num_rows
+    while low < high:
+        middle = (low + high + 1) // 2
+        if batch.slice(0, middle).nbytes <= budget:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def _to_pandas(table: pa.Table) -> pd.DataFrame:
+    # Through DuckDB, so the frame has the dtypes `.df()` gives (HUGEINT and DECIMAL as floats,
+    # dates as datetimes); a private in-memory database holding nothing but this table.
+    with duckdb.connect(config={"threads": 1}) as converter:
+        return converter.from_arrow(table).df()
+
+
+def run_read_only_sql(con: duckdb.DuckDBPyConnection, sql: str, *, max_rows: int = 1000,
+                      timeout_s: float = 30.0, max_bytes: int | None = None) -> SqlResult:
+    """Run one checked SELECT, returning at most `max_rows` rows and `max_bytes` bytes of them;
+    interrupt it after `timeout_s`.
+
+    `con` should be read-only, hardened and limited (`WarehouseSnapshots.connect`); the check here
+    is the first line, the connection the second.
+    """
+    if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
+        raise ValueError(f"max_rows must be a positive integer; got {max_rows!r}")
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s must be positive; got {timeout_s!r}")
+    if max_bytes is not None and not max_bytes > 0:
+        raise ValueError(f"max_bytes must be positive; got {max_bytes!r}")
+    statement = check_read_only_sql(con, sql)
+    budget = max_bytes if max_bytes is not None else float("inf")
+    timer = threading.Timer(timeout_s, con.interrupt)
+    start = time.perf_counter()
+    timer.start()
+    batches: list[pa.RecordBatch] = []
+    rows = size = 0
+    cut_by = None
+    try:
+        # One row past the limit tells whether the result was cut; small batches let the byte
+        # limit stop the stream before DuckDB produces much more than it allows.
+        with contextlib.closing(con.sql(statement).limit(max_rows + 1).to_arrow_reader(256)) as reader:
+            schema = reader.schema
+            for batch in reader:
+                if rows + batch.num_rows > max_rows:
+                    batch, cut_by = batch.slice(0, max_rows - rows), "rows"
+                if size + batch.nbytes > budget:
+                    batch, cut_by = batch.slice(0, _rows_within(batch, int(budget - size))), "bytes"
+                batches.append(batch)
+                rows, size = rows + batch.num_rows, size + batch.nbytes
+                if cut_by:
+                    break
+    except duckdb.InterruptException:
+        raise SqlTimeout(f"the query ran longer than {timeout_s:g} s and was stopped; "
+                         "narrow it (WHERE, LIMIT) or aggregate first") from None
+    except duckdb.OutOfMemoryException as e:
+        # DuckDB's message goes on to suggest a temp_directory, which the page deliberately lacks.
+        first_line = str(e).splitlines()[0]
+        raise SqlOutOfMemory(f"the query needed more working memory than the SQL page allows "
+                             f"({first_line}); filter or aggregate before joining or sorting, "
+                             "or select fewer columns") from None
+    finally:
+        timer.cancel()
+    frame = _to_pandas(pa.Table.from_batches(batches, schema=schema))
+    return SqlResult(frame=frame, truncated=cut_by is not None, seconds=time.perf_counter() - start,
+                     statement=statement, cut_by=cut_by, result_bytes=size)
+
+
+def file_stamp(path: Path) -> tuple[int, ...] | None:
+    """(inode, mtime_ns, size) of a DuckDB file and of its write-ahead log; None if it is missing."""
+    stamp: tuple[int, ...] = ()
+    for part in (path, path.with_name(path.name + ".wal")):
+        try:
+            stat = part.stat()
+        except FileNotFoundError:
+            if part == path:
+                return None
+            continue
+        stamp += (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+    return stamp
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    stamp: tuple[int, ...]
+    path: Path
+
+
+class WarehouseSnapshots:
+    """Private copies of warehouse files, one per warehouse, remade when the warehouse changes.
+
+    The copies live in a folder only this process uses (removed at exit). A copy being replaced is
+    deleted at once: connections already open on it keep reading the unlinked file.
+    """
+
+    def __init__(self, folder: Path | None = None) -> None:
+        self._folder = folder
+        self._lock = threading.Lock()
+        self._copies: dict[Path, _Snapshot] = {}
+        self._numbers = itertools.count()
+
+    def _private_folder(self) -> Path:
+        if self._folder is None:
+            self._folder = Path(tempfile.mkdtemp(prefix="seglab-sql-"))
+            atexit.register(shutil.rmtree, self._folder, ignore_errors=True)
+        self._folder.mkdir(parents=True, exist_ok=True)
+        return self._folder
+
+    def _current(self, source: Path) -> _Snapshot:
+        stamp = file_stamp(source)
+        if stamp is None:
+            raise WarehouseError(f"{source}: no warehouse there; build it with `seglab ingest` "
+                                 "(or `dvc repro`) first")
+        known = self._copies.get(source)
+        if known is not None and known.stamp == stamp and known.path.exists():
+            return known
+        # A read-only connection holds the file's shared lock: no writer is mid-transaction while
+        # the bytes are copied. It also refuses files that are not a warehouse this code reads.
+        reader = connect_read_only(source)
+        try:
+            stamp = file_stamp(source)
+            target = self._private_folder() / f"warehouse-{next(self._numbers)}.duckdb"
+            shutil.copyfile(source, target)
+            wal = source.with_name(source.name + ".wal")
+            if wal.exists():  # a writer that died before its checkpoint: the log holds commits
+                shutil.copyfile(wal, target.with_name(target.name + ".wal"))
+        finally:
+            reader.close()
+        self._copies[source] = fresh = _Snapshot(stamp, target)
+        if known is not None:
+            for old in (known.path, known.path.with_name(known.path.name + ".wal")):
+                old.unlink(missing_ok=True)
+        return fresh
+
+    @contextlib.contextmanager
+    def connect(self, source: str | Path, limits: SqlLimits) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A limited, hardened, configuration-locked read-only connection to the current copy of
+        `source`, closed on exit."""
+        with self._lock:  # also orders the first connection's SETs before the lock takes effect
+            snapshot = self._current(Path(source).resolve())
+            try:
+                con = duckdb.connect(str(snapshot.path), read_only=True, config=limits.duckdb_config())
+            except duckdb.Error as e:
+                raise WarehouseError(f"{source}: cannot open the SQL page's copy of the warehouse: {e}") from None
+            try:
+                _lock(con)
+            except BaseException:
+                con.close()
+                raise
+        try:
+            yield con
+        finally:
+            con.close()
+
+
+SNAPSHOTS = WarehouseSnapshots()
+
+
+def run_sql(path: str | Path, sql: str, limits: SqlLimits = SqlLimits(), *,
+            snapshots: WarehouseSnapshots = SNAPSHOTS) -> SqlResult:
+    """The SQL page's query: `sql` checked and run under `limits` on a snapshot of the warehouse."""
+    with snapshots.connect(path, limits) as con:
+        return run_read_only_sql(con, sql, max_rows=limits.max_rows, timeout_s=limits.timeout_s,
+                                 max_bytes=int(limits.max_result_mib * MIB))
