@@ -298,3 +298,35 @@ def test_build_with_weights_records_the_imagenet_source(monkeypatch):
     monkeypatch.setattr(registry, "load_imagenet_weights", fake_loader)
     _, record = models.build_with_weights("unet_mobilenetv2", NUM_CLASSES, 64, 1.0, "imagenet-offline", {})
     assert record == f"imagenet-offline: the checkpoint (sha256 {'ab' * 32})"
+
+
+# ------------------------------------------------------------------------------- backbone table
+
+
+def test_registry_names_derive_from_the_backbone_table():
+    derived = {f"{architecture}_{name}" for name, spec in backbones.BACKBONES.items()
+               for architecture in spec.architectures}
+    assert derived == {name for name in models.available() if models.spec(name).backbone}
+    assert set(backbones.offline_backbones()) == {"mobilenetv2", "efficientnet_lite0"}
+
+
+def test_a_new_backbone_is_one_table_entry(monkeypatch):
+    def tiny_trunk(x, *, width, output_stride):
+        for stage in range(1, 6):
+            x = keras.layers.Conv2D(max(8, int(16 * width)), 3, strides=2, padding="same",
+                                    name=f"stage{stage}_conv")(x)
+            x = keras.layers.Activation("relu", name=f"stage{stage}_relu")(x)
+        return x
+
+    tiny = dataclasses.replace(backbones.BACKBONES["mobilenetv2"], name="tiny", trunk=tiny_trunk,
+                               pyramid=("stage1", "stage2", "stage3", "stage4", "stage5_conv"))
+    monkeypatch.setitem(backbones.BACKBONES, "tiny", tiny)
+    encoder = backbones.build_backbone("tiny", (64, 64, 3))
+    # A block name taps the block's last layer; a layer name taps that layer.
+    taps = ["stage1_relu", "stage2_relu", "stage3_relu", "stage4_relu", "stage5_conv"]
+    assert all(output is encoder.get_layer(tap).output for output, tap in zip(encoder.outputs, taps))
+    from seglab.models import registry
+
+    spec = registry.BACKBONE_ARCHITECTURES["unet"]("tiny")
+    model = spec.builder(NUM_CLASSES, (64, 64, 3), width=1.0, decoder_filters=(16, 16, 16, 16, 16))
+    assert model.name == "unet_tiny" and model.output.shape == (None, 64, 64, NUM_CLASSES)

@@ -46,10 +46,9 @@ class AtrousConv2D(keras.layers.Conv2D):
     With stride 1 and 'same' padding, tap j (j = -k//2 .. k//2 along an axis) of output pixel i reads
     input pixel i + j * rate; it reads a real pixel for some i only if |j| * rate < the axis length.
     The other taps always multiply zeros, so dropping them changes neither the output nor any
-    gradient (theirs is zero either way), while TensorFlow's dilated conv on CPU pays for the whole
-    padded window: on a 4x4 map a rate-18 3x3 conv with 320 -> 256 channels took 374 ms forward and
-    backward for 8 images, against 8 ms with the dead taps left out. The kernel keeps its full shape, so
-    weights and parameter counts do not depend on the input size.
+    gradient, while TensorFlow's dilated conv on CPU pays for the whole padded window (timings in
+    benchmarks/README.md). The kernel keeps its full shape, so weights and parameter counts do not
+    depend on the input size.
     """
 
     def convolution_op(self, inputs, kernel):

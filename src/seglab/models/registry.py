@@ -22,12 +22,11 @@ import keras
 from seglab.digest import sha256_file
 from seglab.models import deeplab, unet
 from seglab.models.backbones import BACKBONES, ENCODER_LAYER
-from seglab.models.weights import check_imagenet_request, load_imagenet_weights
+from seglab.models.weights import WeightsArg, check_imagenet_request, load_imagenet_weights
 
 log = logging.getLogger(__name__)
 
 WEIGHT_KEYWORDS = ("imagenet", "imagenet-offline")
-WeightsArg = str | os.PathLike | None
 
 
 @dataclass(frozen=True)

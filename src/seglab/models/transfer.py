@@ -1,32 +1,11 @@
 """Transfer-learning controls for segmenters whose pretrained encoder is one nested layer named ``encoder``.
 
-- `freeze_encoder` / `unfreeze_encoder` (`set_encoder_trainable`): a frozen encoder gets no updates
-  and its BatchNorm layers run in inference mode (Keras 3 does that for `trainable=False`), so
-  their ImageNet statistics are kept. On a compiled model the train function is rebuilt, because
-  the traced step has the trainable set and the BatchNorm mode baked in.
-- `UnfreezeEncoder(epoch)`: a callback that keeps the encoder frozen for epochs < `epoch`
-  (0-based) and trainable from `epoch` on, also when `fit` resumes with `initial_epoch`.
-- `train_batchnorm=False` (on unfreezing): the encoder's BatchNorm layers stay frozen, in inference
-  mode with their ImageNet statistics, while every other encoder weight trains. This is the Keras
-  transfer-learning guide's advice for fine-tuning: batch statistics of small batches (8 images on
-  a CPU) are noisy and would overwrite the pretrained moving averages.
-- `EncoderLROptimizer` (build one with `encoder_lr_optimizer(model, optimizer, multiplier)`):
-  the encoder's updates use ``learning_rate x multiplier``. Scaling the gradients would not do
-  this (Adam and other adaptive optimizers are invariant to gradient scale), so the wrapper runs
-  two copies of the optimizer: the given one for the decoder/head, and a clone whose learning
-  rate is the given one's current learning rate (schedule or value, ReduceLROnPlateau included)
-  times the multiplier for the encoder. The encoder copy is built when the encoder first gets
-  gradients, so an encoder unfrozen after N epochs starts with fresh moment estimates (Adam's
-  bias correction then counts from its own first step) while the schedule keeps counting the
-  global step. It also lets an encoder that was frozen at compile time be unfrozen later, which a
-  plain Keras optimizer refuses ("Unknown variable").
-
-`EncoderLROptimizer` works with `model.fit`/`train_on_batch` on the TensorFlow and PyTorch
-backends (not with JAX's stateless training), under mixed precision (Keras wraps it in its
-LossScaleOptimizer), and serialises with the model (`model.save` / `keras.models.load_model`:
-registered as ``seglab>EncoderLROptimizer``; both optimizers' state is saved). Encoder variables
-are identified by their variable paths, recorded by `bind(model)` and stored in the config.
-Not supported: ``gradient_accumulation_steps`` (the two copies would accumulate out of step).
+- `freeze_encoder` / `unfreeze_encoder` / `UnfreezeEncoder(epoch)`: a frozen encoder gets no updates
+  and its BatchNorm runs in inference mode (Keras 3 does that for ``trainable=False``), keeping its
+  ImageNet statistics. ``train_batchnorm=False`` keeps BatchNorm frozen after unfreezing, the Keras
+  transfer-learning guide's advice: small batches' statistics are noisy and would overwrite them.
+- `encoder_lr_optimizer`: the encoder learns at ``lr x multiplier`` (see `EncoderLROptimizer` for why
+  it runs two optimizers rather than scaling gradients).
 """
 
 from __future__ import annotations
@@ -167,6 +146,16 @@ def _check_multiplier(value: Any) -> float:
 @keras.saving.register_keras_serializable(package="seglab")
 class EncoderLROptimizer(keras.optimizers.Optimizer):
     """Wraps `optimizer` so variables of the encoder are updated with ``lr x encoder_lr_multiplier``.
+
+    Scaling gradients would not do this (Adam and other adaptive optimizers are invariant to gradient
+    scale), so the wrapper runs two copies: `optimizer` for the decoder/head, and a clone for the
+    encoder whose learning rate is the given one's current rate (schedule, ReduceLROnPlateau
+    included) times the multiplier. The clone is built when the encoder first gets gradients, so an
+    encoder unfrozen after N epochs starts with fresh moments, and a plain optimizer's "Unknown
+    variable" refusal on late unfreezing does not arise. Works with `fit`/`train_on_batch` on the
+    TensorFlow and PyTorch backends (not JAX's stateless training) and under mixed precision;
+    serialises with the model (both states saved; encoder variables identified by path, recorded by
+    `bind(model)`). Not supported: ``gradient_accumulation_steps`` (the copies would drift apart).
 
     optimizer: a fresh (unbuilt) Keras optimizer; it updates every non-encoder variable.
     encoder_lr_multiplier: >= 0 (0 keeps the encoder fixed while BatchNorm still trains).
