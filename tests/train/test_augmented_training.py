@@ -22,7 +22,7 @@ from PIL import Image
 from seglab.config import Config
 from seglab.data.classes import ClassSet
 from seglab.data.coco import LabelRules, encode_png
-from seglab.data.shards import shard_files, shard_metadata, write_shards
+from seglab.data.shards import shard_files, shard_metadata, write_manifest, write_shards
 from seglab.gan.synthesize import SYNTHETIC_SCHEMA, synthetic_image_id
 from seglab.data.synthetic import NONE_ACCEPTED, VALIDATION_FILE
 from seglab.train.plan import params_hash, plan_run, training_datasets
@@ -67,6 +67,7 @@ def _write_synthetic(valid_dir: Path, real_dir: Path, gan: str, rng: np.random.G
     (valid_dir / "train").mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=SYNTHETIC_SCHEMA.with_metadata(metadata)),
                    valid_dir / "train" / "part-00000.parquet", row_group_size=64)
+    write_manifest(valid_dir / "train")
     (valid_dir / VALIDATION_FILE).write_text(json.dumps(
         {"gan": gan, "accepted": SYNTHETIC, "rejected": 0, "decision": f"accepted {SYNTHETIC} of {SYNTHETIC} synthetic samples"}))
 
