@@ -40,9 +40,9 @@ class ParamsReads:
 
     def __init__(self, cfg: Config) -> None:
         self.keys: set[str] = set()
-        # id -> (section, its params key); the section is kept so that an id is never reused.
-        self._paths: dict[int, tuple[_Section, str]] = {}
-        self._register(cfg, "")
+        # id -> (section, its params key, the section holding it); kept so that an id is never reused.
+        self._paths: dict[int, tuple[_Section, str, _Section | None]] = {}
+        self._register(cfg, "", None)
         self._dump = _Section.model_dump
         reads = self
 
@@ -67,36 +67,36 @@ class ParamsReads:
         del _Section.__getattribute__
         del _Section.model_dump
 
-    def _register(self, section: _Section, path: str) -> None:
-        self._paths[id(section)] = (section, path)
+    def _register(self, section: _Section, path: str, parent: _Section | None) -> None:
+        self._paths[id(section)] = (section, path, parent)
         for name in type(section).model_fields:
             value = object.__getattribute__(section, name)
             key = _key(path, section, name)
             if isinstance(value, _Section):
-                self._register(value, key)
+                self._register(value, key, section)
             elif _is_container(value):
                 for item, entry in value.items():
-                    self._register(entry, f"{key}.{item}")
+                    self._register(entry, f"{key}.{item}", None)
 
-    def _path(self, section: _Section) -> str | None:
+    def _add(self, section: _Section, name: str) -> None:
         known = self._paths.get(id(section))
-        return known[1] if known is not None and known[0] is section else None
+        if known is None or known[0] is not section:
+            return
+        _, path, parent = known
+        self.keys.add(_key(path, section, name))
+        # A section that shadows a key its parent sets (`gan.dcgan.image_size` under `gan.image_size`)
+        # was resolved from it at validation: reading one reads the other too.
+        if parent is not None and name in object.__getattribute__(parent, "__pydantic_fields_set__"):
+            self._add(parent, name)
 
     def _read(self, section: _Section, name: str, value: Any) -> None:
-        path = self._path(section)
-        if path is None:
-            return
-        fields = type(section).model_fields
-        if name in fields and not _is_container(value):
-            self.keys.add(_key(path, section, name))
+        if name in type(section).model_fields and not _is_container(value):
+            self._add(section, name)
         elif name in type(section).derived_fields:
-            self.keys.add(_key(path, section, type(section).derived_fields[name]))
+            self._add(section, type(section).derived_fields[name])
 
     def _read_all(self, section: _Section, name: str) -> None:
-        path = self._path(section)
         value = object.__getattribute__(section, name)
-        if path is None:
-            return
         if isinstance(value, _Section):
             for inner in type(value).model_fields:
                 self._read_all(value, inner)
@@ -105,7 +105,7 @@ class ParamsReads:
                 for inner in type(entry).model_fields:
                     self._read_all(entry, inner)
         else:
-            self.keys.add(_key(path, section, name))
+            self._add(section, name)
 
 
 def loaded_modules() -> list[str]:
