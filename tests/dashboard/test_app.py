@@ -254,6 +254,13 @@ def test_sql_page_applies_the_row_limit(app):
     assert "cut at the row limit of 5" in texts(at.success)
 
 
+def test_sql_page_cuts_a_result_over_the_size_limit(app):
+    at = run_sql(app("views/sql.py"), "SELECT range AS i, repeat('x', 10000) AS s FROM range(2000)", limit=2000)
+    assert not at.error, texts(at.error)
+    assert "cut at the result size limit of 16 MiB" in texts(at.success)
+    assert 0 < len(at.dataframe[0].value) < 2000
+
+
 def test_sql_page_example_queries_run(app):
     at = app("views/sql.py")
     for example in at.selectbox(key="sql_example").options:

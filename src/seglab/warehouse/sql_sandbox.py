@@ -79,7 +79,7 @@ class SqlLimits:
     memory_mib: int = 512          # DuckDB memory_limit; nothing spills to disk beyond it
     threads: int = 2
     max_rows: int = 1000
-    max_result_mib: float = 64.0   # the result as Arrow columns; pandas and the browser hold copies
+    max_result_mib: float = 16.0   # the result as Arrow columns; pandas and the browser hold copies
     timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
