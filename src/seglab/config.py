@@ -218,9 +218,40 @@ class WarehouseConfig(_Section):
 
 
 class GanTrainingConfig(_Section):
-    """Training knobs of the augmenters. `None` keeps the augmenter's own (paper) default, so a
-    value set for all GANs never erases, e.g., SAGAN's two-learning-rate setup by accident."""
+    """One augmenter's training knobs as `train_gan@<gan>` runs them (seglab.gan.settings.GanSettings)."""
 
+    image_size: int = Field(ge=8)
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    latent_dim: int = Field(ge=1)
+    width: int = Field(ge=1)
+    learning_rate: float = Field(gt=0)
+    d_learning_rate: float = Field(gt=0)
+    beta_1: float = Field(ge=0, lt=1)
+    beta_2: float = Field(ge=0, lt=1)
+    l1_weight: float = Field(ge=0)
+    attention_resolution: int | None = Field(ge=1)
+    sample_every: int = Field(ge=1)
+    sample_count: int = Field(ge=1)
+
+
+GAN_NAMES = ("dcgan", "sagan", "pix2pix")
+
+
+class GanConfig(_Section):
+    """`gan.<key>` sets a training knob for every augmenter, `gan.<gan>.<key>` for one. Each `gan.<gan>`
+    section is resolved here, so `cfg.gan.<gan>` is what `train_gan@<gan>` runs with: a value the
+    settings give beats params.yaml's, and within each, the augmenter's own beats the common one."""
+
+    params_key: ClassVar[str] = "gan"
+    names: list[Literal["dcgan", "sagan", "pix2pix"]]
+    out: Path
+    state: Path
+    synthetic_out: Path
+    synth_images: int = Field(ge=1)
+    synth_size: int | None = Field(ge=8)
+    layout_mix: tuple[float, float, float]
+    # The common knobs, as params.yaml gives them (None: not set there).
     image_size: int | None = Field(None, ge=8)
     epochs: int | None = Field(None, ge=1)
     batch_size: int | None = Field(None, ge=1)
@@ -234,40 +265,76 @@ class GanTrainingConfig(_Section):
     attention_resolution: int | None = Field(None, ge=1)
     sample_every: int | None = Field(None, ge=1)
     sample_count: int | None = Field(None, ge=1)
+    dcgan: GanTrainingConfig
+    sagan: GanTrainingConfig
+    pix2pix: GanTrainingConfig
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_per_gan(cls, data: Any) -> Any:
+        # Runs before the section's params.yaml defaults are merged in, so `data` is what was given.
+        if not isinstance(data, dict):
+            return data
+        params = _project_value(cls.params_key)
+        params = params if isinstance(params, dict) else {}
+
+        def common(source: dict) -> dict:
+            return {k: source[k] for k in GanTrainingConfig.model_fields if k in source}
+
+        def own(source: dict, gan: str) -> dict:
+            value = source.get(gan) or {}
+            return value.model_dump() if isinstance(value, BaseModel) else value
+
+        resolved = dict(data)
+        for gan in GAN_NAMES:
+            layers = [own(params, gan), common(data), own(data, gan)]
+            if all(isinstance(layer, dict) for layer in layers):  # else pydantic reports the wrong type
+                resolved[gan] = {**common(params), **layers[0], **layers[1], **layers[2]}
+        return resolved
+
+    def training(self, gan: str) -> GanTrainingConfig:
+        """The resolved `gan.<gan>` section."""
+        if gan not in GAN_NAMES:
+            raise ConfigError(f"unknown GAN {gan!r}; expected one of {list(GAN_NAMES)}")
+        return getattr(self, gan)
 
 
-class GanConfig(GanTrainingConfig):
-    names: list[Literal["dcgan", "sagan", "pix2pix"]] = Field(default_factory=lambda: ["dcgan", "sagan", "pix2pix"])
-    out: Path = Path("data/gan")
-    state: Path = Path("data/gan_state")
-    synthetic_out: Path = Path("data/synthetic")
-    synth_images: int = Field(120, ge=1)
-    synth_size: int | None = Field(None, ge=8)
-    layout_mix: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    dcgan: GanTrainingConfig = GanTrainingConfig()
-    sagan: GanTrainingConfig = GanTrainingConfig()
-    pix2pix: GanTrainingConfig = GanTrainingConfig()
+class SyntheticChecksConfig(_Section):
+    """Thresholds of the GX gate on synthetic data (seglab.gan.validate; calibration: docs/synthetic-validation.md)."""
+
+    params_key: ClassVar[str] = "validate_synthetic"
+    image_size: int | tuple[int, int] | None  # None: from synthesize.json beside the shards
+    resolution: int | None = Field(ge=4)      # compare real and synthetic at this side (None: the GAN's)
+    min_std: float = Field(ge=0)
+    min_labelled_share: float = Field(ge=0, le=1)
+    min_images: int = Field(ge=2)
+    diversity_min: float = Field(ge=0)
+    diversity_size: int = Field(ge=4)
+    mean_tol: float = Field(ge=0)
+    std_tol: float = Field(ge=0)
+    kid_max: float = Field(ge=0)
+    kid_subsets: int = Field(ge=1)
+    kid_subset_size: int = Field(ge=2)
+    feature_size: int = Field(ge=32)
+    reference_images: int = Field(ge=2)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults_from_project_params(cls, data: Any) -> Any:
+        # Replaces _Section's: the thresholds alone (no out/report) also make SyntheticChecks, which
+        # takes the top-level seed.
+        if not isinstance(data, dict):
+            return data
+        section = _project_value(cls.params_key)
+        defaults = {k: v for k, v in section.items() if k in cls.model_fields} if isinstance(section, dict) else {}
+        if "seed" in cls.model_fields and "seed" in project_params():
+            defaults["seed"] = project_params()["seed"]
+        return {**defaults, **data}
 
 
-class ValidateSyntheticConfig(_Section):
-    """Thresholds of the GX gate on synthetic data (calibration: seglab.gan.validate.SyntheticChecks)."""
-
-    out: Path = Path("data/synthetic_valid")
-    report: Path = Path("data/reports/synthetic")
-    image_size: int | None = None        # None: from synthesize.json beside the shards
-    resolution: int | None = None        # compare real and synthetic at this resolution (None: the GAN's)
-    min_std: float = Field(5.0, ge=0)
-    min_labelled_share: float = Field(0.005, ge=0, le=1)
-    min_images: int = Field(8, ge=1)
-    diversity_min: float = Field(0.1, ge=0)
-    diversity_size: int = Field(64, ge=8)
-    mean_tol: float = Field(30.0, ge=0)
-    std_tol: float = Field(20.0, ge=0)
-    kid_max: float = 0.15
-    kid_subsets: int = Field(100, ge=1)
-    kid_subset_size: int = Field(100, ge=2)
-    feature_size: int = Field(224, ge=32)
-    reference_images: int = Field(500, ge=2)
+class ValidateSyntheticConfig(SyntheticChecksConfig):
+    out: Path
+    report: Path
 
 
 class ScheduleConfig(_Section):
@@ -297,8 +364,8 @@ class Config(_Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig)
     warehouse: WarehouseConfig = Field(default_factory=WarehouseConfig)
-    gan: GanConfig = GanConfig()
-    validate_synthetic: ValidateSyntheticConfig = ValidateSyntheticConfig()
+    gan: GanConfig = Field(default_factory=GanConfig)
+    validate_synthetic: ValidateSyntheticConfig = Field(default_factory=ValidateSyntheticConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
 
     @model_validator(mode="before")

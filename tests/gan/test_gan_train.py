@@ -17,10 +17,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from seglab.config import Config, load_config
 from seglab.data.pipeline import make_dataset
 from seglab.data.shards import SHARD_SCHEMA, decode_label, decode_rgb, read_classes, read_split
 from seglab.gan.synthesize import SYNTHETIC_SCHEMA, synthesize, synthetic_image_id
-from seglab.gan.train import GanSettings, run_train_gan, settings_from_config, train_gan
+from seglab.gan.settings import GanSettings, settings_from_config
+from seglab.gan.train import run_train_gan, train_gan
 
 CLASSES = ("background", "cat", "dog")  # the classes of conftest's tiny shards
 TINY = {"image_size": 16, "width": 4, "latent_dim": 8, "batch_size": 8, "sample_count": 4}
@@ -31,30 +33,40 @@ def history(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def cfg_for(shards: Path, root: Path, **gan) -> SimpleNamespace:
-    """The parts of seglab.config.Config the GAN stages read (params has no `gan` section yet)."""
+def cfg_for(shards: Path, root: Path, **gan) -> Config:
+    """A config whose GAN folders lie under `root`, with `gan` params on top of the defaults."""
     section = {"out": root / "gan", "state": root / "gan_state", "synthetic_out": root / "synthetic", **gan}
-    return SimpleNamespace(seed=0, shard=SimpleNamespace(out=shards, jpeg_quality=90, max_shard_mb=16.0), gan=section)
+    return Config.model_validate({"shard": {"out": shards, "jpeg_quality": 90, "max_shard_mb": 16.0}, "gan": section})
 
 
 # ------------------------------------------------------------------------------------ settings
 
 def test_settings_layer_common_and_per_gan_params_over_paper_defaults():
-    cfg = SimpleNamespace(seed=7, gan={"names": ["sagan"], "out": "x", "epochs": 3, "width": 8,
-                                       "sagan": {"epochs": 5, "d_learning_rate": 1e-3}})
+    cfg = Config.model_validate({"seed": 7, "gan": {"names": ["sagan"], "out": "x", "epochs": 3, "width": 8,
+                                                    "sagan": {"epochs": 5, "d_learning_rate": 1e-3}}})
     sagan = settings_from_config(cfg, "sagan")
     assert (sagan.epochs, sagan.width, sagan.d_learning_rate, sagan.seed) == (5, 8, 1e-3, 7)
     assert (sagan.learning_rate, sagan.beta_1, sagan.beta_2) == (1e-4, 0.0, 0.9)  # SAGAN's TTUR defaults
     dcgan = settings_from_config(cfg, "dcgan")
     assert (dcgan.epochs, dcgan.beta_1) == (3, 0.5)
-    assert settings_from_config(SimpleNamespace(seed=0), "pix2pix") == GanSettings.for_gan("pix2pix")
+    assert settings_from_config(Config(), "pix2pix") == GanSettings.for_gan("pix2pix")
     assert dcgan.params_hash != GanSettings.for_gan("dcgan", epochs=4, width=8).params_hash
-    with pytest.raises(ValueError, match=r"unknown GAN setting\(s\) \['widht'\]"):
-        settings_from_config(SimpleNamespace(seed=0, gan={"dcgan": {"widht": 3}}), "dcgan")
+    with pytest.raises(ValueError, match=r"dcgan.widht\s+Extra inputs are not permitted"):
+        Config.model_validate({"gan": {"dcgan": {"widht": 3}}})
     with pytest.raises(ValueError, match="unknown GAN 'stylegan'"):
         GanSettings.for_gan("stylegan")
-    with pytest.raises(ValueError, match="gan.epochs must be a positive integer"):
+    with pytest.raises(ValueError, match=r"dcgan.epochs\s+Input should be greater than or equal to 1"):
         GanSettings.for_gan("dcgan", epochs=0)
+
+
+def test_the_default_config_is_params_yaml():
+    # params.yaml is the source: the typed defaults must say the same, so code run without it agrees.
+    params = load_config(Path(__file__).parents[2] / "params.yaml")
+    assert params.gan == Config().gan
+    assert params.validate_synthetic == Config().validate_synthetic
+    hashes = {gan: settings_from_config(params, gan).params_hash for gan in ("dcgan", "sagan", "pix2pix")}
+    # The settings train.json and the synthetic shards record; a change here retrains every augmenter.
+    assert hashes == {"dcgan": "6534366f2d485f09", "sagan": "34aeae523e1e850a", "pix2pix": "d3746b34c0cf290f"}
 
 
 # --------------------------------------------------------------------------------- train + synth
@@ -169,7 +181,8 @@ def test_sagan_and_pix2pix_train_and_synthesize(tiny_shards, tmp_path):
 _KILLABLE_RUN = textwrap.dedent("""
     import sys, time
     import keras
-    from seglab.gan.train import GanSettings, train_gan
+    from seglab.gan.settings import GanSettings
+    from seglab.gan.train import train_gan
 
     class Slow(keras.callbacks.Callback):  # leaves time to kill the run between epochs
         def on_epoch_end(self, epoch, logs=None):

@@ -47,6 +47,10 @@ Rules and the expectations that check them (`rule` names the entry in summary.js
                               row_condition shard_split == <split>): at most that share of the split's
                               images has no labelled pixel
 
+Before any of these, each split's part files are checked against its manifest (missing, extra or
+changed files, see seglab.data.manifest): a split that fails raises `ShardIntegrityError` naming
+the split and the files, and no report is written, since the profile would describe other data.
+
 Rules on a column the profile lacks are left out (`skipped_rules` in summary.json), since
 `table_columns` already reports the column missing.
 """
@@ -64,12 +68,12 @@ from typing import TYPE_CHECKING, Any, Iterable
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
 from seglab.atomic import atomic_dir, write_text_atomic
 from seglab.data.classes import IGNORE_INDEX
-from seglab.data.shards import SHARD_SCHEMA
+from seglab.data.expectations import ROW_KEYS, annotate, ephemeral_context, run_checkpoint
+from seglab.data.shards import SHARD_SCHEMA, ShardIntegrityError, open_shard, shard_files
 
 if TYPE_CHECKING:  # GX takes ~2 s to import: only the functions that run it import it.
     import great_expectations as gx
@@ -121,10 +125,7 @@ _NULL_MEANS = {
     "label_stats_match": "the label, the class list, class_pixels or ignore_pixels is missing",
 }
 # Identify an offending row in GX results and in the error message.
-_ROW_KEYS = ("shard_split", "image_id", "file_name", "shard_file", "shard_row")
-MAX_ROWS_IN_SUMMARY = 100
 MAX_ROWS_IN_MESSAGE = 10
-_DATA_DOCS_SITE = "seglab_validation"
 
 
 class ShardValidationError(ValueError):
@@ -215,7 +216,7 @@ def _payload_columns(image: bytes | None, label: bytes | None, class_pixels: Any
 
 def _profile_file(path: Path, shard_dir: Path, split: str, decode_images: bool) -> tuple[list[dict], list[str]]:
     try:
-        parquet = pq.ParquetFile(path)
+        parquet = open_shard(path)
         schema = parquet.schema_arrow
         classes = _file_classes(schema)
         num_classes = len(classes) if classes is not None else None
@@ -309,9 +310,7 @@ def build_expectation_suite(
         if absent:
             skipped[name] = f"column(s) {absent} absent"
             return None
-        expectation.description = description
-        expectation.meta = {"rule": name}
-        return expectation
+        return annotate(expectation, name, description)
 
     expectations = [
         rule("table_columns", E.ExpectTableColumnsToMatchSet(column_set=list(PROFILE_COLUMNS), exact_match=True),
@@ -388,46 +387,6 @@ def build_expectation_suite(
 
 # ---- running it --------------------------------------------------------------------------------
 
-def _ephemeral_context(docs_dir: Path):
-    """An in-memory GX context whose only output is the Data Docs site in `docs_dir`."""
-    import great_expectations as gx
-    from great_expectations.data_context.types.base import (
-        DataContextConfig,
-        InMemoryStoreBackendDefaults,
-        ProgressBarsConfig,
-    )
-
-    config = DataContextConfig(
-        store_backend_defaults=InMemoryStoreBackendDefaults(),
-        analytics_enabled=False,
-        progress_bars=ProgressBarsConfig(globally=False),
-        data_docs_sites={
-            _DATA_DOCS_SITE: {
-                "class_name": "SiteBuilder",
-                "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir.resolve())},
-                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-            }
-        },
-    )
-    return gx.get_context(mode="ephemeral", project_config=config)
-
-
-def _offending_rows(result: dict) -> list[dict]:
-    rows = []
-    for entry in result.get("unexpected_index_list") or []:
-        if not isinstance(entry, dict):  # GX gives bare indices when no index columns were usable
-            rows.append({"row_index": entry})
-            continue
-        row = {"split": entry.get("shard_split"), "image_id": entry.get("image_id"),
-               "file_name": entry.get("file_name"), "shard_file": entry.get("shard_file"),
-               "row": entry.get("shard_row")}
-        values = {k: v for k, v in entry.items() if k not in _ROW_KEYS}
-        if values:
-            row["values"] = values
-        rows.append(row)
-    return rows
-
-
 def _failure_detail(entry: dict) -> str:
     if entry["exception"]:
         return f"could not be evaluated: {entry['exception']}"
@@ -442,35 +401,6 @@ def _failure_detail(entry: dict) -> str:
         share = f" ({entry['unexpected_percent']:.1f}%)" if entry.get("unexpected_percent") is not None else ""
         return f"{entry['unexpected_count']} of {entry['element_count']} rows{share}"
     return f"observed {observed}"
-
-
-def _summarise_result(result) -> dict:
-    d = result.to_json_dict()
-    config, res = d["expectation_config"], d.get("result") or {}
-    exception = d.get("exception_info") or {}
-    # GX nests exceptions by metric when a metric fails (e.g. a missing column).
-    messages = [exception.get("exception_message")] if exception.get("raised_exception") else []
-    messages += [v.get("exception_message") for v in exception.values() if isinstance(v, dict)]
-    rows = _offending_rows(res)
-    entry = {
-        "rule": (config.get("meta") or {}).get("rule", config["type"]),
-        "expectation": config["type"],
-        "description": config.get("description"),
-        "kwargs": {k: v for k, v in config["kwargs"].items() if k != "batch_id"},
-        "success": bool(d["success"]),
-        "observed": res.get("observed_value"),
-        "element_count": res.get("element_count"),
-        "unexpected_count": res.get("unexpected_count"),
-        "unexpected_percent": res.get("unexpected_percent"),
-        "exception": "; ".join(m for m in messages if m) or None,
-        "offending_rows": rows[:MAX_ROWS_IN_SUMMARY],
-        "offending_rows_total": len(rows),
-    }
-    if "details" in res:
-        entry["details"] = res["details"]
-    if "partial_missing_list" in res:
-        entry["missing"] = sorted(res["partial_missing_list"], key=str)
-    return entry
 
 
 def _describe_row(row: dict) -> str:
@@ -515,6 +445,20 @@ def _reference_classes(profile: pd.DataFrame) -> tuple[int | None, str | None, s
     return int(first["num_classes"]), str(first["classes_digest"]), str(first["shard_file"])
 
 
+def _check_integrity(shard_dir: Path, splits: list[str]) -> None:
+    """Every split against its manifest; one error listing every split that fails."""
+    problems = []
+    for split in splits:
+        try:
+            shard_files(shard_dir, split)
+        except FileNotFoundError:  # no shards at all: the suite's split_nonempty reports it
+            continue
+        except ShardIntegrityError as e:
+            problems.append(str(e))
+    if problems:
+        raise ShardIntegrityError("validate-data: " + "\n".join(problems))
+
+
 def validate_shards(
     shard_dir: str | Path,
     splits: Iterable[str],
@@ -540,35 +484,20 @@ def validate_shards(
         raise ValueError("no splits to validate (data.splits is empty)")
     shard_dir, report_dir = Path(shard_dir), Path(report_dir)
     started = time.perf_counter()
+    _check_integrity(shard_dir, splits)
     profile = shard_profile(shard_dir, splits, decode_images=decode_images)
     profiled = time.perf_counter()
     num_classes, classes_digest, reference_file = _reference_classes(profile)
 
-    import great_expectations as gx
-
     with atomic_dir(report_dir) as tmp:
-        context = _ephemeral_context(tmp)
-        suite = context.suites.add(build_expectation_suite(
+        context = ephemeral_context(tmp)
+        suite = build_expectation_suite(
             splits, min_side=min_side, max_side=max_side, max_unlabelled_share=max_unlabelled_share,
-            classes_digest=classes_digest, columns=profile.columns))
-        batch = context.data_sources.add_pandas("shards").add_dataframe_asset("profile") \
-            .add_batch_definition_whole_dataframe("all_splits")
-        definition = context.validation_definitions.add(
-            gx.ValidationDefinition(name="seglab_shards_all_splits", data=batch, suite=suite))
-        checkpoint = context.checkpoints.add(gx.Checkpoint(
-            name="validate_data",
-            validation_definitions=[definition],
-            actions=[gx.checkpoint.UpdateDataDocsAction(name="update_data_docs", site_names=[_DATA_DOCS_SITE])],
-            result_format={"result_format": "COMPLETE",
-                           "unexpected_index_column_names": [c for c in _ROW_KEYS if c in profile.columns]},
-        ))
-        outcome = checkpoint.run(batch_parameters={"dataframe": profile})
-        (validation,) = outcome.run_results.values()
-        # Report in suite order (GX returns results grouped by metric, not as listed).
-        order = {e.meta["rule"]: i for i, e in enumerate(suite.expectations)}
-        entries = sorted((_summarise_result(r) for r in validation.results), key=lambda e: order.get(e["rule"], 1e9))
+            classes_digest=classes_digest, columns=profile.columns)
+        validation, entries = run_checkpoint(context, "validate_data", suite, profile,
+                                             [c for c in ROW_KEYS if c in profile.columns])
         summary = {
-            "success": bool(outcome.success),
+            "success": bool(validation.success),
             "suite": SUITE_NAME,
             "shard_dir": str(shard_dir),
             "splits": _split_stats(profile, splits),

@@ -29,7 +29,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from seglab.atomic import atomic_dir
+from seglab.config import Config
 from seglab.data.classes import IGNORE_INDEX
 from seglab.data.shards import SHARD_SCHEMA, read_classes, shard_files, write_shards
 from seglab.gan import GANS
@@ -211,19 +212,9 @@ def synthesize(
     return report
 
 
-def run_synthesize(cfg: Any, gan_name: str) -> dict:
+def run_synthesize(cfg: Config, gan_name: str) -> dict:
     """The `synthesize@<gan>` stage: `<gan.out>/<gan>/generator.keras` -> `<gan.synthetic_out>/<gan>/train/`."""
-    from seglab.gan.train import gan_paths, gan_section
-
-    section = gan_section(cfg)
-    paths = gan_paths(cfg)
-    options: dict[str, Any] = {}
-    if section.get("synth_images") is not None:
-        options["count"] = int(section["synth_images"])
-    if section.get("synth_size") is not None:
-        options["size"] = int(section["synth_size"])
-    if section.get("layout_mix") is not None:
-        options["layout_mix"] = list(section["layout_mix"])
-    return synthesize(
-        paths["out"], cfg.shard.out, paths["synthetic_out"], gan=gan_name, seed=int(getattr(cfg, "seed", 0)),
-        jpeg_quality=int(cfg.shard.jpeg_quality), max_shard_mb=float(cfg.shard.max_shard_mb), **options)
+    g = cfg.gan
+    return synthesize(g.out, cfg.shard.out, g.synthetic_out, gan=gan_name, count=g.synth_images, seed=cfg.seed,
+                      size=g.synth_size, jpeg_quality=cfg.shard.jpeg_quality, layout_mix=list(g.layout_mix),
+                      max_shard_mb=cfg.shard.max_shard_mb)
