@@ -84,14 +84,14 @@ def shards(tmp_path_factory) -> Path:
     return root
 
 
-def make_cfg(shards: Path, root: Path, *, epochs: int = 3, train: dict | None = None,
+def make_cfg(shards: Path, root: Path, *, epochs: int = 3, learning_rate: float = 3e-3, train: dict | None = None,
              model: dict | None = None) -> Config:
     return Config.model_validate({
         "seed": 0,
         "shard": {"out": str(shards)},
         "profile": "tiny",
         "profiles": {"tiny": {"image_size": 32, "batch_size": 4, "epochs": epochs, "width": 0.125,
-                              "learning_rate": 3e-3}},
+                              "learning_rate": learning_rate}},
         "models": {"tiny": model or {"arch": "unet", "weights": None}},
         "train": {"out": str(root / "models"), "metrics": str(root / "metrics"), "state": str(root / "state"),
                   "mixed_precision": "off", "warmup_epochs": 1, **(train or {})},
@@ -231,17 +231,24 @@ def _kill_after_commit(proc, backup: Path, epoch: int) -> None:
 
 
 
-def test_resume_after_kill_continues_with_history_intact(shards, tmp_path):
-    epochs, kill_after = 4, 2
-    cfg = make_cfg(shards, tmp_path, epochs=epochs)
-    (tmp_path / "cfg.json").write_text(cfg.model_dump_json(by_alias=True))
-    (tmp_path / "driver.py").write_text(DRIVER)
-    backup = tmp_path / "state" / "tiny" / "backup"
+def _killed_run(cfg: Config, root: Path, kill_after: int) -> Path:
+    """Run `cfg`'s model "tiny" in a process SIGKILLed right after it committed epoch `kill_after`;
+    returns the run's backup folder."""
+    (root / "cfg.json").write_text(cfg.model_dump_json(by_alias=True))
+    (root / "driver.py").write_text(DRIVER)
+    backup = Path(cfg.train.state) / "tiny" / "backup"
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), str(tmp_path / "cfg.json"), "3"],
+    proc = subprocess.Popen([sys.executable, str(root / "driver.py"), str(root / "cfg.json"), "3"],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _kill_after_commit(proc, backup, kill_after)
     assert proc.returncode == -signal.SIGKILL
+    return backup
+
+
+def test_resume_after_kill_continues_with_history_intact(shards, tmp_path):
+    epochs, kill_after = 4, 2
+    cfg = make_cfg(shards, tmp_path, epochs=epochs)
+    backup = _killed_run(cfg, tmp_path, kill_after)
     assert not (tmp_path / "models" / "tiny").exists()  # nothing published by the killed run
     committed = json.loads((backup / f"epoch-{kill_after:04d}" / "state.json").read_text())
     before = committed["states"]["history"]["rows"]
@@ -266,6 +273,34 @@ def test_resume_after_kill_continues_with_history_intact(shards, tmp_path):
     keras.models.load_model(tmp_path / "models" / "tiny" / "model.keras")
 
 
+def test_a_killed_and_resumed_run_ends_like_an_uninterrupted_one(shards, tmp_path):
+    """Same settings and seed: one run straight through, one killed right after committing an epoch
+    and resumed. Both must log the same history and keep the same best epoch with the same weights.
+    The learning rate is high enough for the best epoch to come before the kill: the resumed run
+    must remember that score (else its first epoch counts as the best) and go on with the batches
+    the uninterrupted run saw next (else its losses part from there)."""
+    epochs, kill_after = 5, 2
+    straight = run_train(make_cfg(shards, tmp_path / "straight", epochs=epochs, learning_rate=0.1), "tiny", verbose=0)
+    assert straight["best_epoch"] <= kill_after  # the case this test is about
+
+    cfg = make_cfg(shards, tmp_path / "resumed", epochs=epochs, learning_rate=0.1)
+    _killed_run(cfg, tmp_path, kill_after)
+    resumed = run_train(cfg, "tiny", verbose=0)
+    assert resumed["resumed_from_epoch"] == kill_after
+    for key in ("best_epoch", "epochs_run", "stopped_early"):
+        assert resumed[key] == straight[key], key
+    assert resumed["best_val_miou"] == pytest.approx(straight["best_val_miou"], rel=1e-6)
+    histories = [read_history(tmp_path / run / "metrics" / "tiny" / "history.csv") for run in ("straight", "resumed")]
+    assert [r["epoch"] for r in histories[1]] == [r["epoch"] for r in histories[0]]
+    for row_straight, row_resumed in zip(*histories):
+        for key in ("loss", "miou", "val_loss", "val_miou", "lr"):
+            assert float(row_resumed[key]) == pytest.approx(float(row_straight[key]), rel=1e-5, abs=1e-7), \
+                (row_straight["epoch"], key)
+    models = [keras.models.load_model(tmp_path / run / "models" / "tiny" / "model.keras") for run in ("straight", "resumed")]
+    for w_straight, w_resumed in zip(*(model.get_weights() for model in models)):
+        np.testing.assert_allclose(w_resumed, w_straight, rtol=1e-5, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------------- recipe
 
 
@@ -275,7 +310,10 @@ def tiny_settings(*, epochs: int, steps_per_epoch: int, batch_size: int, learnin
     `pretrained_encoder` (as in plan_run)."""
     profile = ProfileConfig(image_size=32, batch_size=batch_size, epochs=epochs, width=0.125,
                             learning_rate=learning_rate)
-    return TrainSettings(TrainConfig(**train), profile, num_classes=num_classes, steps_per_epoch=steps_per_epoch,
+    recipe = {"optimizer": "adam", "warmup_epochs": 1, "loss": "focal_dice", "class_weights": None,
+              "early_stopping_patience": 10, "reduce_lr_patience": 3, "freeze_encoder_epochs": 0,
+              "encoder_lr_multiplier": 1.0, "encoder_batchnorm": "train"}  # fixed here, whatever params.yaml says
+    return TrainSettings(TrainConfig(**{**recipe, **train}), profile, num_classes=num_classes, steps_per_epoch=steps_per_epoch,
                          pretrained_encoder=pretrained_encoder)
 
 

@@ -223,6 +223,10 @@ def training_datasets(cfg: Config, plan: RunPlan, *, cache_decoded_max_images: i
     image_size = (plan.image_size, plan.image_size)
     batch = plan.settings.batch_size
     train_dirs = plan.train_dirs
+    # tf.data mixes TensorFlow's global seed (keras.utils.set_random_seed sets it) into every op
+    # seed: build the data as a fresh process does, so that a run's batches never depend on what
+    # ran before it in the process (an earlier run, a flow running several stages).
+    tf.random.set_seed(None)
     train_data = make_dataset(train_dirs if len(train_dirs) > 1 else plan.shard_dir, "train", image_size=image_size,
                               batch_size=batch, training=True, augment=Augmentation.from_config(cfg.train.augment),
                               seed=cfg.model_seed(plan.name), deterministic=True, repeat=True,
