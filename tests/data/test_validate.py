@@ -14,7 +14,15 @@ from PIL import Image
 from seglab.config import Config
 from seglab.data.classes import VOC20_COCO_IDS, VOC20_COCO_NAMES, ClassSet
 from seglab.data.coco import LabelRules
-from seglab.data.shards import SHARD_SCHEMA, shard_metadata, write_shards
+from seglab.data.shards import (
+    SHARD_SCHEMA,
+    ShardIntegrityError,
+    manifest_entry,
+    shard_metadata,
+    write_manifest,
+    write_manifest_entries,
+    write_shards,
+)
 from seglab.data.validate import (
     DERIVED_COLUMNS,
     SHARD_COLUMNS,
@@ -212,6 +220,7 @@ def test_empty_split_fails(tmp_path):
     (shards / "val").mkdir()
     pq.write_table(SHARD_SCHEMA.empty_table().replace_schema_metadata(shard_metadata(VOC, "val", LabelRules())),
                    shards / "val" / "part-00000.parquet")
+    write_manifest(shards / "val")  # as if written so: the manifest vouches for the empty file
     with pytest.raises(ShardValidationError) as error:
         validate_shards(shards, ["train", "val"], tmp_path / "report", **LIMITS)
     assert failed_rules(error) == {"split_nonempty"}
@@ -229,6 +238,8 @@ def test_missing_column_fails_schema(tmp_path):
     pq.write_table(table.drop_columns(["source"]), path)
     for path in (shards / "train").glob("*.parquet"):
         pq.write_table(pq.read_table(path).drop_columns(["source"]), path)
+    for split in ("train", "val"):  # as if written so (else the manifest check stops it first)
+        write_manifest(shards / split)
 
     with pytest.raises(ShardValidationError, match=r"columns missing \['source'\]") as error:
         validate_shards(shards, ["train", "val"], tmp_path / "report", **LIMITS)
@@ -250,6 +261,7 @@ def test_file_without_class_list_fails(tmp_path):
     shards = write_dataset(tmp_path / "shards", clean_rows())
     path = shards / "val" / "part-00000.parquet"
     pq.write_table(pq.read_table(path).replace_schema_metadata(None), path)
+    write_manifest(shards / "val")  # as if written so (else the manifest check stops it first)
     with pytest.raises(ShardValidationError, match="no valid seglab.classes list") as error:
         validate_shards(shards, ["train", "val"], tmp_path / "report", **LIMITS)
     assert {"not_null:num_classes", "not_null:classes_digest", "not_null:invalid_label_pixels"} <= failed_rules(error)
@@ -313,7 +325,11 @@ def test_bad_arguments_and_missing_folder_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="min_side"):
         validate_shards(tmp_path, ["train"], tmp_path / "report", min_side=64, max_side=16, max_unlabelled_share=0.2)
     (tmp_path / "shards" / "train").mkdir(parents=True)
-    (tmp_path / "shards" / "train" / "part-00000.parquet").write_bytes(b"not parquet")
+    path = tmp_path / "shards" / "train" / "part-00000.parquet"
+    path.write_bytes(b"not parquet")
+    with pytest.raises(ShardIntegrityError, match=r"split 'train' .*: no manifest.json beside its 1 part file"):
+        validate_shards(tmp_path / "shards", ["train"], tmp_path / "report", **LIMITS)
+    write_manifest_entries(path.parent, [manifest_entry(path, 1)])  # written so: the profile names the file
     with pytest.raises(ValueError, match=r"part-00000.parquet: not a readable Parquet file"):
         validate_shards(tmp_path / "shards", ["train"], tmp_path / "report", **LIMITS)
     assert not (tmp_path / "report").exists()
