@@ -104,7 +104,7 @@ def pipeline(tmp_path_factory) -> Pipeline:
     started = time.monotonic()
     with pytest.MonkeyPatch.context() as env:
         env.setenv("SEGLAB_TRACE", str(traces))
-        proc = run_command(["dvc", "repro"], repo, timeout=900)
+        proc = run_command(["dvc", "repro"], repo, timeout=1800)  # shared CI machines can be slow
     return Pipeline(repo, proc.stdout, time.monotonic() - started, traces)
 
 
