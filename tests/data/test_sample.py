@@ -15,8 +15,8 @@ from pycocotools.coco import COCO
 from scipy import ndimage
 
 from seglab.config import Config, SampleConfig
-from seglab.data import sample
 from seglab.data.classes import VOC20_COCO_NAMES
+from seglab.data.sample import stage
 from seglab.data.sample import (
     COCO_CATEGORIES,
     SAMPLE_CATEGORIES,
@@ -25,6 +25,7 @@ from seglab.data.sample import (
     mask_to_uncompressed_rle,
     run_sample,
 )
+from seglab.data.sample.scene import MIN_OBJECT_PIXELS, render_scene
 
 COCO_MINI = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "coco-mini"
 SPLITS = ("train2017", "val2017")
@@ -224,7 +225,7 @@ def test_scene_occlusion_logic():
     """Visible regions are the full shapes minus everything drawn later; amodal ones are full."""
     occluded = amodal = 0
     for seed in range(4):
-        scene = sample._render_scene(
+        scene = render_scene(
             np.random.default_rng(seed),
             128,
             144,
@@ -241,7 +242,7 @@ def test_scene_occlusion_logic():
             visible = full & ~later
             assert ann.occluded == bool((full & later).any())
             np.testing.assert_array_equal(ann.mask, full if ann.amodal else visible)
-            assert ann.mask.sum() >= sample._MIN_OBJECT_PIXELS
+            assert ann.mask.sum() >= MIN_OBJECT_PIXELS
             occluded += ann.occluded
             amodal += ann.amodal
         visible_only = [a.mask for a in scene.annotations if not a.amodal]
@@ -319,9 +320,9 @@ def test_failure_leaves_previous_output_intact(tmp_path, monkeypatch):
         calls.append(path)
         if len(calls) == 2:
             raise OSError("disk full (simulated)")
-        Image.fromarray(pixels).save(path, format="JPEG", quality=sample.JPEG_QUALITY)
+        Image.fromarray(pixels).save(path, format="JPEG", quality=stage.JPEG_QUALITY)
 
-    monkeypatch.setattr(sample, "_save_jpeg", failing_save)
+    monkeypatch.setattr(stage, "_save_jpeg", failing_save)
     with pytest.raises(OSError, match="simulated"):
         generate_sample(out, train_images=3, val_images=2, min_side=64, max_side=80, seed=5)
     assert _tree_digest(out) == before
