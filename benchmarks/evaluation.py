@@ -1,7 +1,7 @@
 """Evaluation throughput per trained model, with and without test-time augmentation.
 
 For every trained model (``<models-dir>/<name>/{model.keras, train.json}``; default: all of them),
-streams the val split exactly as the `evaluate` stage does (`seglab.evaluate.evaluate`: letterbox at
+streams the val split exactly as the `evaluate` stage does (`seglab.evaluate.inference`: letterbox at
 the model's input size, batch `evaluate.batch_size`) and runs the plain softmax and the TTA-merged
 probabilities (`evaluate.tta` transforms) on every batch, so both are timed under the same load:
 
@@ -36,7 +36,7 @@ from environment import machine, versions  # noqa: E402
 from seglab.atomic import write_text_atomic  # noqa: E402
 from seglab.config import load_config  # noqa: E402
 from seglab.data.pipeline import classes_of, make_dataset  # noqa: E402
-from seglab.evaluate.evaluate import check_classes, evaluate_predictors, load_trained  # noqa: E402
+from seglab.evaluate.inference import check_classes, evaluate_predictors, load_trained  # noqa: E402
 from seglab.evaluate.tta import probability_model, tta_model  # noqa: E402
 
 

@@ -289,7 +289,7 @@ def test_a_trained_zoo_model_loads_without_the_training_package(workspace):
     # Training saves an uncompiled inference view; evaluation must not need seglab.train to load it.
     keras.utils.set_random_seed(1)
     _save_trained(workspace, "zoo", build("deeplabv3plus_mobilenetv2", len(CLASSES), (SIZE, SIZE, 3), width=0.35))
-    script = ("import sys; from seglab.evaluate.evaluate import load_trained; "
+    script = ("import sys; from seglab.evaluate.inference import load_trained; "
               f"trained = load_trained({str(workspace / 'models')!r}, 'zoo'); "
               "assert trained.model.output_shape[-1] == 4; "
               "print(sorted(m for m in sys.modules if m.startswith('seglab.train')))")

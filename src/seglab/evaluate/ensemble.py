@@ -5,7 +5,7 @@ that they were trained on the same classes (names and order) and take the same i
 those classes are the val shards' classes; a mismatch is an error listing every member's value. The
 ensemble's probabilities are ``sum_i w_i softmax(logits_i)`` with ``ensemble.weights`` normalised to
 sum to 1 (equal weights when none are given). It is evaluated by the same code as a single model
-(`seglab.evaluate.evaluate`) and written to ``<evaluate.out>/ensemble/`` with one eval.json entry,
+(`seglab.evaluate.inference`, `seglab.evaluate.evaluate`) and written to ``<evaluate.out>/ensemble/`` with one eval.json entry,
 variant "ensemble".
 """
 
@@ -25,19 +25,21 @@ from seglab.data.pipeline import classes_of
 from seglab.digest import json_safe, sha256_json
 from seglab.evaluate.evaluate import (
     EVAL_SPLIT,
-    GRID_IMAGES,
-    TrainedModel,
-    check_classes,
-    eval_dataset,
-    evaluate_predictors,
     flat_metrics,
     git_revision,
-    load_trained,
     run_id,
     speed_fields,
     utc_now,
     variant_entry,
     write_evaluation,
+)
+from seglab.evaluate.inference import (
+    GRID_IMAGES,
+    TrainedModel,
+    check_classes,
+    eval_dataset,
+    evaluate_predictors,
+    load_trained,
 )
 
 log = logging.getLogger(__name__)
