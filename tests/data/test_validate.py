@@ -23,14 +23,8 @@ from seglab.data.shards import (
     write_manifest_entries,
     write_shards,
 )
-from seglab.data.validate import (
-    DERIVED_COLUMNS,
-    SHARD_COLUMNS,
-    ShardValidationError,
-    run_validate_data,
-    shard_profile,
-    validate_shards,
-)
+from seglab.data.profile import DERIVED_COLUMNS, SHARD_COLUMNS, shard_profile
+from seglab.data.validate import ShardValidationError, run_validate_data, validate_shards
 
 COCO_MINI = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "coco-mini"
 VOC = ClassSet("voc20", ("background", *VOC20_COCO_NAMES), (0, *VOC20_COCO_IDS))
