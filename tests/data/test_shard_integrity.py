@@ -195,17 +195,30 @@ def test_a_label_png_written_corrupt_names_file_and_row_in_training(tmp_path):
 
 
 def test_valid_payloads_pass_the_payload_checks():
-    from seglab.data.pipeline import _jpeg_problem, _png_problem
+    from seglab.data.payloads import jpeg_problem, png_problem
 
     rng = np.random.default_rng(1)
     for shape in ((1, 1), (7, 13), (240, 320)):
-        assert _png_problem(encode_png(rng.integers(0, 21, shape, dtype=np.uint8))) is None
+        assert png_problem(encode_png(rng.integers(0, 21, shape, dtype=np.uint8))) is None
         image = Image.fromarray(rng.integers(0, 255, (*shape, 3), dtype=np.uint8))
-        for options in ({}, {"progressive": True}, {"quality": 50, "optimize": True}):
-            buf = io.BytesIO()
-            image.save(buf, format="JPEG", **options)
-            assert _jpeg_problem(buf.getvalue()) is None, options
-    assert "cut short" in _jpeg_problem(buf.getvalue()[:-100])
+        for mode in ("RGB", "L", "CMYK"):
+            for options in ({}, {"progressive": True}, {"quality": 50, "optimize": True}):
+                buf = io.BytesIO()
+                image.convert(mode).save(buf, format="JPEG", **options)
+                assert jpeg_problem(buf.getvalue()) is None, (mode, options)
+    assert "truncated" in jpeg_problem(buf.getvalue()[:-100])
+    assert jpeg_problem(b"not a jpeg") == "not a JPEG"
+    assert png_problem(buf.getvalue()) == "not a PNG"
+
+
+def test_each_corrupt_label_png_gets_a_reason(tmp_path):
+    from seglab.data.payloads import png_problem
+
+    _, bad = _corrupt_png_rows(tmp_path)
+    reasons = {kind: png_problem(png) for kind, png in bad.items()}
+    assert "checksum" in reasons["flipped"]  # the chunk CRC
+    assert "broken data stream" in reasons["recrc"]  # a matching CRC, data that does not inflate
+    assert "Truncated" in reasons["cut"]
 
 
 # ---- concurrent runs and killed parents ---------------------------------------------------------

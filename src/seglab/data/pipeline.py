@@ -31,8 +31,6 @@ image, can change from run to run.
 from __future__ import annotations
 
 import logging
-import struct
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Sequence
@@ -41,6 +39,7 @@ import numpy as np
 import tensorflow as tf
 
 from seglab.data.classes import IGNORE_INDEX
+from seglab.data.payloads import jpeg_problem, png_problem
 from seglab.data.shards import open_shard, read_classes, shard_files
 
 log = logging.getLogger(__name__)
@@ -50,9 +49,6 @@ ShardDirs = str | Path | Sequence[str | Path]
 AugmentFn = Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
 
 _REQUIRED_COLUMNS = ("image_id", "image", "label")
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by colour type
-_JPEG_FRAME_MARKERS = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOF0..SOF15 (not DHT, JPG, DAC)
 
 
 @dataclass(frozen=True)
@@ -124,72 +120,6 @@ def num_classes_of(shard_dir: ShardDirs, split: str) -> int:
     return len(classes_of(shard_dir, split))
 
 
-def _png_problem(data: bytes) -> str | None:
-    """Why TF's PNG decoder would reject `data` ("Invalid PNG data", naming nothing), or None.
-
-    Checks what libpng checks: the signature, every chunk's CRC, that the image data inflates to
-    a row filter byte plus a row of pixels per line, and the end chunk.
-    """
-    if not data.startswith(_PNG_SIGNATURE):
-        return "not a PNG (bad signature)"
-    pos, header, chunks = len(_PNG_SIGNATURE), None, []
-    while True:
-        if pos + 12 > len(data):
-            return "cut short (no IEND chunk)"
-        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
-        end = pos + 12 + length
-        if end > len(data):
-            return f"cut short inside a {kind!r} chunk"
-        body = data[pos + 8:end - 4]
-        if zlib.crc32(kind + body) != struct.unpack(">I", data[end - 4:end])[0]:
-            return f"{kind!r} chunk at byte {pos} fails its CRC"
-        if kind == b"IHDR":
-            header = body
-        elif kind == b"IDAT":
-            chunks.append(body)
-        elif kind == b"IEND":
-            break
-        pos = end
-    if header is None or len(header) != 13 or not chunks:
-        return "no valid IHDR or no IDAT chunk"
-    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", header)
-    if colour not in _PNG_CHANNELS or depth not in (1, 2, 4, 8, 16):
-        return f"colour type {colour} with bit depth {depth} is not valid PNG"
-    try:
-        raw = zlib.decompress(b"".join(chunks))
-    except zlib.error as e:
-        return f"image data does not inflate ({e})"
-    if interlace == 0:
-        stride = 1 + (width * _PNG_CHANNELS[colour] * depth + 7) // 8
-        if len(raw) < height * stride:
-            return f"image data holds {len(raw)} bytes, {height} rows of {stride} need {height * stride}"
-        if max(raw[:height * stride:stride], default=0) > 4:
-            return "a row has an unknown filter type"
-    return None
-
-
-def _jpeg_problem(data: bytes) -> str | None:
-    """Why TF's JPEG decoder would fail on `data`, as far as its structure shows, or None: the
-    start marker, well-formed segments up to the scan, a frame header, the end marker."""
-    if not data.startswith(b"\xff\xd8"):
-        return "not a JPEG (no start-of-image marker)"
-    if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
-        return "cut short (no end-of-image marker)"
-    pos, frame = 2, False
-    while pos + 4 <= len(data):
-        if data[pos] != 0xFF:
-            return f"no segment marker at byte {pos}"
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        frame |= marker in _JPEG_FRAME_MARKERS
-        if marker == 0xDA:  # start of scan: entropy-coded data follows
-            return None if frame else "scan before any frame header"
-        pos += 2 + struct.unpack(">H", data[pos + 2:pos + 4])[0]
-    return "no start-of-scan segment"
-
-
 def _read_row_group(path: bytes, index: np.int64, first_row: np.int64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One row group -> (JPEG bytes, PNG bytes, record description) as object arrays.
 
@@ -206,7 +136,7 @@ def _read_row_group(path: bytes, index: np.int64, first_row: np.int64) -> tuple[
     images = table.column("image").to_numpy(zero_copy_only=False)
     labels = table.column("label").to_numpy(zero_copy_only=False)
     for record, image, label in zip(records, images, labels):
-        for what, problem in (("image JPEG", _jpeg_problem(image)), ("label PNG", _png_problem(label))):
+        for what, problem in (("image JPEG", jpeg_problem(image)), ("label PNG", png_problem(label))):
             if problem:
                 raise ValueError(f"{record}: {what} is corrupt: {problem}; rebuild the shards (`dvc repro shard`)")
     return images, labels, records
