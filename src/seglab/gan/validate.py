@@ -30,6 +30,10 @@ through Checkpoints whose `UpdateDataDocsAction` renders HTML Data Docs into
        channel_std:<c>           |std_c(synthetic) - std_c(real)| <= std_tol
        kid                       KID mean <= kid_max
 
+   kid_max, mean_tol and std_tol set to "auto" are calibrated for this batch on real-vs-real
+   figures of the held-out `calibration_split` (seglab.gan.calibration); summary.json's
+   `calibration` records the figures, the rule and the thresholds, `settings` the numbers applied.
+
    summary.json's `rejected_by_rule` counts the samples each rule rejected (a sample can break
    several); `batch:<rule>` counts those a broken batch rule took down with the batch.
 
