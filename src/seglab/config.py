@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import re
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -299,6 +299,9 @@ class GanConfig(_Section):
         return getattr(self, gan)
 
 
+_Threshold = Annotated[float, Field(ge=0)] | Literal["auto"]
+
+
 class SyntheticChecksConfig(_Section):
     """Thresholds of the GX gate on synthetic data (seglab.gan.validate; calibration: docs/synthetic-validation.md)."""
 
@@ -310,9 +313,15 @@ class SyntheticChecksConfig(_Section):
     min_images: int = Field(ge=2)
     diversity_min: float = Field(ge=0)
     diversity_size: int = Field(ge=4)
-    mean_tol: float = Field(ge=0)
-    std_tol: float = Field(ge=0)
-    kid_max: float = Field(ge=0)
+    # A number, or "auto": calibrated on real-vs-real figures each run (seglab.gan.calibration).
+    mean_tol: _Threshold
+    std_tol: _Threshold
+    kid_max: _Threshold
+    calibration_split: str             # held-out real images the "auto" thresholds are calibrated on
+    calibration_quantile: float = Field(gt=0, lt=1)
+    calibration_batches: int = Field(ge=10)
+    kid_real_multiple: float = Field(gt=0)
+    channel_real_multiple: float = Field(gt=0)
     kid_subsets: int = Field(ge=1)
     kid_subset_size: int = Field(ge=2)
     feature_size: int = Field(ge=32)

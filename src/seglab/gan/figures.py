@@ -22,8 +22,8 @@ if TYPE_CHECKING:
     from seglab.gan.checks import SyntheticChecks
 
 __all__ = ["BATCH_FIGURES", "CHANNELS", "RealReference", "batch_figures", "compare_form", "kernel_inception_distance",
-           "mean_pairwise_distance", "mobilenetv2_features", "polynomial_mmd2_unbiased", "real_reference",
-           "real_reference_from_shards", "square_resize"]
+           "kid_subset_values", "mean_pairwise_distance", "mobilenetv2_features", "polynomial_mmd2_unbiased",
+           "real_images_from_shards", "real_reference", "real_reference_from_shards", "square_resize"]
 
 CHANNELS = ("r", "g", "b")
 BATCH_FIGURES = ("diversity", *(f"channel_mean_delta_{c}" for c in CHANNELS),
@@ -101,6 +101,14 @@ def kernel_inception_distance(
 
     Each subset draws min(subset_size, len(a), len(b)) samples from each set without replacement.
     """
+    values = kid_subset_values(features_a, features_b, subsets=subsets, subset_size=subset_size, seed=seed)
+    return float(np.mean(values)), float(np.std(values))
+
+
+def kid_subset_values(
+    features_a: np.ndarray, features_b: np.ndarray, *, subsets: int = 100, subset_size: int = 1000, seed: int = 0,
+) -> np.ndarray:
+    """The unbiased polynomial MMD² of each of `subsets` random subset pairs (KID is their mean)."""
     features_a, features_b = np.asarray(features_a, np.float64), np.asarray(features_b, np.float64)
     size = min(subset_size, len(features_a), len(features_b))
     if size < 2:
@@ -119,7 +127,7 @@ def kernel_inception_distance(
         i = rng.choice(len(features_a), size, replace=False)
         j = rng.choice(len(features_b), size, replace=False)
         values.append(_mmd2_from_kernels(k_aa[np.ix_(i, i)], k_bb[np.ix_(j, j)], k_ab[np.ix_(i, j)]))
-    return float(np.mean(values)), float(np.std(values))
+    return np.asarray(values)
 
 
 def mean_pairwise_distance(images: np.ndarray, size: int = 64) -> float:
@@ -166,18 +174,25 @@ def real_reference(images: Sequence[np.ndarray], *, resolution: int | None, feat
                          len(squares), resolution, feature_size, source)
 
 
-def real_reference_from_shards(shard_dir: str | Path, split: str = "train", *, resolution: int | None,
-                               max_images: int = 500, feature_size: int = 224, diversity_size: int = 64,
-                               seed: int = 0) -> RealReference:
-    """`real_reference` of a shard split: all images, or a seeded subset of `max_images`."""
+def real_images_from_shards(shard_dir: str | Path, split: str, *, max_images: int,
+                            seed: int = 0) -> tuple[list[np.ndarray], str]:
+    """The RGB images of a shard split (all, or a seeded subset of `max_images`) and a description."""
     table = pa.concat_tables(pq.read_table(f, columns=["image"]) for f in shard_files(shard_dir, split))
     rows = np.arange(table.num_rows)
     if len(rows) > max_images:
         rows = np.sort(np.random.default_rng(seed).choice(rows, max_images, replace=False))
     payloads = table.column("image")
     images = [decode_rgb(payloads[int(i)].as_py()) for i in rows]
+    return images, f"{Path(shard_dir) / split} ({len(images)} of {table.num_rows} images)"
+
+
+def real_reference_from_shards(shard_dir: str | Path, split: str = "train", *, resolution: int | None,
+                               max_images: int = 500, feature_size: int = 224, diversity_size: int = 64,
+                               seed: int = 0) -> RealReference:
+    """`real_reference` of a shard split: all images, or a seeded subset of `max_images`."""
+    images, source = real_images_from_shards(shard_dir, split, max_images=max_images, seed=seed)
     return real_reference(images, resolution=resolution, feature_size=feature_size, diversity_size=diversity_size,
-                          source=f"{Path(shard_dir) / split} ({len(images)} of {table.num_rows} images)")
+                          source=source)
 
 
 def batch_figures(images: Sequence[np.ndarray], reference: RealReference, checks: SyntheticChecks) -> dict:

@@ -16,6 +16,7 @@ from seglab.atomic import atomic_dir, write_text_atomic
 from seglab.data.classes import IGNORE_INDEX
 from seglab.data.expectations import ROW_KEYS, annotate, ephemeral_context, run_checkpoint
 from seglab.digest import json_safe
+from seglab.gan.calibration import RealCalibration, calibrate, needs_calibration
 from seglab.gan.checks import SyntheticChecks, resolve_checks
 from seglab.gan.figures import BATCH_FIGURES, CHANNELS, RealReference, batch_figures
 from seglab.gan.profile import synthetic_profile
@@ -128,9 +129,12 @@ def validate_samples(
     keys: Sequence[dict] | None = None,
     decode_errors: Sequence[str | None] | None = None,
     extra_summary: dict | None = None,
+    calibration: RealCalibration | None = None,
 ) -> SyntheticValidation:
     """Run both suites over (image, label) samples; write Data Docs + summary.json to `report_dir`
     (atomically). Per-image failures exclude those samples; a failed batch rule rejects them all.
+    Thresholds set to "auto" are calibrated on `calibration` (held-out real images) for the batch
+    that passed the per-image rules (seglab.gan.calibration); summary.json's `calibration` records how.
     Never raises for bad samples: the verdict is in the result (and the report)."""
     started = time.perf_counter()
     report_dir = Path(report_dir)
@@ -139,6 +143,9 @@ def validate_samples(
         raise ValueError(f"the real reference was computed at resolution {reference.resolution}, feature_size "
                          f"{reference.feature_size}; this batch is compared at {checks.resolution}, "
                          f"{checks.feature_size} (build it with real_reference(resolution=...))")
+    if needs_calibration(checks) and calibration is None:
+        raise ValueError("thresholds set to 'auto' need held-out real images to calibrate on: pass calibration= "
+                         "(seglab.gan.calibration.real_calibration) or set numbers")
     profile = synthetic_profile(images, labels, num_classes=num_classes, keys=keys, decode_errors=decode_errors)
     with atomic_dir(report_dir) as tmp:
         context = ephemeral_context(tmp)
@@ -148,6 +155,7 @@ def validate_samples(
         failed_image = set().union(*rejected_by_rule.values()) if rejected_by_rule else set()
         passed = [i for i in range(len(profile)) if i not in failed_image]
         figures = batch_figures([np.asarray(images[i]) for i in passed], reference, checks)
+        checks, calibration_record = calibrate(checks, calibration, reference, len(passed))
         batch_validation, batch_entries = run_checkpoint(context, "validate_synthetic_batch",
                                                          build_batch_suite(checks), pd.DataFrame([figures]))
         batch_ok = bool(batch_validation.success)
@@ -180,7 +188,8 @@ def validate_samples(
             "real": {"source": reference.source, "images": reference.images,
                      "channel_mean": list(reference.channel_mean), "channel_std": list(reference.channel_std),
                      "diversity": reference.diversity},
-            "settings": checks.model_dump(mode="json"),
+            "settings": checks.model_dump(mode="json"),  # thresholds as applied (numbers, also when calibrated)
+            "calibration": calibration_record,
             "num_classes": num_classes,
             "features": "offline-ImageNet MobileNetV2 avg_pool (1280-d) of images centre-cropped to a square, "
                         f"brought to {checks.resolution} px, resized to {checks.feature_size} px",

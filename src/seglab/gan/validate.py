@@ -30,6 +30,10 @@ through Checkpoints whose `UpdateDataDocsAction` renders HTML Data Docs into
        channel_std:<c>           |std_c(synthetic) - std_c(real)| <= std_tol
        kid                       KID mean <= kid_max
 
+   kid_max, mean_tol and std_tol set to "auto" are calibrated for this batch on real-vs-real
+   figures of the held-out `calibration_split` (seglab.gan.calibration); summary.json's
+   `calibration` records the figures, the rule and the thresholds, `settings` the numbers applied.
+
    summary.json's `rejected_by_rule` counts the samples each rule rejected (a sample can break
    several); `batch:<rule>` counts those a broken batch rule took down with the batch.
 
@@ -80,6 +84,7 @@ from seglab.config import Config
 from seglab.data.shards import SHARD_SCHEMA, ShardWriter, read_classes, shard_files
 from seglab.data.synthetic import NONE_ACCEPTED, VALIDATION_FILE
 from seglab.digest import sha256_files, sha256_json
+from seglab.gan.calibration import RealCalibration, needs_calibration, real_calibration_from_shards
 from seglab.gan.checks import SyntheticChecks, checks_from_config, resolve_checks
 from seglab.gan.figures import RealReference, real_reference_from_shards
 from seglab.gan.suites import validate_samples
@@ -155,6 +160,7 @@ def validate_synthetic(
     checks: SyntheticChecks = SyntheticChecks(),
     split: str = "train",
     reference: RealReference | None = None,
+    calibration: RealCalibration | None = None,
 ) -> dict:
     """`<synthetic_dir>/<split>/part-*.parquet` -> accepted samples in `<out_dir>/<split>/`, the verdict in
     `<out_dir>/validation.json` (+ `NONE_ACCEPTED` when none passed), Data Docs + summary.json in `report_dir`.
@@ -193,12 +199,20 @@ def validate_synthetic(
                                                max_images=checks.reference_images,
                                                feature_size=checks.feature_size,
                                                diversity_size=checks.diversity_size, seed=checks.seed)
+    if needs_calibration(checks):
+        held_out_files = shard_files(real_dir, checks.calibration_split)
+        real_files = [*real_files, *held_out_files]
+        if calibration is None:
+            calibration = real_calibration_from_shards(real_dir, checks.calibration_split,
+                                                       resolution=checks.resolution,
+                                                       max_images=checks.reference_images,
+                                                       feature_size=checks.feature_size, seed=checks.seed)
     synthetic_digest, real_digest = sha256_files(files), sha256_files(real_files)
     settings = checks.model_dump(mode="json")
     params_hash = sha256_json({"settings": settings, "synthetic": synthetic_digest, "real": real_digest})[:16]
     validation = validate_samples(
         images, labels, reference=reference, num_classes=len(classes), report_dir=report_dir, checks=checks,
-        keys=keys, decode_errors=errors,
+        keys=keys, decode_errors=errors, calibration=calibration,
         extra_summary={"gan": gan, "generator": generators, "generator_seed": seeds, "params_hash": params_hash,
                        "sizes_from": sizes_from,
                        "validated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
