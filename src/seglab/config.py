@@ -183,6 +183,7 @@ class TrainConfig(_Section):
     encoder_batchnorm: Literal["frozen", "train"]
     early_stopping_patience: int = Field(ge=1)
     reduce_lr_patience: int = Field(ge=1)
+    commit_every_seconds: float = Field(ge=0)  # resume commits at most this often (0: every epoch)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 
 

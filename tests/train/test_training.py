@@ -94,7 +94,7 @@ def make_cfg(shards: Path, root: Path, *, epochs: int = 3, learning_rate: float 
                               "learning_rate": learning_rate}},
         "models": {"tiny": model or {"arch": "unet", "weights": None}},
         "train": {"out": str(root / "models"), "metrics": str(root / "metrics"), "state": str(root / "state"),
-                  "mixed_precision": "off", "warmup_epochs": 1, **(train or {})},
+                  "mixed_precision": "off", "warmup_epochs": 1, "commit_every_seconds": 0, **(train or {})},
     })
 
 
@@ -243,6 +243,36 @@ def _killed_run(cfg: Config, root: Path, kill_after: int) -> Path:
     _kill_after_commit(proc, backup, kill_after)
     assert proc.returncode == -signal.SIGKILL
     return backup
+
+
+class CommitsSeen(keras.callbacks.Callback):
+    """The committed epoch (the backup's LATEST) at each epoch end; runs before the end-of-epoch commit."""
+
+    def __init__(self, backup: Path):
+        super().__init__()
+        self.backup, self.seen = backup, []
+
+    def _latest(self):
+        pointer = self.backup / "LATEST"
+        return pointer.read_text() if pointer.is_file() else None
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seen.append(self._latest())
+
+    def on_train_end(self, logs=None):
+        self.seen.append(self._latest())
+
+
+@pytest.mark.parametrize("every, expected", [
+    (0, [None, "epoch-0001", "epoch-0002", "epoch-0003"]),  # a commit after every epoch
+    (3600, [None, None, None, None]),                        # none within the hour: the run keeps going
+])
+def test_commits_are_spaced_by_commit_every_seconds(shards, tmp_path, every, expected):
+    cfg = make_cfg(shards, tmp_path, epochs=3, train={"commit_every_seconds": every})
+    seen = CommitsSeen(Path(cfg.train.state) / "tiny" / "backup")
+    info = run_train(cfg, "tiny", callbacks=[seen], verbose=0)
+    assert seen.seen == expected
+    assert info["epochs_run"] == 3 and 1 <= info["best_epoch"] <= 3  # the best checkpoint is kept without commits
 
 
 def test_resume_after_kill_continues_with_history_intact(shards, tmp_path):

@@ -11,8 +11,9 @@
   BatchNorm layers kept frozen unless `encoder_batchnorm` is "train".
 - Under a dtype policy (`seglab.train.precision`) and a distribution strategy
   (`seglab.train.strategy`); the global Keras dtype policy is restored however training ends.
-- Every epoch ends with a commit of the whole run state (`seglab.train.resume`); a resumed run
-  also skips the batches the committed epochs consumed, so it ends as an uninterrupted run would.
+- Epochs end with a commit of the whole run state (`seglab.train.resume`), at most one per
+  `train.commit_every_seconds`; a resumed run also skips the batches the committed epochs
+  consumed, so it ends as an uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -217,7 +218,7 @@ def train_model(
             "checkpoint": AttributeState(checkpoint, ("best",)),
             **({"encoder": _EncoderState(model)} if freezing else {}),
         }
-        backup = ResumableBackup(backup_dir, stateful, run_key)
+        backup = ResumableBackup(backup_dir, stateful, run_key, commit_every_seconds=t.commit_every_seconds)
 
         # The optimizer must be built for the trainable set the committed state was saved with.
         committed = backup.committed()

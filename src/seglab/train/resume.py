@@ -1,12 +1,16 @@
-"""Resuming a killed run: one atomic commit per epoch of everything the rest of the run depends on.
+"""Resuming a killed run: atomic commits, at epoch ends, of everything the rest of the run depends on.
 
 A run's state lives in one folder (``<train.state>/<name>/``): ``run.json`` (the run's key: params
-hash and shard fingerprints) and ``backup/``, written by `ResumableBackup` at the end of every
-epoch: model and optimizer weights, the epoch, and the state of every stateful part of the recipe
+hash and shard fingerprints) and ``backup/``, written by `ResumableBackup` at the end of an epoch:
+model and optimizer weights, the epoch, and the state of every stateful part of the recipe
 (history, plateau counters and scale, early-stopping counters, the best checkpoint score, whether
 the encoder trains) form one commit, published by an atomic rename of a pointer file. A run killed
-at any point restarts from the last committed epoch with exactly the state it had then; an epoch
-that ran after the commit is run again. A state left by other settings or data is discarded.
+at any point restarts from the last committed epoch with exactly the state it had then; epochs
+that ran after the commit are run again. A state left by other settings or data is discarded.
+
+A commit writes the whole optimizer state, which costs about as much as a short epoch's training
+steps (benchmarks/README.md, "Fixed costs"): `train.commit_every_seconds` spaces the commits, so a
+kill costs at most that much training time plus one epoch; 0 commits after every epoch.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -95,12 +100,14 @@ class ResumableBackup(keras.callbacks.BackupAndRestore):
     """
 
     def __init__(self, backup_dir: str | Path, stateful: Mapping[str, Stateful],
-                 run_key: Mapping[str, Any] | None = None):
+                 run_key: Mapping[str, Any] | None = None, *, commit_every_seconds: float = 0.0):
         super().__init__(str(backup_dir), save_freq="epoch", delete_checkpoint=False)
         self.root = Path(backup_dir)
         self.stateful = dict(stateful)
         self.run_key = dict(run_key or {})
+        self.commit_every_seconds = float(commit_every_seconds)
         self.restored_epoch = 0
+        self._last_commit = time.monotonic()
 
     @staticmethod
     def checkpoint_path(backup_dir: str | Path) -> str:
@@ -138,6 +145,13 @@ class ResumableBackup(keras.callbacks.BackupAndRestore):
     def on_train_begin(self, logs=None):
         # Replaces the parent's: its fallback to a ".bkp" copy is not needed with atomic commits.
         self._load_model()
+        self._last_commit = time.monotonic()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._current_epoch = epoch + 1
+        if time.monotonic() - self._last_commit >= self.commit_every_seconds:
+            self._save_model()
+            self._last_commit = time.monotonic()
 
     def _load_model(self):
         self._remove_uncommitted()
