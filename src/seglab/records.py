@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import datetime
+import subprocess
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
@@ -31,10 +32,24 @@ from seglab.atomic import write_text_atomic
 from seglab.digest import json_safe
 
 __all__ = ["EvalEntry", "EvalRecord", "EvalRun", "PER_CLASS_COUNTS", "PER_CLASS_SCORES", "RecordError",
-           "TrainRecord", "ClassScores"]
+           "TrainRecord", "ClassScores", "git_revision", "utc_now"]
 
 PER_CLASS_SCORES = ("iou", "dice", "precision", "recall", "accuracy")
 PER_CLASS_COUNTS = ("support", "predicted")
+
+
+def utc_now() -> str:
+    """A record's timestamp: UTC, to the second, ISO 8601."""
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def git_revision() -> str | None:
+    """HEAD's commit for a record's provenance, or None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
 
 
 class RecordError(ValueError):

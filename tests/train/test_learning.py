@@ -25,7 +25,6 @@ from seglab.data.classes import IGNORE_INDEX
 from seglab.metrics import ConfusionMatrix
 from seglab.models import registry
 from seglab.train import loop
-from seglab.train.losses import get_loss
 from seglab.train.plan import init_logits_from_prior
 from seglab.train.settings import TrainSettings
 

@@ -26,13 +26,12 @@ from seglab.digest import json_safe, sha256_json
 from seglab.evaluate.evaluate import (
     EVAL_SPLIT,
     flat_metrics,
-    git_revision,
     run_id,
     speed_fields,
-    utc_now,
     variant_entry,
     write_evaluation,
 )
+from seglab.records import git_revision, utc_now
 from seglab.evaluate.inference import (
     GRID_IMAGES,
     TrainedModel,

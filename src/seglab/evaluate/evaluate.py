@@ -25,9 +25,7 @@ import io
 import json
 import logging
 import math
-import subprocess
 from collections.abc import Mapping, Sequence
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +46,7 @@ from seglab.evaluate.inference import (
 from seglab.evaluate.plots import plot_confusion, plot_prediction_grid
 from seglab.evaluate.tta import probability_model, tta_model
 from seglab.metrics import METRIC_NAMES
-from seglab.records import EvalRecord
+from seglab.records import EvalRecord, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -56,13 +54,11 @@ __all__ = [
     "EVAL_SPLIT",
     "HEADLINE_METRICS",
     "flat_metrics",
-    "git_revision",
     "per_class_rows",
     "read_history",
     "run_evaluate",
     "run_id",
     "speed_fields",
-    "utc_now",
     "variant_entry",
     "write_evaluation",
 ]
@@ -81,19 +77,6 @@ def _dump_json(value: Any) -> str:
 def run_id(name: str, variant: str, params_hash: str | None) -> str:
     """Stable id of one evaluated variant: sha256 of "name|variant|params_hash", first 16 hex."""
     return hashlib.sha256(f"{name}|{variant}|{params_hash or ''}".encode()).hexdigest()[:16]
-
-
-def utc_now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def git_revision() -> str | None:
-    """HEAD's commit, or None outside a git checkout."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
 
 
 def read_history(path: str | Path) -> list[dict[str, Any]]:

@@ -15,11 +15,9 @@ outputs are in place. In multi-worker training the other workers keep theirs in
 from __future__ import annotations
 
 import csv
-import datetime as dt
 import io
 import json
 import logging
-import subprocess
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +28,7 @@ import tensorflow as tf
 
 from seglab.atomic import atomic_dir
 from seglab.config import Config
-from seglab.records import TrainRecord
+from seglab.records import TrainRecord, git_revision, utc_now
 from seglab.train.loop import HISTORY_COLUMNS, TrainResult, inference_view, train_model
 from seglab.train.plan import CACHE_DECODED_MAX_IMAGES, RunPlan, plan_run, training_datasets
 from seglab.train.resume import clear_state, open_state_dir
@@ -125,8 +123,8 @@ def _train_record(cfg: Config, plan: RunPlan, result: TrainResult) -> TrainRecor
         "mixed_precision": result.dtype_policy,
         "strategy": result.strategy,
         "replicas": result.replicas,
-        "git_rev": _git_revision(),
-        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "git_rev": git_revision(),
+        "created_at": utc_now(),
         "resumed_from_epoch": result.resumed_from_epoch,
         "stopped_early": result.stopped_early,
         "output_stride": plan.options.get("output_stride"),
@@ -148,10 +146,3 @@ def _write_history_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
         writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in columns})
     path.write_text(buffer.getvalue())
 
-
-def _git_revision() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
