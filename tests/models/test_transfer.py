@@ -15,9 +15,11 @@ from seglab import models
 from seglab.models.transfer import (
     EncoderLROptimizer,
     UnfreezeEncoder,
+    build_optimizer,
     encoder_lr_optimizer,
     freeze_encoder,
     get_encoder,
+    set_encoder_trainable,
     unfreeze_encoder,
 )
 
@@ -160,6 +162,122 @@ def test_unfreeze_callback_trains_the_encoder_only_from_the_given_epoch(batch):
     model.fit(images, labels, batch_size=2, epochs=3, initial_epoch=2, verbose=0, callbacks=[UnfreezeEncoder(2)])
     assert encoder.trainable is True
     assert all(change > 0 for change in _max_change(start, _snapshot(encoder)).values())
+
+
+def _counting_traces(model: keras.Model) -> list:
+    """Make `model` record each trace of its train step (Keras calls `train_step` only while tracing)."""
+    traces = []
+    train_step = model.train_step
+
+    def counted(data):
+        traces.append(1)
+        return train_step(data)
+
+    model.train_step = counted
+    return traces
+
+
+def test_holding_the_encoder_keeps_it_bit_identical_and_releasing_starts_a_fresh_optimizer(batch):
+    """A held encoder (AdamW: weight decay included) moves by exactly 0 while the decoder trains; after
+    the release the encoder's optimizer state is what it was when built, and the first released step
+    moves each encoder weight by exactly lr x multiplier (Adam's first step: a step counter that went
+    on while held would change the bias correction, hence the step)."""
+    keras.utils.set_random_seed(0)
+    model = tiny_segmenter()
+    set_encoder_trainable(model, True, train_batchnorm=False)
+    optimizer = encoder_lr_optimizer(model, keras.optimizers.AdamW(LR, weight_decay=0.5, epsilon=1e-12), 0.5)
+    _compile(model, optimizer)
+    build_optimizer(model)
+    fresh = [v.numpy().copy() for v in optimizer.encoder_optimizer.variables]
+    optimizer.hold_encoder()
+    assert optimizer.encoder_held
+    encoder, decoder = get_encoder(model), model.get_layer("decoder_conv")
+    encoder_before, decoder_before = _snapshot(encoder), _snapshot(decoder)
+    for _ in range(3):
+        model.train_on_batch(*batch)
+    assert all(change == 0.0 for change in _max_change(encoder_before, _snapshot(encoder)).values())
+    assert all(change > 0 for change in _max_change(decoder_before, _snapshot(decoder)).values())
+    assert int(optimizer.encoder_optimizer.iterations) == 3  # counted, hence the reset below
+
+    optimizer.release_encoder()
+    assert not optimizer.encoder_held
+    for variable, value in zip(optimizer.encoder_optimizer.variables, fresh):
+        np.testing.assert_array_equal(variable.numpy(), value)
+    model.train_on_batch(*batch)
+    # AdamW decays first (w x weight_decay x lr), then takes Adam's first step, of exactly lr: the
+    # encoder's rate is LR x 0.5.
+    encoder_lr = LR * 0.5
+    kernel_before = encoder_before["enc_conv/kernel"]
+    step = encoder.get_layer("enc_conv").kernel.numpy() - kernel_before + kernel_before * 0.5 * encoder_lr
+    np.testing.assert_allclose(np.abs(step), encoder_lr, rtol=1e-3)
+    bn_after = _snapshot(encoder.get_layer("enc_bn"))
+    assert all(np.array_equal(bn_after[path], encoder_before[path]) for path in bn_after)  # BatchNorm frozen
+
+
+def test_unfreeze_callback_holding_the_encoder_traces_the_train_step_once(batch):
+    keras.utils.set_random_seed(0)
+    model = tiny_segmenter()
+    freeze_encoder(model)  # the callback makes it trainable (BatchNorm frozen) before the first step
+    _compile(model, encoder_lr_optimizer(model, _adam(), 0.5))
+    traces = _counting_traces(model)
+    encoder = get_encoder(model)
+    images, labels = batch
+    start = _snapshot(encoder)
+    snapshots = []
+    record = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: snapshots.append(_snapshot(encoder)))
+    model.fit(images, labels, batch_size=2, epochs=3, verbose=0,
+              callbacks=[UnfreezeEncoder(2, train_batchnorm=False), record])
+    assert len(traces) == 1
+    assert encoder.trainable and not encoder.get_layer("enc_bn").trainable
+    for held in snapshots[:2]:
+        assert all(change == 0.0 for change in _max_change(start, held).values())
+    changes = _max_change(snapshots[1], snapshots[2])
+    assert changes["enc_conv/kernel"] > 0
+    assert all(changes[v.path] == 0.0 for v in encoder.get_layer("enc_bn").weights)  # BatchNorm stays frozen
+
+
+def test_holding_then_releasing_trains_as_a_frozen_then_unfrozen_encoder(batch):
+    """The held path gives the weights the trainable-flag path gives (frozen, then unfrozen with a
+    freshly built encoder optimizer), BatchNorm frozen in both."""
+    weights = []
+    for hold in (True, False):
+        keras.utils.set_random_seed(0)
+        model = tiny_segmenter()
+        if hold:
+            set_encoder_trainable(model, True, train_batchnorm=False)
+        else:
+            freeze_encoder(model)
+        optimizer = encoder_lr_optimizer(model, keras.optimizers.AdamW(LR, weight_decay=0.1), 0.5)
+        _compile(model, optimizer)
+        build_optimizer(model)
+        if hold:
+            optimizer.hold_encoder()
+        for _ in range(2):
+            model.train_on_batch(*batch)
+        if hold:
+            optimizer.release_encoder()
+        else:
+            unfreeze_encoder(model, train_batchnorm=False)
+            build_optimizer(model)
+        for _ in range(3):
+            model.train_on_batch(*batch)
+        weights.append([w.numpy() for w in model.weights])
+    for held, unfrozen in zip(*weights):
+        np.testing.assert_allclose(held, unfrozen, rtol=1e-6, atol=1e-7)
+
+
+def test_held_encoder_gradients_count_in_no_global_norm():
+    model = tiny_segmenter()
+    set_encoder_trainable(model, True, train_batchnorm=False)
+    optimizer = encoder_lr_optimizer(model, keras.optimizers.SGD(1.0, global_clipnorm=1.0))
+    optimizer.build(model.trainable_variables)
+    optimizer.hold_encoder()
+    decoder_vars = model.get_layer("decoder_conv").trainable_variables
+    grads = [keras.ops.full(v.shape, 10.0) for v in model.trainable_variables]
+    before = [v.numpy().copy() for v in decoder_vars]
+    optimizer.apply(grads, model.trainable_variables)
+    step = np.sqrt(sum(np.sum((v.numpy() - b) ** 2) for v, b in zip(decoder_vars, before)))
+    assert step == pytest.approx(1.0, rel=1e-4)  # the decoder alone takes the whole unit step
 
 
 def test_unfreeze_callback_rejects_models_without_an_encoder_before_training(batch):

@@ -331,6 +331,41 @@ def test_a_killed_and_resumed_run_ends_like_an_uninterrupted_one(shards, tmp_pat
         np.testing.assert_allclose(w_resumed, w_straight, rtol=1e-5, atol=1e-6)
 
 
+def test_a_run_killed_while_its_encoder_is_frozen_resumes_exactly(shards, tmp_path):
+    """A pretrained encoder (a weights file) held for 2 epochs, BatchNorm frozen; killed after
+    committing epoch 1 (held) and resumed: the encoder must stay held for epoch 2, be released at
+    epoch 3 with a fresh optimizer, and the run end as an uninterrupted one does."""
+    from seglab import models
+
+    keras.utils.set_random_seed(0)
+    encoder_file = tmp_path / "encoder.weights.h5"
+    models.build("unet_mobilenetv2", len(CLASSES), (32, 32, 3), width=0.125).get_layer("encoder").save_weights(
+        encoder_file)
+    model = {"arch": "unet_mobilenetv2", "weights": str(encoder_file)}
+    train = {"freeze_encoder_epochs": 2, "encoder_batchnorm": "frozen", "encoder_lr_multiplier": 0.5,
+             "optimizer": "adamw"}
+    epochs, kill_after = 3, 1
+    straight = run_train(make_cfg(shards, tmp_path / "straight", epochs=epochs, train=train, model=model), "tiny",
+                         verbose=0)
+
+    cfg = make_cfg(shards, tmp_path / "resumed", epochs=epochs, train=train, model=model)
+    backup = _killed_run(cfg, tmp_path, kill_after)
+    assert (backup / "LATEST").read_text() == f"epoch-{kill_after:04d}"
+    resumed = run_train(cfg, "tiny", verbose=0)
+    assert resumed["resumed_from_epoch"] == kill_after
+    for key in ("best_epoch", "epochs_run"):
+        assert resumed[key] == straight[key], key
+    histories = [read_history(tmp_path / run / "metrics" / "tiny" / "history.csv") for run in ("straight", "resumed")]
+    for row_straight, row_resumed in zip(*histories):
+        for key in ("loss", "miou", "val_loss", "val_miou", "lr"):
+            assert float(row_resumed[key]) == pytest.approx(float(row_straight[key]), rel=1e-5, abs=1e-7), \
+                (row_straight["epoch"], key)
+    models_ = [keras.models.load_model(tmp_path / run / "models" / "tiny" / "model.keras")
+               for run in ("straight", "resumed")]
+    for w_straight, w_resumed in zip(*(m.get_weights() for m in models_)):
+        np.testing.assert_allclose(w_resumed, w_straight, rtol=1e-5, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------------- recipe
 
 
@@ -425,6 +460,36 @@ def test_encoder_batchnorm_frozen_keeps_its_statistics_while_the_encoder_trains(
     for bn, before, after in zip(is_bn, initial["encoder"], last["encoder"]):
         assert np.array_equal(before, after) == bn  # BatchNorm (gamma, beta, moving stats) fixed, the conv trained
     assert last["encoder_trainable"]
+
+
+def test_held_encoder_is_released_without_tracing_the_train_step_again(tmp_path):
+    """The default path (BatchNorm frozen): the frozen epochs leave the whole encoder bit-identical
+    (AdamW's weight decay included), it trains from the unfreeze on, and the step is traced once."""
+    keras.utils.set_random_seed(0)
+    settings = tiny_settings(epochs=3, steps_per_epoch=2, batch_size=4, learning_rate=1e-2, pretrained_encoder=True,
+                             warmup_epochs=0, freeze_encoder_epochs=2, encoder_lr_multiplier=0.5,
+                             encoder_batchnorm="frozen", optimizer="adamw")
+    traces = []
+
+    def build():
+        model = tiny_segmenter()
+        train_step = model.train_step
+
+        def counted(data):  # Keras calls train_step only while tracing
+            traces.append(1)
+            return train_step(data)
+
+        model.train_step = counted
+        return model
+
+    snapshots = WeightSnapshots()
+    train_model(build, random_batches(2).repeat(), random_batches(1, seed=1), settings, state_dir=tmp_path / "state",
+                callbacks=[snapshots], verbose=0)
+    initial, epoch1, epoch2, epoch3 = snapshots.snapshots
+    assert not _changed(initial["encoder"], epoch2["encoder"])
+    assert _changed(initial["decoder"], epoch1["decoder"]) and _changed(epoch1["decoder"], epoch2["decoder"])
+    assert _changed(epoch2["encoder"], epoch3["encoder"])
+    assert len(traces) == 1
 
 
 def test_encoder_batchnorm_setting_is_checked():
@@ -579,7 +644,9 @@ def test_two_replicas_train_like_one_device_on_its_share(tmp_path):
     metrics are summed over the replicas."""
     runs = {"plain": {},
             "encoder": {"pretrained_encoder": True, "freeze_encoder_epochs": 1, "encoder_lr_multiplier": 0.5,
-                        "encoder_batchnorm": "train", "optimizer": "adamw"}}
+                        "encoder_batchnorm": "train", "optimizer": "adamw"},
+            "held_encoder": {"pretrained_encoder": True, "freeze_encoder_epochs": 1, "encoder_lr_multiplier": 0.5,
+                             "encoder_batchnorm": "frozen", "optimizer": "adamw"}}
     (tmp_path / "driver.py").write_text(EQUIVALENCE_DRIVER)
     proc = subprocess.run([sys.executable, str(tmp_path / "driver.py"), str(REPO), json.dumps(runs), str(tmp_path)],
                           cwd=REPO, env=_subprocess_env(), capture_output=True, text=True, timeout=300, check=False)
@@ -593,8 +660,9 @@ def test_two_replicas_train_like_one_device_on_its_share(tmp_path):
             assert row_two == pytest.approx(row_one, rel=1e-4, abs=1e-6), name
         for w_one, w_two in zip(one["weights"], two["weights"]):
             np.testing.assert_allclose(w_two, w_one, rtol=1e-4, atol=1e-5, err_msg=name)
-    # The encoder run did train its encoder after the unfreeze (its weights are not the initial ones).
-    assert out["encoder/2"]["history"][-1]["loss"] != out["encoder/2"]["history"][0]["loss"]
+    # The encoder runs did train after the unfreeze (their weights are not the initial ones).
+    for name in ("encoder", "held_encoder"):
+        assert out[f"{name}/2"]["history"][-1]["loss"] != out[f"{name}/2"]["history"][0]["loss"]
 
 
 # argv: config file, seconds to sleep at each epoch start, "mirrored" or "tf_config" (run_train's own

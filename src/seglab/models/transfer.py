@@ -6,6 +6,12 @@
   transfer-learning guide's advice: small batches' statistics are noisy and would overwrite them.
 - `encoder_lr_optimizer`: the encoder learns at ``lr x multiplier`` (see `EncoderLROptimizer` for why
   it runs two optimizers rather than scaling gradients).
+- Holding the encoder (`EncoderLROptimizer.hold_encoder` / `release_encoder`, what
+  ``UnfreezeEncoder(epoch, train_batchnorm=False)`` does): its variables stay trainable but get no
+  updates, through a variable of the optimizer, so the traced train step is the same before and after
+  the release. Switching ``trainable`` instead changes the trainable set, which makes Keras re-trace
+  the train step (tens of seconds per model on a CPU, benchmarks/README.md); it remains the way when
+  BatchNorm must start training at the unfreeze (its training mode is a different graph anyway).
 """
 
 from __future__ import annotations
@@ -94,12 +100,25 @@ def unfreeze_encoder(model: keras.Model, encoder: str = ENCODER_LAYER, *, train_
     set_encoder_trainable(model, True, encoder, train_batchnorm=train_batchnorm)
 
 
+def encoder_lr_wrapper(model: keras.Model) -> EncoderLROptimizer | None:
+    """The `EncoderLROptimizer` `model` was compiled with (under loss scaling too), or None."""
+    optimizer = _unwrap_loss_scale(model.optimizer) if getattr(model, "compiled", False) else None
+    return optimizer if isinstance(optimizer, EncoderLROptimizer) else None
+
+
 class UnfreezeEncoder(keras.callbacks.Callback):
     """Encoder frozen for epochs ``< epoch`` (0-based), trainable from ``epoch`` on.
 
     ``UnfreezeEncoder(3)`` trains 3 epochs with a frozen encoder, then fine-tunes it; with
     ``fit(initial_epoch=5)`` it unfreezes from the start. ``epoch=0`` never freezes.
-    ``train_batchnorm=False`` keeps the encoder's BatchNorm layers frozen once unfrozen.
+
+    ``train_batchnorm=False`` keeps the encoder's BatchNorm layers frozen (inference mode) throughout
+    and needs a model compiled with an `EncoderLROptimizer`: the encoder's other variables are made
+    trainable once, before the first step, and the frozen epochs hold their updates
+    (`EncoderLROptimizer.hold_encoder`), so the unfreeze re-traces nothing and the encoder's
+    optimizer then starts as freshly built. ``train_batchnorm=True`` freezes through ``trainable``
+    (BatchNorm in inference mode while frozen, training mode after): the train step is re-traced at
+    the unfreeze.
     """
 
     def __init__(self, epoch: int, encoder: str = ENCODER_LAYER, *, train_batchnorm: bool = True):
@@ -111,12 +130,25 @@ class UnfreezeEncoder(keras.callbacks.Callback):
         self.train_batchnorm = train_batchnorm
 
     def on_train_begin(self, logs=None):
-        get_encoder(self.model, self.encoder)  # fail before the first epoch, not in the middle of training
+        encoder_layer = get_encoder(self.model, self.encoder)  # fail before the first epoch, not in the middle
+        if self.train_batchnorm:
+            return
+        if encoder_lr_wrapper(self.model) is None:
+            raise ValueError("UnfreezeEncoder(train_batchnorm=False) holds the encoder through its optimizer: compile "
+                             "with seglab.models.transfer.encoder_lr_optimizer(model, optimizer)")
+        if not encoder_layer.trainable or any(layer.trainable for layer in _batchnorm_layers(encoder_layer)):
+            set_encoder_trainable(self.model, True, self.encoder, train_batchnorm=False)
+            build_optimizer(self.model)
 
     def on_epoch_begin(self, epoch, logs=None):
         should_train = epoch >= self.epoch
-        if get_encoder(self.model, self.encoder).trainable != should_train:
-            set_encoder_trainable(self.model, should_train, self.encoder, train_batchnorm=self.train_batchnorm)
+        if not self.train_batchnorm:
+            optimizer = encoder_lr_wrapper(self.model)
+            if optimizer.encoder_held == should_train:
+                optimizer.release_encoder() if should_train else optimizer.hold_encoder()
+                log.info("epoch %d: encoder %s", epoch, "released" if should_train else "held")
+        elif get_encoder(self.model, self.encoder).trainable != should_train:
+            set_encoder_trainable(self.model, should_train, self.encoder, train_batchnorm=True)
             build_optimizer(self.model)
             log.info("epoch %d: encoder %s", epoch, "unfrozen" if should_train else "frozen")
 
@@ -135,6 +167,14 @@ def build_optimizer(model: keras.Model) -> None:
             optimizer.build(model.trainable_variables)
         if isinstance(inner, EncoderLROptimizer):
             inner.build_new(model.trainable_variables)
+
+
+def _executing_eagerly() -> bool:
+    if keras.backend.backend() != "tensorflow":
+        return True
+    import tensorflow as tf
+
+    return tf.executing_eagerly()
 
 
 def _check_multiplier(value: Any) -> float:
@@ -156,6 +196,13 @@ class EncoderLROptimizer(keras.optimizers.Optimizer):
     TensorFlow and PyTorch backends (not JAX's stateless training) and under mixed precision;
     serialises with the model (both states saved; encoder variables identified by path, recorded by
     `bind(model)`). Not supported: ``gradient_accumulation_steps`` (the copies would drift apart).
+
+    `hold_encoder` stops the encoder's updates without changing the traced step: its gradients are
+    replaced by zeros (so they count in no global norm and leave Adam's moments at zero) and its
+    learning rate is multiplied by 0 (so weight decay moves nothing either): its weights stay
+    bit-identical. `release_encoder` resumes them and resets the encoder's optimizer to the state
+    it was built with, as if it were built at that moment (a held optimizer's step counter went on).
+    Whether the encoder is held is a variable of this optimizer, saved with its state.
 
     optimizer: a fresh (unbuilt) Keras optimizer; it updates every non-encoder variable.
     encoder_lr_multiplier: >= 0 (0 keeps the encoder fixed while BatchNorm still trains).
@@ -197,9 +244,35 @@ class EncoderLROptimizer(keras.optimizers.Optimizer):
         clone_config = {**optimizer.get_config(), "name": f"{optimizer.name}_encoder",
                         "learning_rate": self._encoder_learning_rate}
         self.encoder_optimizer = type(optimizer).from_config(clone_config)
+        # 1: the encoder learns, 0: held. A variable, read inside the traced step, so that switching
+        # it re-traces nothing.
+        self._encoder_learns = self.add_variable((), initializer="ones", dtype="float32",
+                                                 aggregation="only_first_replica", name="encoder_learns")
+        self._fresh_encoder_state: list | None = None
 
     def _encoder_learning_rate(self):
-        return ops.multiply(self.decoder_optimizer.learning_rate, self.encoder_lr_multiplier)
+        rate = ops.multiply(self.decoder_optimizer.learning_rate, self.encoder_lr_multiplier)
+        return ops.multiply(rate, ops.cast(self._encoder_learns, rate.dtype))
+
+    # ------------------------------------------------------------------------------- holding
+
+    @property
+    def encoder_held(self) -> bool:
+        return float(ops.convert_to_numpy(self._encoder_learns)) == 0.0
+
+    def hold_encoder(self) -> None:
+        """Stop the encoder's updates (class doc); call eagerly, e.g. from a callback."""
+        self._encoder_learns.assign(0.0)
+
+    def release_encoder(self) -> None:
+        """Resume the encoder's updates with its optimizer as freshly built (class doc)."""
+        if self.encoder_optimizer.built:
+            if self._fresh_encoder_state is None:
+                raise RuntimeError(f"{self.name}: the encoder's optimizer was built inside a traced function, so "
+                                   "its initial state is unknown; build it eagerly first (build_optimizer(model))")
+            for variable, value in zip(self.encoder_optimizer.variables, self._fresh_encoder_state):
+                variable.assign(value)
+        self._encoder_learns.assign(1.0)
 
     # ------------------------------------------------------------------------------ partitioning
 
@@ -243,7 +316,14 @@ class EncoderLROptimizer(keras.optimizers.Optimizer):
             self.decoder_optimizer.build(decoder_vars)
         if encoder_vars and not self.encoder_optimizer.built:
             self.encoder_optimizer.build(encoder_vars)
+            self._note_fresh_encoder_state()
         super().build(variables)
+
+    def _note_fresh_encoder_state(self) -> None:
+        # What `release_encoder` resets to. Keras builds optimizers eagerly (fit, train_on_batch,
+        # build_optimizer); inside a traced function the values cannot be read.
+        if _executing_eagerly():
+            self._fresh_encoder_state = [ops.convert_to_numpy(v) for v in self.encoder_optimizer.variables]
 
     def build_new(self, trainable_variables) -> None:
         """Build the encoder's optimizer if `trainable_variables` now hold encoder variables it has no
@@ -256,6 +336,7 @@ class EncoderLROptimizer(keras.optimizers.Optimizer):
         if encoder_vars and not self.encoder_optimizer.built:
             with keras.name_scope(self.encoder_optimizer.name, caller=self.encoder_optimizer):
                 self.encoder_optimizer.build(encoder_vars)
+            self._note_fresh_encoder_state()
 
     def apply(self, grads, trainable_variables=None):
         if trainable_variables is None:
@@ -268,9 +349,14 @@ class EncoderLROptimizer(keras.optimizers.Optimizer):
                 self.build(trainable_variables)
         if self.loss_scale_factor is not None:
             grads = [None if g is None else g / self.loss_scale_factor for g in grads]
-        if self.global_clipnorm:
-            grads = self._clip_gradients(grads)
         encoder_grads, encoder_vars, decoder_grads, decoder_vars = self._split(grads, trainable_variables)
+        if encoder_grads:
+            # Held: zeros (`where`, not a product, so that a non-finite gradient cannot leak in).
+            learns = ops.greater(self._encoder_learns, 0.0)
+            encoder_grads = [None if g is None else ops.where(learns, g, ops.zeros_like(g)) for g in encoder_grads]
+        if self.global_clipnorm:
+            grads = self._clip_gradients(decoder_grads + encoder_grads)
+            decoder_grads, encoder_grads = grads[:len(decoder_grads)], grads[len(decoder_grads):]
         if decoder_vars:
             self.decoder_optimizer.apply(decoder_grads, decoder_vars)
         if encoder_vars:

@@ -8,7 +8,10 @@
 - `ModelCheckpoint` keeps the best epoch by `val_miou`; `EarlyStopping` on `val_miou`.
 - Pretrained encoders start frozen (BatchNorm in inference mode) for `freeze_encoder_epochs`, then
   train at `encoder_lr_multiplier` x the decoder's learning rate (`seglab.models.transfer`), their
-  BatchNorm layers kept frozen unless `encoder_batchnorm` is "train".
+  BatchNorm layers kept frozen unless `encoder_batchnorm` is "train". With BatchNorm frozen (the
+  default) the frozen epochs hold the encoder's updates through its optimizer, so the unfreeze
+  re-traces nothing; with "train" the encoder is frozen through ``trainable`` and the train step is
+  traced again at the unfreeze (BatchNorm's training mode is another graph).
 - Under a dtype policy (`seglab.train.precision`) and a distribution strategy
   (`seglab.train.strategy`); the global Keras dtype policy is restored however training ends.
 - Epochs end with a commit of the whole run state (`seglab.train.resume`), at most one per
@@ -216,15 +219,16 @@ def train_model(
             "lr_scale": VariableState(schedule.scale, "scale"),
             "early_stopping": AttributeState(stopping, ("wait", "best", "best_epoch", "stopped_epoch")),
             "checkpoint": AttributeState(checkpoint, ("best",)),
-            **({"encoder": _EncoderState(model)} if freezing else {}),
+            # Held encoders: whether they learn is optimizer state, committed with the weights.
+            **({"encoder": _EncoderState(model)} if freezing and train_batchnorm else {}),
         }
         backup = ResumableBackup(backup_dir, stateful, run_key, commit_every_seconds=t.commit_every_seconds)
 
         # The optimizer must be built for the trainable set the committed state was saved with.
         committed = backup.committed()
-        if freezing:
+        if freezing and train_batchnorm:
             trainable = bool(committed and committed[1]["states"].get("encoder", {}).get("trainable", False))
-            set_encoder_trainable(model, trainable, train_batchnorm=train_batchnorm)
+            set_encoder_trainable(model, trainable, train_batchnorm=True)
         elif encoder and not train_batchnorm:
             set_encoder_trainable(model, True, train_batchnorm=False)
         model.compile(
