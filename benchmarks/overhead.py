@@ -235,36 +235,36 @@ def child_evaluate(params: Path, name: str) -> dict:
     import tensorflow  # noqa: F401
 
     from seglab.config import load_config
-    from seglab.evaluate import evaluate
+    from seglab.evaluate import evaluate, inference
     imported = time.perf_counter()
     logging.basicConfig(level=logging.WARNING)
 
     watch = Stopwatch()
-    for attribute in ("load_trained", "tta_model", "eval_dataset", "evaluate_predictors", "measure_latency",
-                      "write_evaluation"):
-        watch.wrap(evaluate, attribute)
-    make_function = evaluate.inference_function
+    # plain_and_tta / TracedPredictor: only from 2026-12-06 on (A/B runs against older code skip them).
+    for attribute in ("load_trained", "eval_dataset", "evaluate_predictors", "plain_and_tta", "write_evaluation"):
+        if hasattr(evaluate, attribute):
+            watch.wrap(evaluate, attribute)
+    watch.wrap(inference, "measure_latency")  # called by evaluate_predictors, in its own module
 
-    def timed_inference_function(predictor, image_shape):
-        call = make_function(predictor, image_shape)
-        index = len([k for k in watch.calls if k.startswith("predictor")])
-        key = f"predictor{index}"
-        watch.calls[key] = []
+    def record(key, call, images):
+        start = time.perf_counter()
+        try:
+            return call(images)
+        finally:
+            watch.calls.setdefault(key, []).append(time.perf_counter() - start)
 
-        def timed(images):
-            start = time.perf_counter()
-            try:
-                return call(images)
-            finally:
-                watch.calls[key].append(time.perf_counter() - start)
-
-        return timed
-
-    evaluate.inference_function = timed_inference_function
+    # Every predictor's calls, timed: Keras models (traced by inference_function) and TracedPredictors.
+    make_function = inference.inference_function
+    inference.inference_function = lambda predictor, shape: functools.partial(
+        record, f"predictor-{predictor.name}", make_function(predictor, shape))
+    if hasattr(inference, "TracedPredictor"):
+        traced_call = inference.TracedPredictor.__call__
+        inference.TracedPredictor.__call__ = lambda predictor, images: record(
+            f"predictor-{predictor.name}", functools.partial(traced_call, predictor), images)
     cfg = load_config(params)
     evaluate.run_evaluate(cfg, name)
     returned = time.perf_counter()
-    predictors = sorted(k for k in watch.calls if k.startswith("predictor"))
+    predictors = sorted(k for k in watch.calls if k.startswith("predictor-"))
     latency_calls = cfg.evaluate.latency_runs + 1
     first_calls = sum(watch.calls[k][0] for k in predictors)                    # tracing + one batch
     batch_calls = sum(sum(watch.calls[k][1:-latency_calls]) for k in predictors)  # the timed val batches
@@ -272,10 +272,11 @@ def child_evaluate(params: Path, name: str) -> dict:
         "model": name,
         "imports": imported - PROCESS_START,
         "load_model": watch.total("load_trained"),
-        "tta_model": watch.total("tta_model"),
+        "make_predictors": watch.total("plain_and_tta"),
         "first_calls": first_calls,
         "predict": batch_calls,
         "latency": watch.total("measure_latency"),
+        "latency_runs": cfg.evaluate.latency_runs,
         "evaluate_predictors": watch.total("evaluate_predictors"),
         "write": watch.total("write_evaluation"),
         "child_seconds": returned - PROCESS_START,
@@ -357,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jit", default=",".join(JIT_SETTINGS),
                         help="jit_compile settings to compare (empty: only the default run)")
     parser.add_argument("--jit-models", default="unet,unet_mobilenetv2_imagenet")
+    parser.add_argument("--stages", default="train,evaluate", help="which stages of each model to run")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -376,11 +378,13 @@ def main(argv: list[str] | None = None) -> int:
     train, evaluations, jit_runs = [], [], []
     with tempfile.TemporaryDirectory(prefix="seglab-overhead-") as tmp:
         params = stage_params(Path(tmp))
+        stages = args.stages.split(",")
         for name in models:
             train.append(run_child(["train", str(params), name, "auto"]))
             print(f"train@{name}: {train[-1]['wall']:.1f} s, load {train[-1]['loadavg_before']}", file=sys.stderr)
-            evaluations.append(run_child(["evaluate", str(params), name]))
-            print(f"evaluate@{name}: {evaluations[-1]['wall']:.1f} s", file=sys.stderr)
+            if "evaluate" in stages:
+                evaluations.append(run_child(["evaluate", str(params), name]))
+                print(f"evaluate@{name}: {evaluations[-1]['wall']:.1f} s", file=sys.stderr)
         for index, name in enumerate(m for m in args.jit_models.split(",") if m):
             order = jits if index % 2 == 0 else jits[::-1]  # alternate, so load drifts hit every setting alike
             for jit in order:
@@ -398,7 +402,9 @@ def main(argv: list[str] | None = None) -> int:
         "evaluate": evaluations,
         "jit": jit_runs,
     }
-    print("### train@\n\n" + train_table(train) + "\n\n### evaluate@\n\n" + evaluate_table(evaluations))
+    print("### train@\n\n" + train_table(train))
+    if evaluations:
+        print("\n### evaluate@\n\n" + evaluate_table(evaluations))
     if jit_runs:
         jit_runs += [r for r in train if r["model"] in args.jit_models.split(",")]
         print("\n### jit_compile\n\n" + jit_table(sorted(jit_runs, key=lambda r: (r["model"], r["jit"]))))

@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import pytest
 
+from seglab.evaluate.inference import plain_and_tta
 from seglab.evaluate.tta import (
     TRANSFORM_NAMES,
     get_transform,
@@ -126,3 +127,25 @@ def test_bad_transform_lists_are_refused(names, message):
 def test_only_quarter_turns_on_non_square_input_is_an_error():
     with pytest.raises(ValueError, match="non-square"):
         select_transforms(["rot90", "rot270"], (8, 12))
+
+
+def test_plain_and_tta_share_one_trace_and_match_the_keras_predictors():
+    """`plain_and_tta` traces the segmenter once for both predictors and every batch size, and gives
+    what probability_model / tta_model give (the TTA's views run as one batch: equal up to rounding)."""
+    model = _position_dependent_model()
+    x = _images()
+    names = ["identity", "hflip", "vflip", "rot90", "rot270"]
+    predictors = plain_and_tta(model, names)
+    assert predictors["tta"].tta_transforms == names and predictors["plain"].tta_transforms is None
+    np.testing.assert_array_equal(predictors["plain"](x), probability_model(model).predict_on_batch(x))
+    np.testing.assert_allclose(predictors["tta"](x), tta_model(model, names).predict_on_batch(x), atol=1e-6)
+    predictors["tta"](x[:1])
+    predictors["plain"](x[:1])
+    assert predictors["plain"].graph.experimental_get_tracing_count() == 1  # the segmenter's only trace
+    assert predictors["tta"].graph.experimental_get_tracing_count() == 1
+
+    equivariant = plain_and_tta(_pixelwise_model(), TRANSFORM_NAMES)
+    assert np.array_equal(equivariant["plain"](x), equivariant["tta"](x))  # the running mean, bit for bit
+
+    non_square = plain_and_tta(_pixelwise_model(size=(16, 32)), ["identity", "hflip", "rot90"])
+    assert non_square["tta"].tta_transforms == ["identity", "hflip"]

@@ -42,9 +42,9 @@ from seglab.evaluate.inference import (
     eval_dataset,
     evaluate_predictors,
     load_trained,
+    plain_and_tta,
 )
 from seglab.evaluate.plots import plot_confusion, plot_prediction_grid
-from seglab.evaluate.tta import probability_model, tta_model
 from seglab.metrics import METRIC_NAMES
 from seglab.records import EvalRecord, utc_now
 
@@ -229,8 +229,8 @@ def run_evaluate(cfg: Any, name: str, *, split: str = EVAL_SPLIT, grid_images: i
                   f"the '{split}' shards in {cfg.shard.out}")
     history = read_history(Path(cfg.train.metrics) / name / "history.csv")
 
-    tta = tta_model(trained.model, cfg.evaluate.tta)
-    predictors = {"plain": probability_model(trained.model), "tta": tta}
+    predictors = plain_and_tta(trained.model, cfg.evaluate.tta)
+    tta = predictors["tta"]
     log.info("evaluating %s on %s/%s at %s, TTA %s", name, cfg.shard.out, split, trained.image_shape,
              tta.tta_transforms)
     evaluation = evaluate_predictors(

@@ -12,6 +12,12 @@ once, for any batch size (`inference_function`), so the latency's batch of one r
 last partial batch is padded to the batch size (one input shape for the kernels); only its real
 images are counted.
 Latency: one image per call, `evaluate.latency_runs` timed calls after a warm-up, p50/p90 in ms.
+
+`plain_and_tta` gives the plain and the TTA predictor of one segmenter from a single trace of it:
+tracing and optimising the graph cost more than the whole evaluation's predictions on the CPU
+profile, and a TTA model built as one graph (`seglab.evaluate.tta.tta_model`) holds one copy of
+the segmenter per transform. Here the TTA runs the transformed views as one batch through the same
+traced segmenter and merges them as `tta_model` does (same transforms, same running mean).
 """
 
 from __future__ import annotations
@@ -28,12 +34,14 @@ import tensorflow as tf
 
 from seglab.data.classes import IGNORE_INDEX
 from seglab.data.pipeline import make_dataset
+from seglab.evaluate.tta import select_transforms
 from seglab.metrics import ConfusionMatrix
 from seglab.records import TrainRecord
 
 __all__ = [
     "GRID_IMAGES",
     "EvaluationPass",
+    "TracedPredictor",
     "TrainedModel",
     "VariantResult",
     "check_classes",
@@ -42,6 +50,7 @@ __all__ = [
     "inference_function",
     "load_trained",
     "measure_latency",
+    "plain_and_tta",
 ]
 
 GRID_IMAGES = 6
@@ -179,8 +188,50 @@ def inference_function(predictor: keras.Model, image_shape: Sequence[int]) -> Ca
     return lambda images: graph(tf.convert_to_tensor(images, tf.float32)).numpy()
 
 
+class TracedPredictor:
+    """A traced predictor: images (B, H, W, 3) -> probabilities (B, H, W, C) as numpy, any B.
+
+    `tta_transforms`: the names of the transforms merged (None for a plain predictor).
+    """
+
+    def __init__(self, graph: Callable[[tf.Tensor], tf.Tensor], name: str, tta_transforms: list[str] | None = None):
+        self.graph, self.name, self.tta_transforms = graph, name, tta_transforms
+
+    def __call__(self, images: np.ndarray) -> np.ndarray:
+        return self.graph(tf.convert_to_tensor(images, tf.float32)).numpy()
+
+
+def plain_and_tta(model: keras.Model, transform_names: Sequence[str],
+                  on_non_square: str = "skip") -> dict[str, TracedPredictor]:
+    """{"plain": softmax of `model`, "tta": the TTA merge of `transform_names`} sharing one trace of
+    `model` (module doc). `model` returns logits (B, H, W, C) for a static input (H, W, 3)."""
+    height, width, channels = (int(d) for d in model.input_shape[1:])
+    transforms = select_transforms(transform_names, (height, width), on_non_square)
+    spec = tf.TensorSpec((None, height, width, channels), tf.float32)
+
+    @tf.function(input_signature=[spec])
+    def probabilities(images):
+        return tf.nn.softmax(tf.cast(model(images, training=False), tf.float32), axis=-1)
+
+    @tf.function(input_signature=[spec])
+    def merged(images):
+        # One batch of every view: the traced segmenter is called once, with the signature `plain`
+        # uses, so it is traced once for both.
+        views = probabilities(tf.concat([t.apply(images) for t in transforms], axis=0))
+        batch = tf.shape(images)[0]
+        mean = None
+        for count, transform in enumerate(transforms, start=1):
+            view = transform.invert(views[(count - 1) * batch:count * batch])
+            # A running mean, as tta_model's: equal views come back unchanged, bit for bit.
+            mean = view if mean is None else mean + (view - mean) / float(count)
+        return mean
+
+    return {"plain": TracedPredictor(probabilities, f"{model.name}_probabilities"),
+            "tta": TracedPredictor(merged, f"{model.name}_tta", [t.name for t in transforms])}
+
+
 def evaluate_predictors(
-    predictors: Mapping[str, keras.Model],
+    predictors: Mapping[str, keras.Model | TracedPredictor],
     dataset: Any,
     class_names: Sequence[str],
     *,
@@ -188,6 +239,8 @@ def evaluate_predictors(
     grid_images: int = GRID_IMAGES,
 ) -> EvaluationPass:
     """Run every predictor (images -> probabilities (B, H, W, C)) over `dataset` of (images, labels).
+
+    A Keras model is traced here (`inference_function`); a `TracedPredictor` is used as it is.
 
     Returns per predictor the confusion matrix, its throughput and latency (module doc) and its
     label maps for the first `grid_images` images (not-scored pixels set to 255).
@@ -209,7 +262,8 @@ def evaluate_predictors(
         if batch_size is None:
             batch_size = real
             first_image = images[:1].copy()
-            calls = {variant: inference_function(predictor, images.shape[1:]) for variant, predictor in predictors.items()}
+            calls = {variant: predictor if isinstance(predictor, TracedPredictor)
+                     else inference_function(predictor, images.shape[1:]) for variant, predictor in predictors.items()}
             for call in calls.values():  # warm-up: tracing is not inference time
                 call(images)
         if real < batch_size:  # pad to the traced batch shape; the padding is dropped below
