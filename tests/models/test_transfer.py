@@ -235,6 +235,11 @@ def test_unfreeze_callback_holding_the_encoder_traces_the_train_step_once(batch)
     assert changes["enc_conv/kernel"] > 0
     assert all(changes[v.path] == 0.0 for v in encoder.get_layer("enc_bn").weights)  # BatchNorm stays frozen
 
+    plain = tiny_segmenter()
+    _compile(plain, _adam())
+    with pytest.raises(ValueError, match="encoder_lr_optimizer"):  # holding needs the two-optimizer wrapper
+        plain.fit(images, labels, epochs=1, verbose=0, callbacks=[UnfreezeEncoder(1, train_batchnorm=False)])
+
 
 def test_holding_then_releasing_trains_as_a_frozen_then_unfrozen_encoder(batch):
     """The held path gives the weights the trainable-flag path gives (frozen, then unfrozen with a

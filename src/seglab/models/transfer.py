@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import keras
+import numpy as np
 from keras import ops
 
 from seglab.models.backbones import ENCODER_LAYER
@@ -177,6 +178,15 @@ def _executing_eagerly() -> bool:
     return tf.executing_eagerly()
 
 
+def _compact(value: np.ndarray) -> tuple[tuple[int, ...], np.ndarray]:
+    """(shape, value), the value one element when all are equal: optimizer slots start constant
+    (Adam's moments at zero), and a full copy would cost the size of the encoder per slot."""
+    flat = value.reshape(-1)
+    if flat.size and np.all(flat == flat[0]):
+        return value.shape, flat[:1].reshape(())
+    return value.shape, value
+
+
 def _check_multiplier(value: Any) -> float:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
         raise ValueError(f"encoder_lr_multiplier must be a finite number >= 0, got {value!r}")
@@ -270,8 +280,8 @@ class EncoderLROptimizer(keras.optimizers.Optimizer):
             if self._fresh_encoder_state is None:
                 raise RuntimeError(f"{self.name}: the encoder's optimizer was built inside a traced function, so "
                                    "its initial state is unknown; build it eagerly first (build_optimizer(model))")
-            for variable, value in zip(self.encoder_optimizer.variables, self._fresh_encoder_state):
-                variable.assign(value)
+            for variable, (shape, value) in zip(self.encoder_optimizer.variables, self._fresh_encoder_state):
+                variable.assign(np.broadcast_to(value, shape))
         self._encoder_learns.assign(1.0)
 
     # ------------------------------------------------------------------------------ partitioning
@@ -323,7 +333,7 @@ class EncoderLROptimizer(keras.optimizers.Optimizer):
         # What `release_encoder` resets to. Keras builds optimizers eagerly (fit, train_on_batch,
         # build_optimizer); inside a traced function the values cannot be read.
         if _executing_eagerly():
-            self._fresh_encoder_state = [ops.convert_to_numpy(v) for v in self.encoder_optimizer.variables]
+            self._fresh_encoder_state = [_compact(ops.convert_to_numpy(v)) for v in self.encoder_optimizer.variables]
 
     def build_new(self, trainable_variables) -> None:
         """Build the encoder's optimizer if `trainable_variables` now hold encoder variables it has no
