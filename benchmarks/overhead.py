@@ -11,7 +11,8 @@ and resume state go to a temporary folder. Inside the process:
   fit's set-up and iterator).
 - **tracing**: the first train batch of the process minus the median later batch (the train step is
   traced on its first call), the same for the first validation batch, and for the first batch of
-  the epoch that unfreezes a pretrained encoder (re-tracing for the new trainable set).
+  the epoch that unfreezes a pretrained encoder (re-tracing, where the unfreeze changes the trainable
+  set: with `train.encoder_batchnorm: train` only, since a held encoder keeps it).
 - **per epoch outside the train steps**: validation (`on_test_begin` → `on_test_end`), the
   callbacks after it (history, plateau, early stopping, `ModelCheckpoint`), the resume commit
   (`ResumableBackup._save_model`), and the gaps between (fit's own bookkeeping).

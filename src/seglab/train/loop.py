@@ -130,7 +130,8 @@ class TrainResult:
 
     @property
     def images_per_second(self) -> float:
-        # Median over epochs: the first epoch of a process (tracing) and an unfreeze (re-tracing) are slower.
+        # Median over epochs: the first epoch of a process (tracing) and, with encoder_batchnorm "train",
+        # an unfreeze (re-tracing) are slower.
         return statistics.median(r["images_per_second"] for r in self.history)
 
 
