@@ -497,12 +497,16 @@ def test_encoder_batchnorm_setting_is_checked():
         tiny_settings(epochs=1, steps_per_epoch=1, batch_size=4, learning_rate=1e-3, encoder_batchnorm="fixed")
 
 
-def test_mixed_float16_with_frozen_encoder_trains(tmp_path):
+@pytest.mark.parametrize("encoder_batchnorm", ["frozen", "train"])
+def test_mixed_float16_with_frozen_encoder_trains(tmp_path, encoder_batchnorm):
     """The GPU default path (loss scaling + encoder learning-rate wrapper + unfreeze) runs end to end."""
     settings = tiny_settings(epochs=2, steps_per_epoch=2, batch_size=4, learning_rate=1e-3, pretrained_encoder=True,
-                             freeze_encoder_epochs=1, encoder_lr_multiplier=0.1, encoder_batchnorm="train")
+                             freeze_encoder_epochs=1, encoder_lr_multiplier=0.1, encoder_batchnorm=encoder_batchnorm)
+    snapshots = WeightSnapshots()
     result = train_model(tiny_segmenter, random_batches(2).repeat(), random_batches(1, seed=1), settings,
-                         state_dir=tmp_path / "state", mixed_precision="mixed_float16", verbose=0)
+                         state_dir=tmp_path / "state", mixed_precision="mixed_float16", callbacks=[snapshots],
+                         verbose=0)
+    assert not _changed(snapshots.snapshots[0]["encoder"], snapshots.snapshots[1]["encoder"])  # frozen epoch 1
     assert isinstance(result.model.optimizer, keras.optimizers.LossScaleOptimizer)
     assert result.model.get_layer("decoder_conv").dtype_policy.name == "mixed_float16"
     assert all(math.isfinite(row["loss"]) for row in result.history) and result.epochs_run == 2
