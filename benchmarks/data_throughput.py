@@ -38,7 +38,7 @@ from environment import machine, versions  # noqa: E402
 from seglab.atomic import write_text_atomic  # noqa: E402
 from seglab.data.coco import LabelRules, decode_image, label_map, load_split  # noqa: E402
 from seglab.data.pipeline import fit_to_size, make_dataset  # noqa: E402
-from seglab.data.shards import ShardSettings, build_shards  # noqa: E402
+from seglab.data.shard_stage import ShardSettings, build_shards  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

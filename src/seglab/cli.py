@@ -25,7 +25,7 @@ def _sample(cfg, args) -> dict:
 
 
 def _shard(cfg, args) -> dict:
-    from seglab.data.shards import run_shard
+    from seglab.data.shard_stage import run_shard
 
     report = run_shard(cfg)
     return {k: v for k, v in report.items() if k != "skipped_records"} | {"skipped_records": len(report["skipped_records"])}

@@ -17,7 +17,8 @@ from seglab.cli import main
 from seglab.config import Config, DataConfig
 from seglab.data.coco import DataError, LabelRules, compressed_rle_counts, label_map, load_split
 from seglab.data.classes import resolve_class_set
-from seglab.data.shards import build_shards, read_split, run_shard
+from seglab.data.shards import read_split
+from seglab.data.shard_stage import build_shards, run_shard
 
 from .conftest import CATEGORIES
 

@@ -13,7 +13,8 @@ from PIL import Image
 from seglab.data.classes import ClassSet
 from seglab.data.coco import LabelRules, encode_png
 from seglab.data.pipeline import classes_of, fit_to_size, make_dataset, num_classes_of
-from seglab.data.shards import build_shards, shard_files, shard_metadata, write_manifest, write_shards
+from seglab.data.shards import shard_files, shard_metadata, write_manifest, write_shards
+from seglab.data.shard_stage import build_shards
 
 COCO_MINI = (Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "coco-mini").resolve()
 requires_coco_mini = pytest.mark.skipif(

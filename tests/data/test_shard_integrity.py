@@ -25,8 +25,6 @@ from seglab.data.shards import (
     MANIFEST_FILE,
     SHARD_SCHEMA,
     ShardIntegrityError,
-    ShardSettings,
-    build_shards,
     open_shard,
     read_split,
     shard_files,
@@ -34,6 +32,7 @@ from seglab.data.shards import (
     summarize_splits,
     write_shards,
 )
+from seglab.data.shard_stage import ShardSettings, build_shards
 from seglab.data.stats import pixel_counts
 from seglab.data.validate import validate_shards
 from seglab.digest import sha256_file
@@ -226,7 +225,7 @@ def test_each_corrupt_label_png_gets_a_reason(tmp_path):
 _SLOW_SHARD = """
 import os, sys, time
 from pathlib import Path
-import seglab.data.shards as shards
+import seglab.data.shard_stage as shards
 real = shards.process_image
 def slow(*a, **k):
     Path(sys.argv[3], str(os.getpid())).touch()

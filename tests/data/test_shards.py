@@ -16,7 +16,8 @@ import pytest
 
 from seglab.atomic import atomic_dir, atomic_path
 from seglab.data.coco import DataError
-from seglab.data.shards import SHARD_SCHEMA, ShardSettings, build_shards, decode_label, decode_rgb, read_classes, read_split, shard_files
+from seglab.data.shards import SHARD_SCHEMA, decode_label, decode_rgb, read_classes, read_split, shard_files
+from seglab.data.shard_stage import ShardSettings, build_shards
 
 SPLITS = {"train": "train2017", "val": "val2017"}
 
@@ -83,7 +84,7 @@ def test_a_failure_in_a_later_split_keeps_the_previous_output_intact(tiny_coco, 
 
 _KILL_SCRIPT = """
 import sys, time
-import seglab.data.shards as shards
+import seglab.data.shard_stage as shards
 real = shards.process_image
 def slow(*a, **k):
     time.sleep(0.2)

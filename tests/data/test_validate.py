@@ -346,7 +346,7 @@ def test_run_validate_data_uses_params(tmp_path, monkeypatch):
 @pytest.mark.coco_mini
 @pytest.mark.skipif(not COCO_MINI.is_dir(), reason=f"coco-mini not found at {COCO_MINI}")
 def test_coco_mini_shards_pass(tmp_path):
-    from seglab.data.shards import build_shards
+    from seglab.data.shard_stage import build_shards
 
     build_shards(COCO_MINI, tmp_path / "shards", splits={"train": "train2017", "val": "val2017"}, class_set="voc20")
     summary = validate_shards(tmp_path / "shards", ["train", "val"], tmp_path / "report",

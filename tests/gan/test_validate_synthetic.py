@@ -24,8 +24,8 @@ from PIL import Image
 
 from seglab.config import Config
 from seglab.data.sample import generate_sample
-from seglab.data.shards import SHARD_SCHEMA, ShardSettings, build_shards, decode_label, decode_rgb, read_classes, \
-    read_split
+from seglab.data.shard_stage import ShardSettings, build_shards
+from seglab.data.shards import SHARD_SCHEMA, decode_label, decode_rgb, read_classes, read_split
 from seglab.data.manifest import write_manifest
 from seglab.data.synthetic import NONE_ACCEPTED, VALIDATION_FILE, accepted_synthetic_shards
 from seglab.gan.checks import SyntheticChecks, checks_from_config

@@ -1,0 +1,252 @@
+"""The `shard` stage: a COCO root -> label maps -> Parquet shards per split (`seglab shard`).
+
+Images are decoded and rasterised in a process pool; the one writer (`seglab.data.shards`)
+writes the parts and manifests into an atomic folder, so a failed or killed run leaves the
+previous shards as they were. A lock on `<out>.lock` keeps a second run from cleaning up the
+first one's temporary folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import fcntl
+import io
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image
+
+from seglab.atomic import atomic_dir, write_text_atomic
+from seglab.config import SPLIT_NAME
+from seglab.data.classes import IGNORE_INDEX, ClassSet
+from seglab.data.coco import DataError, ImageTask, LabelRules, decode_image, encode_png, label_map, load_split
+from seglab.data.shards import shard_metadata, write_shards
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardSettings:
+    max_side: int = 320
+    max_shard_mb: float = 16.0
+    jpeg_quality: int = 95
+    workers: int = 2
+
+
+def _resize(image: np.ndarray, label: np.ndarray, max_side: int) -> tuple[np.ndarray, np.ndarray]:
+    h, w = label.shape
+    scale = max_side / max(h, w)
+    if scale >= 1.0:
+        return image, label
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))  # PIL wants (W, H)
+    image = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BOX))  # area average
+    label = np.asarray(Image.fromarray(label).resize(size, Image.Resampling.NEAREST))  # never mixes classes
+    return image, label
+
+
+def _encode_jpeg(image: np.ndarray, quality: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def process_image(
+    task: ImageTask, class_set: ClassSet, rules: LabelRules, settings: ShardSettings, source: str
+) -> tuple[str, dict | str | tuple[str, str]]:
+    """One image record -> ("row", row) | ("filtered", why) | ("error", (rule, message)). Runs in workers."""
+    try:
+        image = decode_image(task.path, (task.height, task.width), task.record)
+        label = label_map(task.annotations, task.height, task.width, class_set, rules)
+    except DataError as e:
+        return "error", (e.rule, str(e))
+    if task.split == "train" and rules.min_train_area > 0:
+        labelled = int(np.count_nonzero((label > 0) & (label != IGNORE_INDEX)))
+        if labelled < rules.min_train_area:
+            return "filtered", f"{task.record}: {labelled} labelled px < min_train_area {rules.min_train_area}"
+    image, label = _resize(image, label, settings.max_side)
+    counts = np.bincount(label.ravel(), minlength=256)
+    return "row", {
+        "image_id": task.image_id,
+        "file_name": task.file_name,
+        "split": task.split,
+        "source": source,
+        "height": int(label.shape[0]),
+        "width": int(label.shape[1]),
+        "orig_height": task.height,
+        "orig_width": task.width,
+        "image": _encode_jpeg(image, settings.jpeg_quality),
+        "label": encode_png(label),
+        "class_pixels": [int(c) for c in counts[: class_set.num_classes]],
+        "ignore_pixels": int(counts[IGNORE_INDEX]),
+    }
+
+
+def _process_star(args):
+    return process_image(*args)
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Pool initializer: the worker is killed when the process that started it dies, even by
+    kill -9 (which runs no cleanup), instead of decoding on for nobody."""
+    if sys.platform.startswith("linux"):
+        # Sent when the forking *thread* ends: the pool lives inside build_shards, in that thread.
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _results(tasks: list[tuple], workers: int) -> Iterator[tuple]:
+    if workers == 1 or len(tasks) < 2:
+        yield from map(_process_star, tasks)
+        return
+    with ProcessPoolExecutor(max_workers=workers, initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
+        # map keeps input order, so shard contents do not depend on scheduling.
+        yield from pool.map(_process_star, tasks, chunksize=max(1, min(16, len(tasks) // (4 * workers))))
+
+
+@contextlib.contextmanager
+def _sole_writer(out_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `<out_dir>.lock` while writing `out_dir`: a second run would take
+    the first's temporary folder for a killed run's debris and delete it (`atomic_dir`)."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    lock = out_dir.parent / f"{out_dir.name}.lock"
+    with open(lock, "a") as handle:  # the kernel drops the lock when its holder dies
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DataError(f"another seglab shard is writing {out_dir} (it holds {lock}); wait for it to "
+                            "finish, then run again", "concurrent run") from None
+        yield
+
+
+def build_shards(
+    root: str | Path,
+    out_dir: str | Path,
+    *,
+    splits: dict[str, str],
+    class_set: str | list[str] = "voc20",
+    rules: LabelRules = LabelRules(),
+    settings: ShardSettings = ShardSettings(),
+    on_bad_record: str = "error",
+    report_path: str | Path | None = None,
+    details_path: str | Path | None = None,
+) -> dict:
+    """COCO root -> `<out_dir>/<split>/part-*.parquet`; returns a report and optionally writes it:
+    what runs compare to `report_path` (a DVC metric), per-class counts and skipped records to
+    `details_path`."""
+    root, out_dir = Path(root), Path(out_dir)
+    source = root.resolve().name
+    workers = settings.workers or os.cpu_count() or 1
+    report: dict = {"source": source, "class_set": None, "classes": None, "splits": {}}
+    skipped_records: list[str] = []
+    started = time.perf_counter()
+    total_images = 0
+    for split in splits:
+        if not SPLIT_NAME.fullmatch(split):  # params are validated too; build_shards is also called directly
+            raise DataError(f"split name {split!r} may use only letters, digits, '_' and '-' (it becomes a folder "
+                            f"under {out_dir})", "bad split name")
+    with _sole_writer(out_dir), atomic_dir(out_dir) as tmp:
+        for split, folder in splits.items():
+            coco = load_split(root, split, folder, class_set, on_bad_record)  # raises DataError
+            report["class_set"], report["classes"] = coco.class_set.name, list(coco.class_set.classes)
+            skipped: Counter = Counter(coco.skipped)
+            skipped_records += coco.skipped_records
+            filtered = 0
+            pixels = np.zeros(coco.class_set.num_classes, np.int64)
+
+            def rows() -> Iterator[dict]:
+                nonlocal filtered
+                args = [(t, coco.class_set, rules, settings, source) for t in coco.tasks]
+                for kind, value in _results(args, workers):
+                    if kind == "row":
+                        pixels[:] += value["class_pixels"]
+                        yield value
+                    elif kind == "filtered":
+                        filtered += 1
+                    elif on_bad_record == "error":
+                        rule, message = value
+                        raise DataError(f"{message} [rule: {rule}] (data.on_bad_record: skip skips such records)", rule)
+                    else:
+                        rule, message = value
+                        skipped[rule] += 1
+                        skipped_records.append(message)
+
+            files = write_shards(rows(), tmp / split, shard_metadata(coco.class_set, split, rules), settings.max_shard_mb)
+            written = sum(f["rows"] for f in files)
+            if not written:  # every image filtered or skipped: keep the previous shards
+                raise DataError(f"{coco.annotation_file}: split '{split}' has no image left to write ({filtered} below "
+                                f"min_train_area, {sum(skipped.values())} skipped); refusing to write an empty split",
+                                "empty split")
+            total_images += written + filtered + sum(skipped.values())
+            report["splits"][split] = {
+                "images": written,
+                "shards": len(files),
+                "filtered_min_area": filtered,
+                "skipped": sum(skipped.values()),
+                "skipped_by_rule": dict(sorted(skipped.items())),
+                # Of the pixels with a class (ignore excluded), the share that is not background.
+                "labelled_pixel_share": round(float(pixels[1:].sum() / max(int(pixels.sum()), 1)), 4),
+                "class_pixels": {c: int(p) for c, p in zip(coco.class_set.classes, pixels)},
+            }
+    elapsed = time.perf_counter() - started
+    log.info("sharded %d images from %s in %.1fs (%.1f images/s, %d workers)", total_images, root, elapsed,
+             total_images / max(elapsed, 1e-9), workers)
+    report["skipped_records"] = skipped_records
+    metrics, details = split_report(report)
+    if report_path is not None:
+        write_text_atomic(report_path, json.dumps(metrics, indent=2) + "\n")
+    if details_path is not None:
+        write_text_atomic(details_path, json.dumps(details, indent=2) + "\n")
+    return report
+
+
+# Per class or per record: too wide for `dvc metrics show`, so these go to the details file.
+_DETAIL_KEYS = ("classes", "skipped_records")
+_SPLIT_DETAIL_KEYS = ("class_pixels",)
+
+
+def split_report(report: dict) -> tuple[dict, dict]:
+    """A shard report as (metrics: what runs compare, details: per-class counts and skipped records)."""
+    metrics = {k: v for k, v in report.items() if k not in (*_DETAIL_KEYS, "splits")}
+    metrics["num_classes"] = len(report["classes"] or [])
+    metrics["splits"] = {split: {k: v for k, v in values.items() if k not in _SPLIT_DETAIL_KEYS}
+                         for split, values in report["splits"].items()}
+    details = {k: report.get(k) for k in _DETAIL_KEYS}
+    details["splits"] = {split: {k: values[k] for k in _SPLIT_DETAIL_KEYS}
+                         for split, values in report["splits"].items()}
+    return metrics, details
+
+
+def run_shard(cfg) -> dict:
+    """The `shard` stage: params.yaml -> data/shards + data/reports/shard.json (metrics) and
+    data/reports/shard_details.json."""
+    d, s = cfg.data, cfg.shard
+    return build_shards(
+        d.root,
+        s.out,
+        splits=d.splits,
+        class_set=d.class_set,
+        rules=LabelRules(crowd=d.crowd, overlap=d.overlap, min_train_area=d.min_train_area),
+        settings=ShardSettings(max_side=s.max_side, max_shard_mb=s.max_shard_mb, jpeg_quality=s.jpeg_quality,
+                               workers=s.workers),
+        on_bad_record=d.on_bad_record,
+        report_path=Path("data/reports/shard.json"),
+        details_path=Path("data/reports/shard_details.json"),
+    )
+
+
+# ---- reading ---------------------------------------------------------------------------------
