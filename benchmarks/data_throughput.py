@@ -38,7 +38,8 @@ from environment import machine, versions  # noqa: E402
 from seglab.atomic import write_text_atomic  # noqa: E402
 from seglab.data.coco import LabelRules, decode_image, label_map, load_split  # noqa: E402
 from seglab.data.pipeline import fit_to_size, make_dataset  # noqa: E402
-from seglab.data.shard_stage import ShardSettings, build_shards  # noqa: E402
+from seglab.config import ShardConfig  # noqa: E402
+from seglab.data.shard_stage import build_shards  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
                        seed=args.seed)
     with tempfile.TemporaryDirectory(prefix="seglab-bench-") as tmp:
         shards = Path(tmp) / "shards"
-        settings = ShardSettings(max_side=args.max_side, workers=args.workers)
+        settings = ShardConfig(max_side=args.max_side, workers=args.workers)
         runs = []
         for _ in range(args.runs):
             start = time.perf_counter()
@@ -150,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
         if args.ablation_max_side:
             full = Path(tmp) / "shards-full"
             build_shards(root, full, splits={args.split: splits[args.split]}, class_set=args.class_set,
-                         settings=ShardSettings(max_side=args.ablation_max_side, workers=args.workers))
+                         settings=ShardConfig(max_side=args.ablation_max_side, workers=args.workers))
             record["read_shards_ablation"] = {"max_side": args.ablation_max_side,
                                               **time_epochs(make_dataset(full, args.split, **read_kwargs), args.epochs)}
             record["speedup_ablation"] = (record["read_shards_ablation"]["images_per_s"]

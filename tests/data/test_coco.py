@@ -13,6 +13,7 @@ from pycocotools import mask as mask_utils
 from seglab.data.classes import IGNORE_INDEX, VOC20_COCO_IDS, resolve_class_set
 from seglab.data.coco import DataError, LabelRules, decode_image, label_map, load_split
 from seglab.data.shards import decode_label, read_split
+from seglab.config import ShardConfig
 from seglab.data.shard_stage import build_shards
 
 from .conftest import CATEGORIES, square
@@ -278,7 +279,7 @@ def test_coco_mini_shards_agree_with_independent_pycocotools_rasterisation(coco_
 
     build_shards(coco_mini, tmp_path / "s", splits={"val": "val2017"}, class_set="voc20",
                  rules=LabelRules(crowd="ignore", overlap="ignore"),
-                 settings=__import__("seglab.data.shard_stage", fromlist=["ShardSettings"]).ShardSettings(max_side=10_000))
+                 settings=ShardConfig(max_side=10_000))
     coco = COCO(str(coco_mini / "annotations" / "instances_val2017.json"))
     lut = {cid: i + 1 for i, cid in enumerate(VOC20_COCO_IDS)}
     table = read_split(tmp_path / "s", "val", ["image_id", "label", "class_pixels", "ignore_pixels"])

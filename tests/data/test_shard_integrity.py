@@ -32,14 +32,15 @@ from seglab.data.shards import (
     summarize_splits,
     write_shards,
 )
-from seglab.data.shard_stage import ShardSettings, build_shards
+from seglab.config import ShardConfig
+from seglab.data.shard_stage import build_shards
 from seglab.data.stats import pixel_counts
 from seglab.data.validate import validate_shards
 from seglab.digest import sha256_file
 
 SPLITS = {"train": "train2017", "val": "val2017"}
 CLASSES = ["person", "car"]
-ONE_IMAGE_PER_PART = ShardSettings(max_shard_mb=1e-6, workers=1)
+ONE_IMAGE_PER_PART = ShardConfig(max_shard_mb=1e-6, workers=1)
 
 
 def _files(d: Path) -> dict[str, bytes]:
@@ -226,6 +227,7 @@ _SLOW_SHARD = """
 import os, sys, time
 from pathlib import Path
 import seglab.data.shard_stage as shards
+from seglab.config import ShardConfig
 real = shards.process_image
 def slow(*a, **k):
     Path(sys.argv[3], str(os.getpid())).touch()
@@ -233,7 +235,7 @@ def slow(*a, **k):
     return real(*a, **k)
 shards.process_image = slow
 shards.build_shards(sys.argv[1], sys.argv[2], splits={"train": "train2017", "val": "val2017"},
-                    class_set=["person", "car"], settings=shards.ShardSettings(workers=int(sys.argv[5])))
+                    class_set=["person", "car"], settings=ShardConfig(workers=int(sys.argv[5])))
 """
 
 

@@ -17,7 +17,8 @@ import pytest
 from seglab.atomic import atomic_dir, atomic_path
 from seglab.data.coco import DataError
 from seglab.data.shards import SHARD_SCHEMA, decode_label, decode_rgb, read_classes, read_split, shard_files
-from seglab.data.shard_stage import ShardSettings, build_shards
+from seglab.config import ShardConfig
+from seglab.data.shard_stage import build_shards
 
 SPLITS = {"train": "train2017", "val": "val2017"}
 
@@ -48,7 +49,7 @@ def test_schema_metadata_and_contents(tiny_coco, tmp_path):
 
 def test_longer_side_is_capped_with_nearest_labels(tiny_coco, tmp_path):
     build_shards(tiny_coco.root, tmp_path / "s", splits=SPLITS, class_set=["person", "car"],
-                 settings=ShardSettings(max_side=30))
+                 settings=ShardConfig(max_side=30))
     row = read_split(tmp_path / "s", "val").slice(0, 1).to_pylist()[0]
     assert (row["height"], row["width"], row["orig_height"], row["orig_width"]) == (20, 30, 40, 60)
     label = decode_label(row["label"])
@@ -58,9 +59,9 @@ def test_longer_side_is_capped_with_nearest_labels(tiny_coco, tmp_path):
 
 @pytest.mark.coco_mini
 def test_coco_mini_shards_are_byte_identical_on_rerun_and_bounded_in_size(coco_mini, tmp_path):
-    settings = ShardSettings(max_shard_mb=1.0, workers=2)
+    settings = ShardConfig(max_shard_mb=1.0, workers=2)
     build_shards(coco_mini, tmp_path / "a", splits=SPLITS, settings=settings)
-    build_shards(coco_mini, tmp_path / "b", splits=SPLITS, settings=ShardSettings(max_shard_mb=1.0, workers=1))
+    build_shards(coco_mini, tmp_path / "b", splits=SPLITS, settings=ShardConfig(max_shard_mb=1.0, workers=1))
     a, b = _files(tmp_path / "a"), _files(tmp_path / "b")
     assert a.keys() == b.keys() and all(a[k] == b[k] for k in a), "shards differ between runs/worker counts"
     parts = shard_files(tmp_path / "a", "train")
@@ -85,6 +86,7 @@ def test_a_failure_in_a_later_split_keeps_the_previous_output_intact(tiny_coco, 
 _KILL_SCRIPT = """
 import sys, time
 import seglab.data.shard_stage as shards
+from seglab.config import ShardConfig
 real = shards.process_image
 def slow(*a, **k):
     time.sleep(0.2)
@@ -92,7 +94,7 @@ def slow(*a, **k):
 shards.process_image = slow
 print("started", flush=True)
 shards.build_shards(sys.argv[1], sys.argv[2], splits={"train": "train2017", "val": "val2017"},
-                    class_set=["person", "car"], settings=shards.ShardSettings(workers=1))
+                    class_set=["person", "car"], settings=ShardConfig(workers=1))
 """
 
 

@@ -22,9 +22,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from seglab.config import Config
+from seglab.config import Config, ShardConfig
 from seglab.data.sample import generate_sample
-from seglab.data.shard_stage import ShardSettings, build_shards
+from seglab.data.shard_stage import build_shards
 from seglab.data.shards import SHARD_SCHEMA, decode_label, decode_rgb, read_classes, read_split
 from seglab.data.manifest import write_manifest
 from seglab.data.synthetic import NONE_ACCEPTED, VALIDATION_FILE, accepted_synthetic_shards
@@ -51,7 +51,7 @@ def real_shards(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("sample")
     generate_sample(root / "coco", train_images=48, val_images=24, min_side=96, max_side=160, seed=0)
     build_shards(root / "coco", root / "shards", splits={"train": "train2017", "val": "val2017"},
-                 settings=ShardSettings(workers=1))
+                 settings=ShardConfig(workers=1))
     return root / "shards"
 
 
@@ -382,7 +382,7 @@ def unseen_real(tmp_path_factory):
     root = tmp_path_factory.mktemp("unseen")
     generate_sample(root / "coco", train_images=24, val_images=2, min_side=96, max_side=160, seed=1)
     build_shards(root / "coco", root / "shards", splits={"train": "train2017", "val": "val2017"},
-                 settings=ShardSettings(workers=1))
+                 settings=ShardConfig(workers=1))
     table = read_split(root / "shards", "train")
     images = [np.clip(square_resize(decode_rgb(b), SIZE), 0, 255).round().astype(np.uint8)
               for b in table.column("image").to_pylist()]

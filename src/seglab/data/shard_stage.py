@@ -20,7 +20,6 @@ import sys
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -28,20 +27,12 @@ import numpy as np
 from PIL import Image
 
 from seglab.atomic import atomic_dir, write_text_atomic
-from seglab.config import SPLIT_NAME
+from seglab.config import SPLIT_NAME, ShardConfig
 from seglab.data.classes import IGNORE_INDEX, ClassSet
 from seglab.data.coco import DataError, ImageTask, LabelRules, decode_image, encode_png, label_map, load_split
 from seglab.data.shards import shard_metadata, write_shards
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ShardSettings:
-    max_side: int = 320
-    max_shard_mb: float = 16.0
-    jpeg_quality: int = 95
-    workers: int = 2
 
 
 def _resize(image: np.ndarray, label: np.ndarray, max_side: int) -> tuple[np.ndarray, np.ndarray]:
@@ -62,7 +53,7 @@ def _encode_jpeg(image: np.ndarray, quality: int) -> bytes:
 
 
 def process_image(
-    task: ImageTask, class_set: ClassSet, rules: LabelRules, settings: ShardSettings, source: str
+    task: ImageTask, class_set: ClassSet, rules: LabelRules, settings: ShardConfig, source: str
 ) -> tuple[str, dict | str | tuple[str, str]]:
     """One image record -> ("row", row) | ("filtered", why) | ("error", (rule, message)). Runs in workers."""
     try:
@@ -140,14 +131,16 @@ def build_shards(
     splits: dict[str, str],
     class_set: str | list[str] = "voc20",
     rules: LabelRules = LabelRules(),
-    settings: ShardSettings = ShardSettings(),
+    settings: ShardConfig | None = None,
     on_bad_record: str = "error",
     report_path: str | Path | None = None,
     details_path: str | Path | None = None,
 ) -> dict:
     """COCO root -> `<out_dir>/<split>/part-*.parquet`; returns a report and optionally writes it:
     what runs compare to `report_path` (a DVC metric), per-class counts and skipped records to
-    `details_path`."""
+    `details_path`. `settings` (size, payload per part, JPEG quality, workers) defaults to
+    params.yaml's `shard` block."""
+    settings = settings if settings is not None else ShardConfig()
     root, out_dir = Path(root), Path(out_dir)
     source = root.resolve().name
     workers = settings.workers or os.cpu_count() or 1
@@ -241,8 +234,7 @@ def run_shard(cfg) -> dict:
         splits=d.splits,
         class_set=d.class_set,
         rules=LabelRules(crowd=d.crowd, overlap=d.overlap, min_train_area=d.min_train_area),
-        settings=ShardSettings(max_side=s.max_side, max_shard_mb=s.max_shard_mb, jpeg_quality=s.jpeg_quality,
-                               workers=s.workers),
+        settings=s,
         on_bad_record=d.on_bad_record,
         report_path=Path("data/reports/shard.json"),
         details_path=Path("data/reports/shard_details.json"),
