@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from seglab.atomic import atomic_dir
-from seglab.config import Config
+from seglab.config import Config, GanConfig, ShardConfig
 from seglab.data.classes import IGNORE_INDEX
 from seglab.data.shards import SHARD_SCHEMA, read_classes, shard_files, write_shards
 from seglab.gan import GANS
@@ -106,12 +106,12 @@ def synthesize(
     out_dir: str | Path,
     *,
     gan: str,
-    count: int = 120,
-    seed: int = 0,
+    count: int,
+    seed: int,
     size: int | None = None,
-    jpeg_quality: int = 95,
-    layout_mix: Sequence[float] = (1.0, 1.0, 1.0),
-    max_shard_mb: float = 16.0,
+    jpeg_quality: int | None = None,
+    layout_mix: Sequence[float] | None = None,
+    max_shard_mb: float | None = None,
     batch_size: int = 32,
     split: str = "train",
 ) -> dict:
@@ -119,7 +119,12 @@ def synthesize(
 
     `shard_dir`: the real shards, whose `split` supplies the class list and metadata (and, for
     pix2pix, the layouts). `size`: side the pairs are enlarged to (None: the GAN size).
+    `jpeg_quality` / `max_shard_mb` (None: params.yaml's `shard` block, as real shards are written)
+    and `layout_mix` (None: params.yaml's `gan.layout_mix`).
     """
+    jpeg_quality = ShardConfig().jpeg_quality if jpeg_quality is None else jpeg_quality
+    max_shard_mb = ShardConfig().max_shard_mb if max_shard_mb is None else max_shard_mb
+    layout_mix = GanConfig().layout_mix if layout_mix is None else layout_mix
     from seglab.gan.common import describe_labels, labels_to_one_hot, layouts_from_shards, render, save_sample_grid
 
     if gan not in GANS:
