@@ -182,7 +182,8 @@ class TrainConfig(_Section):
     encoder_lr_multiplier: float = Field(gt=0)
     encoder_batchnorm: Literal["frozen", "train"]
     early_stopping_patience: int = Field(ge=1)
-    reduce_lr_patience: int = Field(ge=1)
+    # null: no plateau reductions, the warmup/cosine schedule alone sets the learning rate.
+    reduce_lr_patience: int | None = Field(ge=1)
     commit_every_seconds: float = Field(ge=0)  # resume commits at most this often (0: every epoch)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
 

@@ -545,6 +545,19 @@ def test_plateau_lowers_the_schedule_scale_not_its_shape():
     assert float(schedule(50)) == pytest.approx(0.2 * float(base(50)), rel=1e-6)
 
 
+def test_without_plateau_patience_the_learning_rate_is_the_schedule_alone(tmp_path):
+    # Random labels: val_miou stalls at once, which with a patience would lower the scale.
+    keras.utils.set_random_seed(0)
+    settings = tiny_settings(epochs=4, steps_per_epoch=2, batch_size=4, learning_rate=1e-2, warmup_epochs=1,
+                             reduce_lr_patience=None)
+    result = train_model(tiny_segmenter, random_batches(2).repeat(), random_batches(1, seed=1), settings,
+                         state_dir=tmp_path / "state", verbose=0)
+    schedule = warmup_cosine_schedule(1e-2, total_steps=8, warmup_steps=2)
+    # history's lr is the rate at the optimizer's step count after each epoch
+    expected = [float(schedule(2 * (epoch + 1))) for epoch in range(4)]
+    assert [row["lr"] for row in result.history] == pytest.approx(expected, rel=1e-5)
+
+
 def test_warmup_then_cosine_decay():
     schedule = warmup_cosine_schedule(1e-3, total_steps=40, warmup_steps=10)
     values = np.array([float(schedule(step)) for step in range(41)])

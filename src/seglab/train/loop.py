@@ -203,20 +203,21 @@ def train_model(
 
         backup_dir = state_dir / "backup"
         recorder = EpochRecorder(settings.steps_per_epoch * settings.batch_size)
-        plateau = ScheduleReduceLROnPlateau(schedule, monitor=MONITOR, mode="max", factor=REDUCE_LR_FACTOR,
-                                            patience=t.reduce_lr_patience, min_scale=MIN_LR_SCALE)
+        plateau = None if t.reduce_lr_patience is None else ScheduleReduceLROnPlateau(
+            schedule, monitor=MONITOR, mode="max", factor=REDUCE_LR_FACTOR,
+            patience=t.reduce_lr_patience, min_scale=MIN_LR_SCALE)
         stopping = keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=t.early_stopping_patience)
         checkpoint = keras.callbacks.ModelCheckpoint(
             ResumableBackup.checkpoint_path(backup_dir), monitor=MONITOR, mode="max",
             save_best_only=True, save_weights_only=True)
-        recipe = [recorder, plateau, stopping, checkpoint, keras.callbacks.TerminateOnNaN()]
+        recipe = [c for c in (recorder, plateau, stopping, checkpoint, keras.callbacks.TerminateOnNaN()) if c is not None]
         if freezing:
             recipe.insert(1, UnfreezeEncoder(settings.freeze_encoder_epochs, train_batchnorm=train_batchnorm))
         # Everything the rest of the run depends on, committed with each epoch: without the
         # checkpoint's best score a resumed run would keep its first epoch as the best.
         stateful = {
             "history": recorder,
-            "plateau": AttributeState(plateau, ("wait", "best", "cooldown_counter")),
+            **({"plateau": AttributeState(plateau, ("wait", "best", "cooldown_counter"))} if plateau else {}),
             "lr_scale": VariableState(schedule.scale, "scale"),
             "early_stopping": AttributeState(stopping, ("wait", "best", "best_epoch", "stopped_epoch")),
             "checkpoint": AttributeState(checkpoint, ("best",)),
