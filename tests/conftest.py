@@ -29,10 +29,46 @@ def coco_mini() -> Path:
     return COCO_MINI
 
 
+# CamVid as its public release lays it out (images + label maps): the label-map format's real data.
+CAMVID = (REPO / ".." / "shared" / "data" / "camvid").resolve()
+_CAMVID_PRESENT = all((CAMVID / folder).is_dir() for folder in ("train", "trainannot", "val", "valannot"))
+
+requires_camvid = pytest.mark.skipif(
+    not _CAMVID_PRESENT,
+    reason=f"CamVid not found at {CAMVID} (CI provides it; .ci/run fails without it)",
+)
+
+
+@pytest.fixture
+def camvid() -> Path:
+    if not _CAMVID_PRESENT:
+        pytest.skip(f"CamVid not found at {CAMVID} (train/, trainannot/, val/, valannot/)")
+    return CAMVID
+
+
+# A few CamVid pairs per split, with void (11) in every label map; tests copy these, never the set.
+CAMVID_PICK = {"train": ["0001TP_006690", "0006R0_f02910", "0016E5_00390", "0016E5_08640"],
+               "val": ["0016E5_07959", "0016E5_08019", "0016E5_08159"]}
+
+
+def copy_camvid_pairs(dest: Path) -> Path:
+    """CAMVID_PICK's pairs copied into `dest` in CamVid's layout (<split>/ and <split>annot/); `dest`'s
+    name becomes the shards' `source`."""
+    for split, names in CAMVID_PICK.items():
+        for folder in (split, f"{split}annot"):
+            (dest / folder).mkdir(parents=True)
+            for name in names:
+                shutil.copyfile(CAMVID / folder / f"{name}.png", dest / folder / f"{name}.png")
+    return dest
+
+
 def pytest_sessionstart(session):
-    # CI sets this so that real-data tests can never pass by being skipped.
+    # CI sets these so that real-data tests can never pass by being skipped.
     if os.environ.get("SEGLAB_REQUIRE_COCO_MINI") == "1" and not COCO_MINI.is_dir():
         pytest.exit(f"SEGLAB_REQUIRE_COCO_MINI=1 but {COCO_MINI} is missing", returncode=1)
+    if os.environ.get("SEGLAB_REQUIRE_CAMVID") == "1" and not _CAMVID_PRESENT:
+        pytest.exit(f"SEGLAB_REQUIRE_CAMVID=1 but {CAMVID} (train/, trainannot/, val/, valannot/) is missing",
+                    returncode=1)
 
 
 # ---- scratch repos: the project's pipeline in a throwaway git+DVC repo -------------------------

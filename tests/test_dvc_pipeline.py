@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from pathlib import Path
 
 import pytest
 import yaml
 
-from .conftest import COCO_MINI, make_scratch_repo, requires_coco_mini
+from .conftest import (
+    COCO_MINI,
+    REPO,
+    copy_camvid_pairs,
+    make_scratch_repo,
+    requires_camvid,
+    requires_coco_mini,
+)
 from .conftest import run_command as _run
 from .stage_deps import stage_dependency_problems
 
@@ -57,6 +65,27 @@ def test_dvc_exp_run_switches_to_a_real_coco_root(scratch_repo):
     details = json.loads((scratch_repo / "data/reports/shard_details.json").read_text())
     assert len(details["classes"]) == 81 and len(details["splits"]["val"]["class_pixels"]) == 81
     assert report["splits"]["train"]["images"] == 158 and report["splits"]["val"]["images"] == 133
+
+
+@requires_camvid
+@pytest.mark.camvid
+def test_dvc_exp_run_switches_to_camvid_label_maps_as_docs_labelmaps_md_says(scratch_repo, tmp_path, monkeypatch):
+    # docs/labelmaps.md's command, on a few CamVid pairs; the stages it runs read what dvc.yaml declares.
+    [command] = re.findall(r"```bash\n(dvc exp run .*?)```", (REPO / "docs" / "labelmaps.md").read_text(),
+                           flags=re.DOTALL)
+    subset = copy_camvid_pairs(tmp_path / "few" / "camvid")
+    words = [w.replace("../shared/data/camvid", str(subset)) for w in shlex.split(command.replace("\\\n", " "))]
+    assert "data.format=labelmaps" in words and f"data.root={subset}" in words
+    monkeypatch.setenv("SEGLAB_TRACE", str(tmp_path / "traces"))
+    proc = _run([*words[:3], "validate_data", *words[3:]], scratch_repo)
+    assert "Running stage 'shard'" in proc.stdout and "Running stage 'validate_data'" in proc.stdout, proc.stdout
+    assert "Running stage 'sample'" not in proc.stdout  # a label-map root does not need the embedded sample
+    assert stage_dependency_problems(scratch_repo, tmp_path / "traces", {"shard", "validate_data"}) == {}
+    report = json.loads((scratch_repo / "data/reports/shard.json").read_text())
+    assert report["source"] == "camvid" and report["class_set"] == "camvid11" and report["num_classes"] == 11
+    assert report["splits"]["train"]["images"] == 4 and report["splits"]["val"]["images"] == 3
+    summary = json.loads((scratch_repo / "data/reports/validation/summary.json").read_text())
+    assert summary["success"] and summary["num_classes"] == 11
 
 
 def test_bad_params_fail_with_the_key_named(scratch_repo):

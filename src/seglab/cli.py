@@ -99,7 +99,7 @@ def _download_coco(cfg, args) -> dict:
 
 STAGES: dict[str, tuple[Callable, str]] = {
     "sample": (_sample, "generate the embedded default COCO-format dataset (params: sample, seed)"),
-    "shard": (_shard, "COCO root -> Parquet shards (params: data, shard)"),
+    "shard": (_shard, "COCO root or images + label maps (data.format) -> Parquet shards (params: data, shard)"),
     "validate-data": (_validate_data, "check the shards with the Great Expectations suite (params: validate)"),
     "train": (_train, "train one model from params `models` (params: profile, train, models.NAME)"),
     "evaluate": (_evaluate, "evaluate one trained model on the validation split, plain and with TTA"),

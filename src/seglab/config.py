@@ -73,19 +73,92 @@ class SampleConfig(_Section):
 SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
+class LabelMapLayout(BaseModel):
+    """Where one split of an images + label maps dataset lies under `data.root` (`data.format: labelmaps`).
+
+    Without `list_file`, each file in the `images` folder pairs with the file in `labels` that has the
+    same name once the suffix is removed (CamVid: train/x.png + trainannot/x.png): `image_suffix` /
+    `label_suffix` where given (which also select the files), else the extension. With `list_file`
+    (Pascal VOC's ImageSets/Segmentation/<split>.txt), each line names one pair:
+    `<images>/<line><image_suffix>` and `<labels>/<line><label_suffix>`. Paths are relative to data.root.
+    """
+
+    # Not a _Section: the mapping is read as a whole (`data.splits`, by the shard and validate stages).
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    images: str = Field(min_length=1)
+    labels: str = Field(min_length=1)
+    list_file: str | None = None
+    image_suffix: str | None = None
+    label_suffix: str | None = None
+
+    @model_validator(mode="after")
+    def _pairs_can_be_told_apart(self) -> LabelMapLayout:
+        if self.list_file is not None and (not self.image_suffix or not self.label_suffix):
+            raise ValueError("a split with list_file needs image_suffix and label_suffix (e.g. .jpg and .png): "
+                             "the list names each pair without its suffixes")
+        if self.images == self.labels and (not self.image_suffix or not self.label_suffix
+                                           or self.image_suffix == self.label_suffix):
+            raise ValueError(f"images and labels are the same folder {self.images!r}: give two different "
+                             "image_suffix and label_suffix to tell the files apart")
+        return self
+
+
+class LabelMapsConfig(_Section):
+    """Classes of an images + label maps dataset (`data.format: labelmaps`) and how stored label
+    values become them: `value_map` (stored value -> class index; null: stored value i is class i
+    for every class) and `ignore` (stored values that become 255, e.g. CamVid's void 11, VOC's border
+    255). Any other stored value is a bad record."""
+
+    class_set: str = Field(min_length=1)  # the class list's name, stored with the shards (seglab.class_set)
+    classes: list[str]                    # class names by label value 0..N-1
+    value_map: dict[int, int] | None = None
+    ignore: list[int] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> LabelMapsConfig:
+        if not self.classes:
+            raise ValueError("data.labelmaps.classes must name at least one class")
+        if len(self.classes) > 255:
+            raise ValueError(f"data.labelmaps.classes has {len(self.classes)} classes; at most 255 fit in a uint8 "
+                             "label map (values 0..254; 255 is ignore)")
+        dupes = sorted({c for c in self.classes if self.classes.count(c) > 1})
+        if dupes:
+            raise ValueError(f"data.labelmaps.classes: classes listed twice: {dupes}")
+        stored = list(self.ignore) + list(self.value_map or {})
+        if any(v < 0 for v in stored):
+            raise ValueError("data.labelmaps: stored label values (value_map keys, ignore) must be >= 0")
+        both = sorted(set(self.ignore) & set(self.value_map or {}))
+        if both:
+            raise ValueError(f"data.labelmaps: stored values {both} are both in value_map and in ignore")
+        if self.value_map is None:
+            both = sorted(set(self.ignore) & set(range(len(self.classes))))
+            if both:
+                raise ValueError(f"data.labelmaps: stored values {both} are classes (value_map null: value i is "
+                                 f"class i for i < {len(self.classes)}) and in ignore; give a value_map")
+        else:
+            bad = {k: v for k, v in self.value_map.items() if not 0 <= v < len(self.classes)}
+            if bad:
+                raise ValueError(f"data.labelmaps.value_map: {bad} map to no class (class indices are "
+                                 f"0..{len(self.classes) - 1}; stored values to ignore go in data.labelmaps.ignore)")
+        return self
+
+
 class DataConfig(_Section):
     params_key: ClassVar[str] = "data"
+    format: Literal["coco", "labelmaps"]
     root: Path
-    splits: dict[str, str]
+    # Split name -> a COCO image folder (format coco) or a LabelMapLayout (format labelmaps).
+    splits: dict[str, str | LabelMapLayout]
     class_set: Literal["all80", "voc20"] | list[str]
     crowd: Literal["ignore", "label", "background"]
     overlap: Literal["ignore", "last"]
     min_train_area: int = Field(ge=0)
     on_bad_record: Literal["error", "skip"]
+    labelmaps: LabelMapsConfig | None
 
     @field_validator("splits")
     @classmethod
-    def _splits_nonempty(cls, v: dict[str, str]) -> dict[str, str]:
+    def _splits_nonempty(cls, v: dict[str, str | LabelMapLayout]) -> dict[str, str | LabelMapLayout]:
         if not v:
             raise ValueError("data.splits must name at least one split")
         for name in v:
@@ -93,6 +166,23 @@ class DataConfig(_Section):
                 raise ValueError(f"data.splits: split name {name!r} may use only letters, digits, '_' and '-' "
                                  "(it becomes a folder under shard.out)")
         return v
+
+    @model_validator(mode="after")
+    def _splits_fit_the_format(self) -> DataConfig:
+        if self.format == "coco":
+            odd = sorted(name for name, where in self.splits.items() if not isinstance(where, str))
+            if odd:
+                raise ValueError(f"data.splits: {odd} give images/labels folders, but data.format is coco (a COCO "
+                                 "image folder per split); set data.format: labelmaps for images + label maps")
+        else:
+            odd = sorted(name for name, where in self.splits.items() if not isinstance(where, LabelMapLayout))
+            if odd:
+                raise ValueError(f"data.splits: {odd} name a COCO image folder, but data.format is labelmaps: give "
+                                 "{images: FOLDER, labels: FOLDER} (and list_file, image_suffix, label_suffix)")
+            if self.labelmaps is None:
+                raise ValueError("data.format is labelmaps but data.labelmaps is null: give its class_set, classes "
+                                 "and the stored values to ignore (docs/labelmaps.md has CamVid and VOC)")
+        return self
 
 
 class ShardConfig(_Section):

@@ -1,7 +1,8 @@
 """Class sets: which COCO categories become which label value.
 
 Label value 0 is background, 1..N are the set's classes in the listed order, 255 is ignore.
-Categories outside the set are background.
+Categories outside the set are background. (A label-map dataset lists its classes itself:
+seglab.data.labelmaps.)
 """
 
 from __future__ import annotations
@@ -24,11 +25,15 @@ VOC20_COCO_IDS = (5, 2, 16, 9, 44, 6, 3, 17, 62, 21, 67, 18, 19, 4, 1, 64, 20, 6
 
 @dataclass(frozen=True)
 class ClassSet:
-    """A mapping from COCO category ids to contiguous label values."""
+    """The classes of a label map by label value; for COCO, which category ids they come from.
 
-    name: str                       # "all80", "voc20" or "custom"
-    classes: tuple[str, ...]        # label value -> class name; classes[0] == "background"
-    category_ids: tuple[int, ...]   # label value -> COCO category id; 0 for background
+    A label-map dataset's set (seglab.data.labelmaps) has no category ids: its value map says where
+    each class comes from, and its class 0 is the dataset's own (VOC's background, CamVid's sky).
+    """
+
+    name: str                       # "all80", "voc20", "custom" or a label-map dataset's name for its list
+    classes: tuple[str, ...]        # label value -> class name; COCO sets: classes[0] == "background"
+    category_ids: tuple[int, ...]   # label value -> COCO category id, 0 for background; () for label maps
 
     @property
     def num_classes(self) -> int:

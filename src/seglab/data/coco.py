@@ -87,6 +87,11 @@ class ImageTask:
     annotations: list[dict]
     record: str  # human-readable location of the image record, for error messages
 
+    def image_and_label(self, class_set: ClassSet, rules: LabelRules) -> tuple[np.ndarray, np.ndarray]:
+        """The RGB image and its label map (rasterised from the annotations). Runs in shard workers."""
+        image = decode_image(self.path, (self.height, self.width), self.record)
+        return image, label_map(self.annotations, self.height, self.width, class_set, rules)
+
 
 @dataclass
 class CocoSplit:
@@ -98,6 +103,11 @@ class CocoSplit:
     tasks: list[ImageTask]
     skipped: Counter = field(default_factory=Counter)  # reason -> count
     skipped_records: list[str] = field(default_factory=list)
+
+    @property
+    def location(self) -> Path:
+        """Where the split's annotations are, for messages about the split as a whole."""
+        return self.annotation_file
 
 
 def annotation_path(root: Path, folder: str) -> Path:
@@ -157,8 +167,9 @@ def _check_image_record(rec: Any) -> tuple[str, str] | None:
     return None
 
 
-def _links_outside(image_dir_real: str, path: Path, name: str) -> bool:
-    """Whether `path` resolves outside the image folder through a symlink (file or sub-folder)."""
+def links_outside(image_dir_real: str, path: Path, name: str) -> bool:
+    """Whether `path` (the folder's entry `name`) resolves outside the folder whose real path is
+    `image_dir_real`: through a symlink (file or sub-folder), or by '..' or an absolute `name`."""
     if "/" not in name and not os.path.islink(path):
         return False  # a plain entry of the folder itself: one lstat instead of resolving every part
     return os.path.commonpath([image_dir_real, os.path.realpath(path)]) != image_dir_real
@@ -287,7 +298,7 @@ def load_split(
         problem = _check_image_record(rec)
         if problem is None and rec["id"] in images:
             problem = "duplicate image id", f"duplicate image id {rec['id']} (first at {locations[rec['id']]})"
-        if problem is None and _links_outside(image_dir_real, image_dir / rec["file_name"], rec["file_name"]):
+        if problem is None and links_outside(image_dir_real, image_dir / rec["file_name"], rec["file_name"]):
             problem = ("file_name escapes the image folder",
                        f"file_name {rec['file_name']!r} resolves outside the image folder (through a symlink)")
         if problem is not None:
@@ -399,8 +410,9 @@ def label_map(
     return label
 
 
-def decode_image(path: Path, expected_hw: tuple[int, int], record: str) -> np.ndarray:
-    """Read an image file as uint8 RGB (H, W, 3) in the orientation the record's size describes."""
+def decode_image(path: Path, expected_hw: tuple[int, int], record: str, expected_from: str = "record") -> np.ndarray:
+    """Read an image file as uint8 RGB (H, W, 3) in the orientation the size `expected_hw` describes;
+    `expected_from` names where that size comes from (the annotation record, a label map)."""
     try:
         with Image.open(path) as im:  # reads the header only
             if im.width * im.height > MAX_IMAGE_PIXELS:
@@ -413,8 +425,9 @@ def decode_image(path: Path, expected_hw: tuple[int, int], record: str) -> np.nd
                 im = upright
             elif (im.height, im.width) != expected_hw:
                 raise DataError(
-                    f"{record}: image {path} is {im.height}x{im.width} (HxW) but the record says {expected_hw[0]}x{expected_hw[1]}",
-                    rule="image size disagrees with record",
+                    f"{record}: image {path} is {im.height}x{im.width} (HxW) but the {expected_from} says "
+                    f"{expected_hw[0]}x{expected_hw[1]}",
+                    rule=f"image size disagrees with {expected_from}",
                 )
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 # 16/32-bit greyscale: scale to 8 bits rather than clip.

@@ -1,6 +1,8 @@
-"""The `shard` stage: a COCO root -> label maps -> Parquet shards per split (`seglab shard`).
+"""The `shard` stage: a dataset -> label maps -> Parquet shards per split (`seglab shard`).
 
-Images are decoded and rasterised in a process pool; the one writer (`seglab.data.shards`)
+The dataset is a COCO root (instances rasterised by `seglab.data.coco`) or images + label maps
+(`seglab.data.labelmaps`); both give one task per image, and everything after is shared.
+Images are decoded and label maps made in a process pool; the one writer (`seglab.data.shards`)
 writes the parts and manifests into an atomic folder, so a failed or killed run leaves the
 previous shards as they were. A lock on `<out>.lock` keeps a second run from cleaning up the
 first one's temporary folder.
@@ -19,17 +21,20 @@ import signal
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image
 
 from seglab.atomic import atomic_dir, write_text_atomic
-from seglab.config import SPLIT_NAME, ShardConfig
+from seglab.config import SPLIT_NAME, LabelMapLayout, ShardConfig
 from seglab.data.classes import IGNORE_INDEX, ClassSet
-from seglab.data.coco import DataError, ImageTask, LabelRules, decode_image, encode_png, label_map, load_split
+from seglab.data.coco import CocoSplit, DataError, ImageTask, LabelRules, encode_png, load_split
+from seglab.data.labelmaps import (
+    LabelMapRules, LabelMapSplit, LabelMapTask, labelmap_classes, load_labelmap_split,
+)
 from seglab.data.shards import shard_metadata, write_shards
 
 log = logging.getLogger(__name__)
@@ -53,14 +58,15 @@ def _encode_jpeg(image: np.ndarray, quality: int) -> bytes:
 
 
 def process_image(
-    task: ImageTask, class_set: ClassSet, rules: LabelRules, settings: ShardConfig, source: str
+    task: ImageTask | LabelMapTask, class_set: ClassSet, rules: LabelRules | LabelMapRules, settings: ShardConfig,
+    source: str,
 ) -> tuple[str, dict | str | tuple[str, str]]:
     """One image record -> ("row", row) | ("filtered", why) | ("error", (rule, message)). Runs in workers."""
     try:
-        image = decode_image(task.path, (task.height, task.width), task.record)
-        label = label_map(task.annotations, task.height, task.width, class_set, rules)
+        image, label = task.image_and_label(class_set, rules)
     except DataError as e:
         return "error", (e.rule, str(e))
+    orig_height, orig_width = label.shape
     if task.split == "train" and rules.min_train_area > 0:
         labelled = int(np.count_nonzero((label > 0) & (label != IGNORE_INDEX)))
         if labelled < rules.min_train_area:
@@ -74,8 +80,8 @@ def process_image(
         "source": source,
         "height": int(label.shape[0]),
         "width": int(label.shape[1]),
-        "orig_height": task.height,
-        "orig_width": task.width,
+        "orig_height": orig_height,
+        "orig_width": orig_width,
         "image": _encode_jpeg(image, settings.jpeg_quality),
         "label": encode_png(label),
         "class_pixels": [int(c) for c in counts[: class_set.num_classes]],
@@ -124,22 +130,41 @@ def _sole_writer(out_dir: Path) -> Iterator[None]:
         yield
 
 
+def _load_split(root: Path, split: str, where: str | LabelMapLayout, class_set: str | list[str] | ClassSet,
+                rules: LabelRules | LabelMapRules, on_bad_record: str) -> CocoSplit | LabelMapSplit:
+    """One split's tasks. The rules say the format: COCO's instance rules, or a label-map value map."""
+    if isinstance(rules, LabelMapRules):
+        if not (isinstance(where, LabelMapLayout) and isinstance(class_set, ClassSet)):
+            raise TypeError(f"label-map rules need a LabelMapLayout per split and a ClassSet, got {where!r} and "
+                            f"{class_set!r}")
+        return load_labelmap_split(root, split, where, class_set, on_bad_record)
+    if not isinstance(where, str) or isinstance(class_set, ClassSet):
+        raise TypeError(f"COCO rules need an image folder per split and a class set spec, got {where!r} and "
+                        f"{class_set!r}")
+    return load_split(root, split, where, class_set, on_bad_record)
+
+
 def build_shards(
     root: str | Path,
     out_dir: str | Path,
     *,
-    splits: dict[str, str],
-    class_set: str | list[str] = "voc20",
-    rules: LabelRules = LabelRules(),
+    splits: Mapping[str, str | LabelMapLayout],
+    class_set: str | list[str] | ClassSet = "voc20",
+    rules: LabelRules | LabelMapRules = LabelRules(),
     settings: ShardConfig | None = None,
     on_bad_record: str = "error",
     report_path: str | Path | None = None,
     details_path: str | Path | None = None,
 ) -> dict:
-    """COCO root -> `<out_dir>/<split>/part-*.parquet`; returns a report and optionally writes it:
+    """A dataset -> `<out_dir>/<split>/part-*.parquet`; returns a report and optionally writes it:
     what runs compare to `report_path` (a DVC metric), per-class counts and skipped records to
     `details_path`. `settings` (size, payload per part, JPEG quality, workers) defaults to
-    params.yaml's `shard` block."""
+    params.yaml's `shard` block.
+
+    COCO (`rules`: LabelRules): `splits` maps each split to its image folder, `class_set` is a class
+    set spec (all80, voc20, a list of category names). Images + label maps (`rules`: LabelMapRules,
+    with the ClassSet from `seglab.data.labelmaps.labelmap_classes`): `splits` maps each split to a
+    LabelMapLayout."""
     settings = settings if settings is not None else ShardConfig()
     root, out_dir = Path(root), Path(out_dir)
     source = root.resolve().name
@@ -153,17 +178,17 @@ def build_shards(
             raise DataError(f"split name {split!r} may use only letters, digits, '_' and '-' (it becomes a folder "
                             f"under {out_dir})", "bad split name")
     with _sole_writer(out_dir), atomic_dir(out_dir) as tmp:
-        for split, folder in splits.items():
-            coco = load_split(root, split, folder, class_set, on_bad_record)  # raises DataError
-            report["class_set"], report["classes"] = coco.class_set.name, list(coco.class_set.classes)
-            skipped: Counter = Counter(coco.skipped)
-            skipped_records += coco.skipped_records
+        for split, where in splits.items():
+            loaded = _load_split(root, split, where, class_set, rules, on_bad_record)  # raises DataError
+            report["class_set"], report["classes"] = loaded.class_set.name, list(loaded.class_set.classes)
+            skipped: Counter = Counter(loaded.skipped)
+            skipped_records += loaded.skipped_records
             filtered = 0
-            pixels = np.zeros(coco.class_set.num_classes, np.int64)
+            pixels = np.zeros(loaded.class_set.num_classes, np.int64)
 
             def rows() -> Iterator[dict]:
                 nonlocal filtered
-                args = [(t, coco.class_set, rules, settings, source) for t in coco.tasks]
+                args = [(t, loaded.class_set, rules, settings, source) for t in loaded.tasks]
                 for kind, value in _results(args, workers):
                     if kind == "row":
                         pixels[:] += value["class_pixels"]
@@ -178,10 +203,11 @@ def build_shards(
                         skipped[rule] += 1
                         skipped_records.append(message)
 
-            files = write_shards(rows(), tmp / split, shard_metadata(coco.class_set, split, rules), settings.max_shard_mb)
+            files = write_shards(rows(), tmp / split, shard_metadata(loaded.class_set, split, rules),
+                                 settings.max_shard_mb)
             written = sum(f["rows"] for f in files)
             if not written:  # every image filtered or skipped: keep the previous shards
-                raise DataError(f"{coco.annotation_file}: split '{split}' has no image left to write ({filtered} below "
+                raise DataError(f"{loaded.location}: split '{split}' has no image left to write ({filtered} below "
                                 f"min_train_area, {sum(skipped.values())} skipped); refusing to write an empty split",
                                 "empty split")
             total_images += written + filtered + sum(skipped.values())
@@ -193,7 +219,7 @@ def build_shards(
                 "skipped_by_rule": dict(sorted(skipped.items())),
                 # Of the pixels with a class (ignore excluded), the share that is not background.
                 "labelled_pixel_share": round(float(pixels[1:].sum() / max(int(pixels.sum()), 1)), 4),
-                "class_pixels": {c: int(p) for c, p in zip(coco.class_set.classes, pixels)},
+                "class_pixels": {c: int(p) for c, p in zip(loaded.class_set.classes, pixels)},
             }
     elapsed = time.perf_counter() - started
     log.info("sharded %d images from %s in %.1fs (%.1f images/s, %d workers)", total_images, root, elapsed,
@@ -228,12 +254,16 @@ def run_shard(cfg) -> dict:
     """The `shard` stage: params.yaml -> data/shards + data/reports/shard.json (metrics) and
     data/reports/shard_details.json."""
     d, s = cfg.data, cfg.shard
+    if d.format == "labelmaps":
+        class_set, rules = labelmap_classes(d.labelmaps, d.min_train_area)
+    else:
+        class_set, rules = d.class_set, LabelRules(crowd=d.crowd, overlap=d.overlap, min_train_area=d.min_train_area)
     return build_shards(
         d.root,
         s.out,
         splits=d.splits,
-        class_set=d.class_set,
-        rules=LabelRules(crowd=d.crowd, overlap=d.overlap, min_train_area=d.min_train_area),
+        class_set=class_set,
+        rules=rules,
         settings=s,
         on_bad_record=d.on_bad_record,
         report_path=Path("data/reports/shard.json"),

@@ -21,7 +21,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -34,6 +34,9 @@ from seglab.data.coco import LabelRules
 from seglab.data.manifest import (  # noqa: F401 (shard_files and friends are part of this module's API)
     MANIFEST_FILE, ShardIntegrityError, manifest_entry, open_shard, shard_files, write_manifest, write_manifest_entries,
 )
+
+if TYPE_CHECKING:  # readers of shards need not load the label-map reader
+    from seglab.data.labelmaps import LabelMapRules
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +62,8 @@ _COMPRESSION = {f.name: ("NONE" if f.name in ("image", "label") else "ZSTD") for
 _ROW_GROUP_ROWS = 64  # readers stream a row group at a time
 
 
-def shard_metadata(class_set: ClassSet, split: str, rules: LabelRules, extra: dict | None = None) -> dict[bytes, bytes]:
+def shard_metadata(class_set: ClassSet, split: str, rules: LabelRules | LabelMapRules,
+                   extra: dict | None = None) -> dict[bytes, bytes]:
     meta = {
         "seglab.schema_version": SCHEMA_VERSION,
         "seglab.classes": json.dumps(list(class_set.classes)),
