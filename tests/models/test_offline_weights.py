@@ -293,7 +293,7 @@ def test_pretrained_weights_with_other_width_fail_clearly(backbone, cache_dir):
 
 def test_unknown_backbone_has_no_offline_weights():
     model = BUILDERS["mobilenetv2"]((64, 64, 3))
-    expected = "no offline ImageNet weights for resnet50; available: mobilenetv2, efficientnet_lite0"
+    expected = "no offline ImageNet weights for resnet50; available: xception, mobilenetv2, efficientnet_lite0"
     with pytest.raises(ValueError, match=expected):
         load_backbone_weights(model, "resnet50", "imagenet-offline")
 

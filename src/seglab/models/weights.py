@@ -1,15 +1,15 @@
-"""Pretrained ImageNet weights into a backbone: the one entry point, and the PyTorch checkpoint conversion.
+"""Pretrained ImageNet weights into a backbone: the one entry point, and the conversion of packaged files.
 
 `weights` means, everywhere in seglab: ``None`` (random initialisation, logged, never implied);
-``"imagenet"`` (downloaded, hash-checked); ``"imagenet-offline"`` (the checkpoint a registry package
-ships, no network); or a path: ``.pth``/``.pt`` = a PyTorch state dict in the layout of the
-backbone's checkpoint, ``.npz`` = converted weights as written to the cache. Which source a backbone
-has is its entry in `seglab.models.backbones`.
+``"imagenet"`` (downloaded, hash-checked); ``"imagenet-offline"`` (the checkpoint, or the Keras
+model nesting the backbone, that a registry package ships; no network); or a path: ``.pth``/``.pt``
+= a PyTorch state dict in the layout of the backbone's checkpoint, ``.npz`` = converted weights as
+written to the cache. Which source a backbone has is its entry in `seglab.models.backbones`.
 
-Reading a ``.pth`` needs torch (optional), once: converted weights are cached as ``.npz`` under
-``$SEGLAB_CACHE/weights`` (default ``~/.cache/seglab/weights``), keyed by the checkpoint's sha256,
-so later loads need neither torch nor the package, and "imagenet"/"imagenet-offline" (the same
-bytes) share one entry.
+Reading a ``.pth`` needs torch (optional), once; reading a packaged ``.keras`` model needs its
+package, once: converted weights are cached as ``.npz`` under ``$SEGLAB_CACHE/weights`` (default
+``~/.cache/seglab/weights``), keyed by the packaged file's sha256, so later loads need neither torch
+nor the package, and "imagenet"/"imagenet-offline" of a checkpoint (the same bytes) share one entry.
 """
 
 from __future__ import annotations
@@ -28,9 +28,16 @@ import keras
 import numpy as np
 
 from seglab.atomic import atomic_path
-from seglab.models.backbones import Backbone, entry, offline_backbones
-from seglab.models.keras_applications import load_keras_applications_imagenet
-from seglab.models.sources import LoadedWeights, WeightsUnavailableError, download_imagenet_file
+from seglab.digest import sha256_file
+from seglab.models.backbones import Backbone, build_backbone, entry, offline_backbones
+from seglab.models.keras_applications import load_keras_applications_imagenet, packaged_backbone_layers
+from seglab.models.sources import (
+    LoadedWeights,
+    PackagedKerasModel,
+    TorchCheckpoint,
+    WeightsUnavailableError,
+    download_imagenet_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +67,7 @@ def weights_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def _checkpoint_backbone(backbone: str, weights: WeightsArg) -> Backbone:
-    """The table entry of `backbone`, which must have a PyTorch checkpoint to convert."""
+    """The table entry of `backbone`, which must have a packaged file to convert (checkpoint or Keras model)."""
     spec = entry(backbone)
     if spec.offline:
         return spec
@@ -71,6 +78,16 @@ def _checkpoint_backbone(backbone: str, weights: WeightsArg) -> Backbone:
         f"seglab.models.weights converts pretrained weights only for {available}; got backbone {backbone!r} "
         f"with weights={weights!r} (use weights=None to train it from scratch)"
     )
+
+
+def _offline_source(spec: Backbone) -> TorchCheckpoint | PackagedKerasModel:
+    """What `spec`'s converted weights come from (for an offline backbone)."""
+    return spec.imagenet if isinstance(spec.imagenet, TorchCheckpoint) else spec.imagenet.offline
+
+
+def _head_layers(spec: Backbone) -> tuple[str, ...]:
+    """The classifier head's layers among the converted ones (a packaged Keras backbone has none)."""
+    return spec.imagenet.head_layers if isinstance(spec.imagenet, TorchCheckpoint) else ()
 
 
 # ------------------------------------------------------------------------------------------- cache
@@ -187,7 +204,7 @@ def _convert_checkpoint_bytes(data: bytes, origin: str, spec: Backbone, cache_di
 
 
 def _from_cache(spec: Backbone, cache_dir: Path) -> ConvertedWeights | None:
-    checkpoint = spec.imagenet
+    checkpoint = _offline_source(spec)
     cached = _cache_path(cache_dir, spec.name, checkpoint.sha256)
     if not cached.exists():
         return None
@@ -205,10 +222,12 @@ def _from_cache(spec: Backbone, cache_dir: Path) -> ConvertedWeights | None:
 
 
 def _offline(spec: Backbone, cache_dir: Path) -> ConvertedWeights:
-    checkpoint = spec.imagenet
+    checkpoint = _offline_source(spec)
     cached = _from_cache(spec, cache_dir)
     if cached is not None:
         return cached
+    if isinstance(checkpoint, PackagedKerasModel):
+        return _convert_packaged_keras_model(spec, checkpoint, cache_dir)
     try:
         data = checkpoint.read_packaged()
     except (ModuleNotFoundError, FileNotFoundError) as err:
@@ -220,6 +239,33 @@ def _offline(spec: Backbone, cache_dir: Path) -> ConvertedWeights:
         ) from err
     return _convert_checkpoint_bytes(data, f"package {checkpoint.package} ({checkpoint.filename})", spec,
                                      cache_dir, checkpoint.sha256)
+
+
+def _convert_packaged_keras_model(spec: Backbone, source: PackagedKerasModel, cache_dir: Path) -> ConvertedWeights:
+    """The backbone nested in the packaged ``.keras`` model, by our encoder's layer names; cached like a checkpoint."""
+    try:
+        path = source.locate()
+    except (ModuleNotFoundError, FileNotFoundError) as err:
+        raise WeightsUnavailableError(
+            f"weights='imagenet-offline' for {spec.name} needs the package {source.package}, which ships "
+            f"{source.member}: `{source.pip_install}` ({err}). Alternatives: weights='imagenet' (Keras' download, "
+            "online), or weights=None (random initialisation)."
+        ) from err
+    digest = sha256_file(path)
+    if digest != source.sha256:
+        raise WeightsUnavailableError(
+            f"{path}: sha256 {digest} does not match the expected {source.sha256} of {source.filename}; the file is "
+            f"corrupted or from another version of {source.package} (`{source.pip_install}`)"
+        )
+    # Our encoder supplies the layer names (width 1: the only width the weights fit).
+    encoder = build_backbone(spec.name, (None, None, 3), name=f"{spec.name}_conversion")
+    layers = packaged_backbone_layers(path, source, encoder, spec.name)
+    converted = ConvertedWeights(spec.name, layers, f"{source.description} from package {source.package} "
+                                 f"({source.member}; {source.licence})", digest)
+    cached = _cache_path(cache_dir, spec.name, digest)
+    _write_npz(cached, converted)
+    log.info("converted %s to %s encoder weights, cached at %s", path, spec.name, cached)
+    return converted
 
 
 def _download(spec: Backbone, cache_dir: Path) -> ConvertedWeights:
@@ -263,10 +309,13 @@ def _from_path(spec: Backbone, path: Path, cache_dir: Path) -> ConvertedWeights:
         converted = _read_npz(path, spec.name)
         return ConvertedWeights(converted.backbone, converted.layers, f"{converted.source} (file {path})",
                                 converted.sha256)
+    if suffix in (".pth", ".pt") and not isinstance(checkpoint, TorchCheckpoint):
+        raise ValueError(f"weights={str(path)!r}: {spec.name} has no PyTorch checkpoint layout; a path for it must "
+                         "be a seglab converted .npz (as written to the weights cache)")
     if suffix in (".pth", ".pt"):
         return _convert_checkpoint_bytes(path.read_bytes(), str(path), spec, cache_dir, expected_sha256=None)
     raise ValueError(f"weights={str(path)!r}: unsupported file type {suffix!r}; expected .pth/.pt (PyTorch state "
-                     f"dict in the {checkpoint.description} layout) or .npz (seglab converted weights)")
+                     f"dict in the {_offline_source(spec).description} layout) or .npz (seglab converted weights)")
 
 
 def converted_imagenet_weights(backbone: str, weights: WeightsArg = "imagenet-offline", *,
@@ -276,6 +325,9 @@ def converted_imagenet_weights(backbone: str, weights: WeightsArg = "imagenet-of
     directory = weights_cache_dir(cache_dir)
     if weights == "imagenet-offline":
         return _offline(spec, directory)
+    if weights == "imagenet" and not isinstance(spec.imagenet, TorchCheckpoint):
+        raise ValueError(f"{backbone}: weights='imagenet' is keras.applications' own file, which "
+                         "load_imagenet_weights copies in as it is (nothing to convert); here use 'imagenet-offline'")
     if weights == "imagenet":
         return _download(spec, directory)
     if isinstance(weights, (str, os.PathLike)):
@@ -304,9 +356,9 @@ def _layers_by_name(model: keras.Model) -> tuple[dict[str, keras.layers.Layer], 
 
 
 def _assign(model: keras.Model, converted: ConvertedWeights, spec: Backbone) -> tuple[int, bool]:
-    checkpoint = spec.imagenet
+    head_layers = _head_layers(spec)
     layers, duplicated = _layers_by_name(model)
-    backbone_names = [name for name in converted.layers if name not in checkpoint.head_layers]
+    backbone_names = [name for name in converted.layers if name not in head_layers]
     missing = [name for name in backbone_names if name not in layers]
     if missing:
         raise ValueError(
@@ -314,9 +366,9 @@ def _assign(model: keras.Model, converted: ConvertedWeights, spec: Backbone) -> 
             f"layers missing): pretrained {spec.name} weights load into a model built by "
             f"seglab.models.backbones.build_backbone({spec.name!r}, ...) (or a model containing it)"
         )
-    head_present = [name for name in checkpoint.head_layers if name in layers]
-    if head_present and len(head_present) != len(checkpoint.head_layers):
-        absent = sorted(set(checkpoint.head_layers) - set(head_present))
+    head_present = [name for name in head_layers if name in layers]
+    if head_present and len(head_present) != len(head_layers):
+        absent = sorted(set(head_layers) - set(head_present))
         raise ValueError(f"model {model.name!r} has classifier-head layers {head_present} but not {absent}; "
                          "a head is loaded whole or not at all")
     targets = backbone_names + list(head_present)
@@ -382,12 +434,12 @@ def load_imagenet_weights(encoder: keras.Model, backbone: str, weights: WeightsA
     """Pretrained ImageNet weights into an encoder built by `build_backbone(backbone, ...)`, from its table entry.
 
     `weights`: None (random, logged) | "imagenet" | "imagenet-offline" (backbones with a packaged
-    checkpoint); for those, also a checkpoint path. Local ``.weights.h5`` files are handled by
-    `seglab.models.build`. Never falls back to random weights: every failure raises, naming the
-    alternatives.
+    checkpoint or Keras model); for checkpoint backbones, also a checkpoint path. Local
+    ``.weights.h5`` files are handled by `seglab.models.build`. Never falls back to random weights:
+    every failure raises, naming the alternatives.
     """
     spec = entry(backbone)
-    if spec.offline:
+    if isinstance(spec.imagenet, TorchCheckpoint):
         return load_backbone_weights(encoder, backbone, weights, cache_dir=cache_dir)
     if weights is None:
         log.info("%s in model %r: random initialisation (weights=None)", backbone, encoder.name)
@@ -396,4 +448,6 @@ def load_imagenet_weights(encoder: keras.Model, backbone: str, weights: WeightsA
     if weights == "imagenet":
         return load_keras_applications_imagenet(encoder, backbone, spec.imagenet, cache_dir=cache_dir,
                                                 offline_backbones=offline_backbones())
+    if weights == "imagenet-offline":  # the packaged Keras model's backbone, converted once and cached
+        return load_backbone_weights(encoder, backbone, weights, cache_dir=cache_dir)
     raise ValueError(f"{backbone}: weights must be None, 'imagenet' or 'imagenet-offline' here, got {weights!r}")

@@ -1,8 +1,15 @@
-"""Xception trunk with keras.applications' layout and layer names, and a 'same'-padded stem.
+"""Xception trunk: keras.applications' Xception layer for layer, on the image zero-padded by 3 pixels.
 
-keras.applications' Xception pads its stem 'valid' (256 -> 127 -> 125), which would misalign the
-pyramid levels; DeepLab's Xception pads 'same', so every level is exactly H/stride. Kernels are
-unchanged, so keras.applications' ImageNet weights still copy in.
+keras.applications' Xception convolves its stem 'valid' (256 -> 127 -> 125), which would misalign
+the pyramid levels DeepLab needs at exactly H/stride. Padding the normalised image by 3 pixels on
+every side (zero = mid-grey) and keeping keras.applications' two 'valid' stem convolutions gives
+ceil(H/2) after the stem for any H, every later level at ceil(H/stride), and a grid centred on the
+input pixels (stem output k sits on pixel 2k). Everything after the padding is keras.applications'
+graph unchanged, so the encoder computes exactly ``keras.applications.Xception(include_top=False)``
+of the padded image, and its ImageNet weights are the real pretrained features here, not an
+approximation. (Re-padding the stem 'same' instead, as an earlier version did, keeps the kernels but
+moves the stride-2 sampling grid by a pixel: a different function of the image.) Output stride
+16/8 replaces the last downsamplings by dilation, DeepLab's way; weight shapes do not change.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import keras
 from seglab.models.mobilenetv2 import atrous_plan, make_divisible
 
 XCEPTION_BN_EPSILON = 1e-3  # Keras' BatchNormalization default, what keras.applications' Xception uses
+XCEPTION_INPUT_PADDING = 3  # pixels of zeros around the normalised image: two 'valid' 3x3 convs then give ceil(H/2)
 _MIDDLE_BLOCKS = 8  # blocks 5..12
 
 
@@ -46,10 +54,11 @@ def xception_trunk(x, *, width: float, output_stride: int):
     block_strides = [2, 2, 2] + [1] * _MIDDLE_BLOCKS + [2, 1]
     plan = dict(zip(range(2, 15), atrous_plan(block_strides, output_stride, stem_stride=2)))
 
-    x = keras.layers.Conv2D(ch(32), 3, strides=2, padding="same", use_bias=False, name="block1_conv1")(x)
+    x = keras.layers.ZeroPadding2D(XCEPTION_INPUT_PADDING, name="block1_pad")(x)
+    x = keras.layers.Conv2D(ch(32), 3, strides=2, padding="valid", use_bias=False, name="block1_conv1")(x)
     x = keras.layers.BatchNormalization(epsilon=XCEPTION_BN_EPSILON, name="block1_conv1_bn")(x)
     x = keras.layers.Activation("relu", name="block1_conv1_act")(x)
-    x = keras.layers.Conv2D(ch(64), 3, padding="same", use_bias=False, name="block1_conv2")(x)
+    x = keras.layers.Conv2D(ch(64), 3, padding="valid", use_bias=False, name="block1_conv2")(x)
     x = keras.layers.BatchNormalization(epsilon=XCEPTION_BN_EPSILON, name="block1_conv2_bn")(x)
     x = keras.layers.Activation("relu", name="block1_conv2_act")(x)
 
