@@ -29,7 +29,7 @@ def test_real_and_validated_synthetic_train_data_resolve_to_their_augmenter():
         "unset": {"arch": "unet"},
         "unet+pix2pix": {"arch": "unet", "train_data": "data/synthetic_valid/pix2pix"},
         "unet+dcgan": {"arch": "unet", "train_data": "data/synthetic_valid/dcgan/"},
-    })
+    }, gan={"names": ["dcgan", "pix2pix"]})
     assert {name: cfg.model(name).gan for name in cfg.models} == {
         "real": None, "real_spelt_otherwise": None, "unset": None, "unet+pix2pix": "pix2pix", "unet+dcgan": "dcgan"}
     assert cfg.model_train_data("unset") == cfg.model_train_data("real") == Path("data/shards")
@@ -60,14 +60,14 @@ def test_a_gan_left_out_of_gan_names_is_refused():
 
 def test_load_config_reports_the_train_data_error_on_one_readable_line(tmp_path):
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    raw["models"]["unet"]["train_data"] = "data/synthetic/pix2pix"
+    raw["models"]["unet_mobilenetv2_scratch"]["train_data"] = "data/synthetic/pix2pix"
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     lines = str(caught.value).splitlines()
     assert lines[0] == f"{path}: invalid settings:"
-    assert lines[1].startswith("  models.unet.train_data is 'data/synthetic/pix2pix'; expected shard.out")
+    assert lines[1].startswith("  models.unet_mobilenetv2_scratch.train_data is 'data/synthetic/pix2pix'; expected shard.out")
     assert len(lines) == 2  # no dump of the whole settings
 
 
@@ -86,6 +86,18 @@ def test_every_model_in_params_yaml_names_its_train_data_and_an_augmented_varian
         assert cfg.model(base).gan is None
 
 
+def test_more_models_are_validated_but_outside_the_comparison():
+    cfg = load_config(REPO / "params.yaml")
+    assert cfg.more_models and not cfg.more_models.keys() & cfg.models.keys()
+    name = next(iter(cfg.more_models))
+    with pytest.raises(ConfigError, match=rf"{name!r} is in params.yaml `more_models`.*move its entry into `models`"):
+        cfg.model(name)
+    with pytest.raises(ValueError, match=r"more_models\.bad\.train_data"):
+        config({}, more_models={"bad": {"arch": "unet", "train_data": "data/elsewhere"}})
+    with pytest.raises(ValueError, match=r"models\.twice is also in more_models"):
+        config({"twice": {"arch": "unet"}}, more_models={"twice": {"arch": "unet"}})
+
+
 def test_a_replicate_entry_overrides_the_seed_and_nothing_else():
     cfg = config({"base": {"arch": "unet", "train_data": "data/shards"},
                   "base_s1": {"arch": "unet", "train_data": "data/shards", "seed": 1}}, seed=7)
@@ -99,9 +111,9 @@ def test_a_replicate_entry_overrides_the_seed_and_nothing_else():
 
 def test_left_out_keys_take_the_project_params_yaml_values():
     params = load_config(REPO / "params.yaml")
-    # Everything but the comparison (models, ensemble), which a settings mapping names itself.
-    assert Config.model_validate({}).model_dump(exclude={"models", "ensemble"}) == params.model_dump(
-        exclude={"models", "ensemble"})
+    # Everything but the comparison (models, more_models, ensemble), which a settings mapping names itself.
+    comparison = {"models", "more_models", "ensemble"}
+    assert Config.model_validate({}).model_dump(exclude=comparison) == params.model_dump(exclude=comparison)
     partial = Config.model_validate({"sample": {"train_images": 2}, "train": {"augment": {"hflip": False}}})
     assert partial.sample == params.sample.model_copy(update={"train_images": 2})
     assert partial.train.augment == params.train.augment.model_copy(update={"hflip": False})
@@ -143,7 +155,7 @@ def test_params_reads_records_the_keys_read_and_stops_cleanly():
     reads = ParamsReads(cfg)
     try:
         cfg.run_profile.epochs
-        cfg.model_width("unet")
+        cfg.model_width("unet_mobilenetv2_scratch")
         assert cfg.model("unet_mobilenetv2_imagenet+pix2pix").gan == "pix2pix"
         cfg.validate_.min_side
         cfg.train.augment.model_dump()
@@ -151,7 +163,7 @@ def test_params_reads_records_the_keys_read_and_stops_cleanly():
         reads.stop()
     cfg.seed  # after stop(): not recorded
     assert reads.keys == {
-        "profile", "profiles.cpu.epochs", "profiles.cpu.width", "models.unet.width",
+        "profile", "profiles.cpu.epochs", "models.unet_mobilenetv2_scratch.width",  # its own width: 1.0
         "models.unet_mobilenetv2_imagenet+pix2pix.train_data",  # `gan` is derived from train_data
         "validate.min_side", *(f"train.augment.{k}" for k in cfg.train.augment.model_fields)}
     assert "__getattribute__" not in config_module._Section.__dict__

@@ -461,6 +461,9 @@ class Config(_Section):
     profile: str  # after `profiles`, so its validator can see them
     # The comparison (models, ensemble) has no project default: a settings mapping names its own.
     models: dict[str, ModelEntry] = Field(default_factory=dict)
+    # Models outside the default comparison, kept valid and one edit away: an entry moved into
+    # `models` gets its train@/evaluate@ stages.
+    more_models: dict[str, ModelEntry] = Field(default_factory=dict)
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig)
@@ -476,7 +479,7 @@ class Config(_Section):
         # leaves out, except the comparison.
         if not isinstance(data, dict):
             return data
-        defaults = {k: v for k, v in project_params().items() if k not in ("models", "ensemble")}
+        defaults = {k: v for k, v in project_params().items() if k not in ("models", "more_models", "ensemble")}
         present = set(data) | {"validate"} if "validate_" in data else set(data)
         return {**{k: v for k, v in defaults.items() if k not in present}, **data}
 
@@ -493,7 +496,11 @@ class Config(_Section):
         # Only two kinds of training data exist: a path anywhere else would be a dependency in
         # dvc.yaml that no stage produces, or synthetic data that skipped the validation gate.
         synthetic_root = Path(self.validate_synthetic.out)
-        for key, entry in self.models.items():
+        for key in self.models.keys() & self.more_models.keys():
+            raise PydanticCustomError("models", "models.{key} is also in more_models; keep one entry", {"key": key})
+        entries = [(f"models.{k}", e) for k, e in self.models.items()]
+        entries += [(f"more_models.{k}", e) for k, e in self.more_models.items()]
+        for key, entry in entries:
             if entry.train_data is None or Path(entry.train_data) == Path(self.shard.out):
                 entry._gan = None
                 continue
@@ -503,7 +510,7 @@ class Config(_Section):
                 continue
             raise PydanticCustomError(
                 "train_data",
-                "models.{key}.train_data is {value}; expected shard.out ({shards}: real data only) or "
+                "{key}.train_data is {value}; expected shard.out ({shards}: real data only) or "
                 "validate_synthetic.out/<gan> with a gan in gan.names ({options}: real plus that GAN's "
                 "validated synthetic data)",
                 {"key": key, "value": repr(str(entry.train_data)), "shards": repr(str(self.shard.out)),
@@ -525,6 +532,9 @@ class Config(_Section):
         try:
             return self.models[name]
         except KeyError:
+            if name in self.more_models:
+                raise ConfigError(f"model {name!r} is in params.yaml `more_models`, outside the comparison; move its "
+                                  f"entry into `models` to train and evaluate it") from None
             raise ConfigError(f"no model {name!r} in params.yaml `models`; configured: {sorted(self.models)}") from None
 
     def model_seed(self, name: str) -> int:
