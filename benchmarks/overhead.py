@@ -17,8 +17,9 @@ and resume state go to a temporary folder. Inside the process:
   callbacks after it (history, plateau, early stopping, `ModelCheckpoint`), the resume commit
   (`ResumableBackup._save_model`), and the gaps between (fit's own bookkeeping).
 - **saving**: from the end of `fit` to `run_train`'s return (loading the best checkpoint, writing
-  model.keras, train.json, history.csv), and the interpreter's exit after it (the parent's wall
-  time of the process minus the time the child saw).
+  model.keras, train.json, history.csv), and the process's exit after it (the parent's wall
+  time of the process minus the time the child saw; the child exits as `seglab` does, without the
+  interpreter's teardown).
 
 All timestamps inside `fit` come from a Keras callback (`PhaseClock`); the steps outside it from
 wrappers around the named seglab functions. For `evaluate@` the same: start-up and imports,
@@ -58,7 +59,9 @@ import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-HEADLINE_MODELS = ("unet", "deeplabv3plus_resnet50", "unet_mobilenetv2_imagenet", "deeplabv3plus_mobilenetv2_imagenet")
+# One of each kind in the default comparison: U-Net and DeepLabV3+, ImageNet and from scratch, both encoders.
+HEADLINE_MODELS = ("unet_mobilenetv2_imagenet", "unet_mobilenetv2_scratch", "deeplabv3plus_mobilenetv2_imagenet",
+                   "deeplabv3plus_efficientnet_lite0_scratch")
 JIT_SETTINGS = ("true", "false")  # "auto" is the default run's setting, measured in the main pass
 
 
@@ -358,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default=",".join(HEADLINE_MODELS))
     parser.add_argument("--jit", default=",".join(JIT_SETTINGS),
                         help="jit_compile settings to compare (empty: only the default run)")
-    parser.add_argument("--jit-models", default="unet,unet_mobilenetv2_imagenet")
+    parser.add_argument("--jit-models", default="unet_mobilenetv2_imagenet")
     parser.add_argument("--stages", default="train,evaluate", help="which stages of each model to run")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -368,7 +371,10 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         record = child_train(Path(params), name, *rest) if kind == "train" else child_evaluate(Path(params), name)
         print(json.dumps(record))
-        return 0
+        # Leave as `seglab` does (seglab.cli.run): no interpreter teardown after the outputs.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
     sys.path.insert(0, str(Path(__file__).parent))
     from environment import machine, versions

@@ -261,6 +261,8 @@ class TrainConfig(_Section):
     weight_decay: float = Field(ge=0)
     warmup_epochs: int = Field(ge=0)
     output_stride: Literal[8, 16]
+    # BatchNormalization's moving-average momentum while training; null keeps each architecture's own.
+    batchnorm_momentum: float | None = Field(gt=0, lt=1)
     loss: Literal["ce", "focal", "dice", "focal_dice"]
     focal_gamma: float = Field(ge=0)
     focal_weight: float = Field(ge=0)

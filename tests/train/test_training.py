@@ -7,6 +7,8 @@ end start their own processes (two replicas, two workers) and take 90-115 s toge
 
 from __future__ import annotations
 
+import dataclasses
+
 import csv
 import io
 import json
@@ -32,7 +34,7 @@ from seglab.data.classes import ClassSet
 from seglab.data.coco import LabelRules, encode_png
 from seglab.data.shards import shard_metadata, write_shards
 from seglab.data.stats import pixel_counts
-from seglab.train.loop import HISTORY_COLUMNS, train_model
+from seglab.train.loop import HISTORY_COLUMNS, set_batchnorm_momentum, train_model
 from seglab.train.plan import init_logits_from_prior, params_hash, plan_run
 from seglab.train.precision import CPU_AUTO_POLICY, dtype_policy, resolve_mixed_precision
 from seglab.train.run import run_train
@@ -556,6 +558,26 @@ def test_without_plateau_patience_the_learning_rate_is_the_schedule_alone(tmp_pa
     # history's lr is the rate at the optimizer's step count after each epoch
     expected = [float(schedule(2 * (epoch + 1))) for epoch in range(4)]
     assert [row["lr"] for row in result.history] == pytest.approx(expected, rel=1e-5)
+
+
+def test_batchnorm_momentum_applies_to_every_batchnorm_layer_nested_ones_included(tmp_path):
+    keras.utils.set_random_seed(0)
+    settings = tiny_settings(epochs=1, steps_per_epoch=2, batch_size=4, learning_rate=1e-2, batchnorm_momentum=0.5)
+    result = train_model(tiny_segmenter, random_batches(2).repeat(), random_batches(1, seed=1), settings,
+                         state_dir=tmp_path / "state", verbose=0)
+    layers = [layer for layer in result.model._flatten_layers(include_self=False, recursive=True)
+              if isinstance(layer, keras.layers.BatchNormalization)]
+    assert layers and {layer.momentum for layer in layers} == {0.5}
+    # The moving mean (from 0) moves further in two steps than with the architecture's 0.99.
+    keras.utils.set_random_seed(0)
+    slow = train_model(tiny_segmenter, random_batches(2).repeat(), random_batches(1, seed=1),
+                       dataclasses.replace(settings, train=settings.train.model_copy(update={"batchnorm_momentum": None})),
+                       state_dir=tmp_path / "state_slow", verbose=0)
+    moved = [np.abs(m.get_layer("encoder").get_layer("enc_bn").moving_mean.numpy()).mean() for m in (result.model, slow.model)]
+    assert moved[0] > 10 * moved[1], moved
+    untouched = tiny_segmenter()
+    assert set_batchnorm_momentum(untouched, None) == 0
+    assert untouched.get_layer("encoder").get_layer("enc_bn").momentum == 0.99
 
 
 def test_warmup_then_cosine_decay():

@@ -141,6 +141,22 @@ def _make_optimizer(settings: TrainSettings, schedule) -> keras.optimizers.Optim
     return keras.optimizers.Adam(learning_rate=schedule)
 
 
+def set_batchnorm_momentum(model: keras.Model, momentum: float | None) -> int:
+    """Set every BatchNormalization layer's moving-average momentum (None: leave them); returns how many.
+
+    The moving statistics are what inference uses; with 0.99 (Keras' default, TF EfficientNet's) they
+    average over ~100 steps, so in a run of a few hundred steps they trail the weights and a model
+    that fits its training batches still predicts background in inference mode.
+    """
+    if momentum is None:
+        return 0
+    layers = [layer for layer in model._flatten_layers(include_self=False, recursive=True)
+              if isinstance(layer, keras.layers.BatchNormalization)]
+    for layer in layers:
+        layer.momentum = float(momentum)
+    return len(layers)
+
+
 def _has_encoder(model: keras.Model) -> bool:
     return any(layer.name == ENCODER_LAYER for layer in model.layers)
 
@@ -185,6 +201,7 @@ def train_model(
     with dtype_policy(mixed_precision), strategy.scope():
         built = build_model()
         model, build_info = built if isinstance(built, tuple) else (built, None)
+        set_batchnorm_momentum(model, t.batchnorm_momentum)
         schedule = PlateauScaledSchedule(warmup_cosine_schedule(
             settings.learning_rate, total_steps, t.warmup_epochs * settings.steps_per_epoch))
         optimizer = _make_optimizer(settings, schedule)
