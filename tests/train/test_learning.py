@@ -31,7 +31,10 @@ from seglab.train.settings import TrainSettings
 SIZE = 32
 CLASS_COLOURS = np.array([[200, 40, 40], [40, 190, 60], [50, 70, 220]], np.float32)  # classes 1..3
 TRAIN_IMAGES, VAL_IMAGES, BATCH, EPOCHS = 48, 16, 8, 6
-MARGIN = 0.05  # the bar above all-background the issue sets for the default run
+# Above all-background. Not the default run's 0.05: with labels shuffled between images the Dice
+# term still pays for putting one foreground class on every coloured blob, which beats
+# all-background by about 0.06 here; learning which colour is which class gives about 0.6.
+MARGIN = 0.25
 
 
 def draw_set(count: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
