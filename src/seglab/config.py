@@ -407,6 +407,10 @@ class SyntheticChecksConfig(_Section):
     min_images: int = Field(ge=2)
     diversity_min: float = Field(ge=0)
     diversity_size: int = Field(ge=4)
+    # Per image: inside some real training image's k-NN feature ball (None: rule off; seglab.gan.suites).
+    realism_k: int | None = Field(ge=1)
+    # Per image: no earlier sample nearer than this x the two closest real images are (None: rule off).
+    distinct_real_fraction: float | None = Field(gt=0)
     # A number, or "auto": calibrated on real-vs-real figures each run (seglab.gan.calibration).
     mean_tol: _Threshold
     std_tol: _Threshold

@@ -201,15 +201,87 @@ def test_sagan_generator_survives_save_and_load(tmp_path):
 
 # ------------------------------------------------------------------------------------ pix2pix
 
+def _real_pairs(count=4, seed=7):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (count, SIZE, SIZE, 3), dtype=np.uint8), random_labels(rng, (count, SIZE, SIZE))
+
+
 def test_pix2pix_generator_returns_its_conditioning_layout_exactly():
     generator = pix2pix.build_generator(NUM_CLASSES, SIZE, width=8)
     layouts = random_labels(np.random.default_rng(2), (3, SIZE, SIZE))
-    images, labels = common.render(generator, np.asarray(common.labels_to_one_hot(layouts, NUM_CLASSES)))
+    real_images, real_labels = _real_pairs()
+    inputs, _ = pix2pix.synthesis_inputs(layouts, real_images, real_labels, np.random.default_rng(0),
+                                         num_classes=NUM_CLASSES)
+    images, labels = common.render(generator, inputs)
     np.testing.assert_array_equal(labels, layouts)
     assert images.shape == (3, SIZE, SIZE, 3)
     # The image does depend on the layout (the U-Net reads it).
-    other = np.asarray(common.labels_to_one_hot(np.roll(layouts, 5, axis=2), NUM_CLASSES))
+    other, _ = pix2pix.synthesis_inputs(np.roll(layouts, 5, axis=2), real_images, real_labels,
+                                        np.random.default_rng(0), num_classes=NUM_CLASSES)
     assert not np.array_equal(common.render(generator, other)[0], images)
+
+
+def test_appearance_holes_context_and_region_colours():
+    layout = np.zeros((1, 4, 4), np.uint8)
+    layout[0, 0, :2] = 1
+    layout[0, 3, 3] = 255
+    second = np.zeros((1, 4, 4), np.uint8)
+    second[0, 1, 0] = 2
+    context = np.linspace(-1, 1, 48, dtype=np.float32).reshape(1, 4, 4, 3)
+    colours = np.zeros((1, NUM_CLASSES + 1, 3), np.float32)
+    colours[0, 1] = (0.5, 0.0, -0.5)
+    colours[0, NUM_CLASSES] = (1.0, 1.0, 1.0)  # the ignore channel
+    colours[0, 0] = (9.0, 9.0, 9.0)           # background: never painted
+    cond = np.asarray(pix2pix.appearance(common.labels_to_one_hot(layout, NUM_CLASSES),
+                                         common.labels_to_one_hot(second, NUM_CLASSES), context, colours))
+    assert cond.shape == (1, 4, 4, pix2pix.APPEARANCE_CHANNELS)
+    hole = np.zeros((4, 4), bool)
+    hole[0, :2] = hole[3, 3] = hole[1, 0] = True  # objects of either layout
+    np.testing.assert_array_equal(cond[0, ..., 3], hole.astype(np.float32))
+    np.testing.assert_allclose(cond[0, ~hole, :3], context[0, ~hole])
+    assert not cond[0, hole, :3].any()
+    np.testing.assert_allclose(cond[0, 0, 0, 4:], (0.5, 0.0, -0.5))
+    np.testing.assert_allclose(cond[0, 3, 3, 4:], (1.0, 1.0, 1.0))
+    assert not cond[0, 1, 0, 4:].any() and not cond[0, 2, 2, 4:].any()  # the second layout's object: no colour
+
+    images = np.zeros((1, 4, 4, 3), np.float32)
+    images[0, 0, 0] = (1.0, 0.0, 0.0)
+    images[0, 0, 1] = (0.0, 0.0, 1.0)
+    means = np.asarray(pix2pix.region_colours(images, common.labels_to_one_hot(layout, NUM_CLASSES)))
+    np.testing.assert_allclose(means[0, 1], (0.5, 0.0, 0.5))
+    np.testing.assert_allclose(means[0, 2], 0.0)  # a class the image lacks
+
+
+def test_pix2pix_keeps_the_real_background_outside_the_holes_and_survives_save_and_load(tmp_path):
+    generator = pix2pix.build_generator(NUM_CLASSES, SIZE, width=8)
+    real_images, real_labels = _real_pairs()
+    layouts = random_labels(np.random.default_rng(3), (3, SIZE, SIZE))
+    layouts[layouts == 255] = 0
+    layouts[:, :, SIZE // 2:] = 0  # objects on the left half only
+    real_labels[:, :, SIZE // 2:] = 0
+    inputs, styles = pix2pix.synthesis_inputs(layouts, real_images, real_labels, np.random.default_rng(1),
+                                              num_classes=NUM_CLASSES)
+    images, _ = common.render(generator, inputs)
+    # The right half is background in both the layout and the lent image: that image's pixels, exactly.
+    np.testing.assert_array_equal(images[:, :, SIZE // 2:], real_images[styles][:, :, SIZE // 2:])
+    path = tmp_path / "pix2pix.keras"
+    generator.save(path)
+    loaded = keras.models.load_model(path, compile=False)
+    for a, b in zip(generator(inputs), loaded(inputs)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_colour_bank_draws_each_class_colour_from_real_regions():
+    real_images, real_labels = _real_pairs(count=6)
+    bank = pix2pix.colour_bank(real_images, real_labels, NUM_CLASSES)
+    assert len(bank) == NUM_CLASSES + 1
+    layouts = np.full((5, SIZE, SIZE), 2, np.uint8)
+    layouts[:, :4] = 0
+    (_, cond), _ = pix2pix.synthesis_inputs(layouts, real_images, real_labels, np.random.default_rng(0),
+                                            num_classes=NUM_CLASSES, bank=bank)
+    for colour in cond[:, 10, 10, 4:]:
+        assert any(np.allclose(colour, entry, atol=1e-5) for entry in bank[2])
+    assert not cond[:, 0, 0, 4:].any()  # background gets no region colour
 
 
 def test_patchgan_outputs_one_logit_per_patch():

@@ -4,8 +4,11 @@ The real data is a small embedded sample built per module (48 train / 24 val ima
 "Synthetic" batches are its val images brought to 64x64 (what a 64 px generator emits), lightly
 perturbed for the reasonable case and broken on purpose for the others. All suite runs use the
 fixed thresholds (the hand-set numbers the gate used before calibration) with the expected size
-64x64, features at 224; the calibrated ("auto") thresholds are tested on the stage at the end of
-the stage section (the rule itself: test_calibration.py).
+64x64, features at 224, and the per-image rules that judge a sample against real images or the
+batch off (realism_k and distinct_real_fraction None), so each rule is seen alone; the calibrated
+("auto") thresholds with those rules on, as params.yaml sets them, are tested on the stage at the
+end of the stage section (the calibration rule itself: test_calibration.py; the realism scores:
+test_realism_scores_*).
 """
 
 from __future__ import annotations
@@ -31,9 +34,11 @@ from seglab.data.synthetic import NONE_ACCEPTED, VALIDATION_FILE, accepted_synth
 from seglab.gan.checks import SyntheticChecks, checks_from_config
 from seglab.gan.figures import (
     kernel_inception_distance,
+    knn_radii,
     mean_pairwise_distance,
     polynomial_mmd2_unbiased,
     real_reference,
+    realism_scores,
     square_resize,
 )
 from seglab.gan.profile import synthetic_profile
@@ -42,7 +47,8 @@ from seglab.gan.validate import GENERATOR_FIELDS, run_validate_synthetic
 from seglab.warehouse.synthetic import SummaryFileError, ingest_synthetic_validation
 
 SIZE = 64
-CHECKS = SyntheticChecks(image_size=(SIZE, SIZE), kid_max=0.15, mean_tol=30.0, std_tol=20.0)
+CHECKS = SyntheticChecks(image_size=(SIZE, SIZE), kid_max=0.15, mean_tol=30.0, std_tol=20.0, realism_k=None,
+                         distinct_real_fraction=None)
 NUM_CLASSES = 21  # voc20 + background
 
 
@@ -389,24 +395,97 @@ def unseen_real(tmp_path_factory):
     return images, [_square_label(decode_label(b), SIZE) for b in table.column("label").to_pylist()]
 
 
-def test_calibrated_gate_accepts_unseen_real_images_and_rejects_noise(unseen_real, real_shards, tmp_path):
-    calibrated = SyntheticChecks(image_size=(SIZE, SIZE), kid_max="auto", mean_tol="auto", std_tol="auto")
+CALIBRATED = SyntheticChecks(image_size=(SIZE, SIZE), kid_max="auto", mean_tol="auto", std_tol="auto")
+
+
+def test_calibrated_gate_keeps_realistic_images_and_drops_the_others_one_by_one(unseen_real, real_shards, tmp_path):
+    """params.yaml's gate (realism rule on, k = 3; thresholds calibrated) on unseen real images with
+    six noise images among them: the noise goes, image by image, most real images stay, and the
+    batch of those that stayed passes. (k-NN precision is a statistical test: a real outlier's wide
+    ball lets the odd noise image in, ~1 in 100 on the embedded sample; one may pass here.)"""
+    assert (CALIBRATED.realism_k, CALIBRATED.distinct_real_fraction) == (3, 0.5)  # as params.yaml sets them
     images, labels = unseen_real
-    write_synthetic(tmp_path / "synthetic", "realgan", images, labels, real_shards)
-    summary = run_stage(tmp_path, real_shards, "realgan", checks=calibrated)
-    assert (summary["accepted"], summary["rejected"]) == (24, 0), summary["rejected_by_rule"]
+    rng = np.random.default_rng(4)
+    noise = [rng.integers(0, 256, im.shape, dtype=np.uint8) for im in images[:6]]
+    write_synthetic(tmp_path / "synthetic", "realgan", images + noise, labels + labels[:6], real_shards)
+    summary = run_stage(tmp_path, real_shards, "realgan", checks=CALIBRATED)
+    realism = summary["realism"]
+    assert summary["batch_success"] and set(summary["rejected_by_rule"]) == {"realistic"}
+    assert realism["synthetic_judged"] == 30 and realism["k"] == 3 and realism["reference_images"] == 48
+    rejected = {r["image_id"] for r in summary["rejected_samples"]}
+    noise_passed = 6 - len(rejected & set(range(24, 30)))
+    real_share = 1 - len(rejected - set(range(24, 30))) / 24
+    assert noise_passed <= 1 and real_share >= 0.6, summary["rejected_by_rule"]
+    assert summary["accepted"] == realism["synthetic_passed"] == round(real_share * 24) + noise_passed
+    assert summary["distinct"]["copies"] == 0 and summary["distinct"]["real_nearest_distance"] > 0
+    # Held-out real images pass the same test about as often as the unseen ones; the batch thresholds are
+    # calibrated on all of them, for a batch of the accepted size.
     calibration = summary["calibration"]
     assert calibration["calibrated"] == ["kid_max", "mean_tol", "std_tol"]
-    assert calibration["held_out_images"] == 24 and calibration["batch_size"] == 24  # the val split; the batch
+    assert realism["held_out_images"] == calibration["held_out_images"] == 24
+    assert realism["held_out_pass_share"] == realism["held_out_passed"] / 24 >= 0.6
+    assert calibration["batch_size"] == summary["accepted"]
     assert summary["settings"]["kid_max"] == calibration["thresholds"]["kid_max"] > 0
     assert summary["batch"]["kid_mean"] <= summary["settings"]["kid_max"]
 
+
+def test_calibrated_gate_rejects_noise_repeated_and_constant_batches(unseen_real, real_shards, tmp_path):
+    images, labels = unseen_real
     rng = np.random.default_rng(4)
     noise = [rng.integers(0, 256, im.shape, dtype=np.uint8) for im in images]
     write_synthetic(tmp_path / "synthetic", "noisegan", noise, labels, real_shards)
-    summary = run_stage(tmp_path, real_shards, "noisegan", checks=calibrated)
+    summary = run_stage(tmp_path, real_shards, "noisegan", checks=CALIBRATED)
+    assert summary["accepted"] == 0 and summary["rejected_by_rule"]["realistic"] >= 22
+    assert summary["realism"]["synthetic_passed"] == summary["batch"]["images"] < CALIBRATED.min_images
+    # Without the per-image rule the batch rules still refuse it: KID far above the calibrated bound.
+    summary = run_stage(tmp_path, real_shards, "noisegan", checks=CALIBRATED.model_copy(update={"realism_k": None}))
     assert summary["accepted"] == 0 and summary["rejected_by_rule"]["batch:kid"] == 24
-    assert summary["batch"]["kid_mean"] > 5 * summary["settings"]["kid_max"]
+    assert summary["batch"]["kid_mean"] > 5 * summary["settings"]["kid_max"] and summary["realism"] is None
+
+    # Three real images, each eight times: the copies go one by one, the three left are too few for a batch.
+    repeated = [images[i % 3] for i in range(24)]
+    write_synthetic(tmp_path / "synthetic", "threegan", repeated, [labels[i % 3] for i in range(24)], real_shards)
+    summary = run_stage(tmp_path, real_shards, "threegan", checks=CALIBRATED)
+    assert summary["accepted"] == 0 and not summary["batch_success"], summary["rejected_by_rule"]
+    assert summary["rejected_by_rule"]["distinct"] == summary["distinct"]["copies"] == 21
+    assert summary["batch"]["images"] <= 3 and "batch:enough_images" in summary["rejected_by_rule"]
+    # The rule alone, without the realism rule and with room for every image: still the 21 copies.
+    summary = run_stage(tmp_path, real_shards, "threegan",
+                        checks=CALIBRATED.model_copy(update={"realism_k": None, "min_images": 2}))
+    assert summary["rejected_by_rule"]["distinct"] == 21 and summary["batch"]["images"] == 3
+
+    constant = [np.full_like(im, 128) for im in images]
+    write_synthetic(tmp_path / "synthetic", "greygan", constant, labels, real_shards)
+    summary = run_stage(tmp_path, real_shards, "greygan", checks=CALIBRATED)
+    assert summary["accepted"] == 0 and summary["rejected_by_rule"]["not_constant"] == 24
+
+
+def test_reference_records_how_near_the_two_closest_real_images_are(data, reference):
+    from seglab.gan.figures import compare_form, pairwise_rms_distances
+
+    squares = np.stack([compare_form(im, SIZE, CHECKS.feature_size) for im in data["train"]])
+    distances = pairwise_rms_distances(squares, CHECKS.diversity_size)
+    assert np.allclose(np.diag(distances), 0.0, atol=1e-6) and np.allclose(distances, distances.T)
+    pairs = distances[np.triu_indices(len(distances), k=1)]
+    assert reference.nearest_distance == pytest.approx(pairs.min()) and pairs.min() > 0.01
+    assert reference.diversity == pytest.approx(pairs.mean())
+    assert mean_pairwise_distance(squares) == pytest.approx(pairs.mean())
+
+
+def test_realism_scores_are_the_knn_precision_criterion():
+    real = np.array([[0.0, 0.0], [1.0, 0.0], [0.0, 2.0], [10.0, 10.0]])
+    # The other real features by distance: from (0, 0) 1, 2, 14.1; from (0, 2) 2, 2.24, 12.8; ...
+    np.testing.assert_allclose(knn_radii(real, 1), [1.0, 1.0, 2.0, np.hypot(10, 8)])
+    np.testing.assert_allclose(knn_radii(real, 2), [2.0, np.sqrt(5), np.sqrt(5), np.hypot(10, 9)])
+    radii = knn_radii(real, 1)
+    samples = np.array([[0.5, 0.0], [0.0, 1.0], [5.0, 5.0], [100.0, 100.0]])
+    scores = realism_scores(samples, real, radii)
+    # The best radius / distance ratio over the real features: >= 1 inside some ball.
+    assert scores[0] == pytest.approx(1.0 / 0.5) and scores[1] == pytest.approx(2.0 / 1.0)
+    assert scores[2] == pytest.approx(np.hypot(10, 8) / np.hypot(5, 5))  # > 1: inside the outlier's wide ball
+    assert scores[3] < 1
+    with pytest.raises(ValueError, match="more real images than k=4"):
+        knn_radii(real, 4)
 
 
 def test_contract_errors_name_the_file(data, real_shards, tmp_path):

@@ -316,11 +316,18 @@ class GanTrainer(keras.Model):
 
 # ------------------------------------------------------------------------------ using generators
 
-def render(generator: keras.Model, inputs: np.ndarray, *, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """Run a generator in inference mode: inputs -> (images uint8 (N, S, S, 3), labels uint8 (N, S, S))."""
+def render(generator: keras.Model, inputs: np.ndarray | Sequence[np.ndarray], *,
+           batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Run a generator in inference mode: inputs -> (images uint8 (N, S, S, 3), labels uint8 (N, S, S)).
+
+    `inputs`: one array, or a list of arrays of one length for a generator with several inputs
+    (pix2pix: layout and appearance)."""
+    several = isinstance(inputs, (list, tuple))
+    count = len(inputs[0]) if several else len(inputs)
     images, labels = [], []
-    for start in range(0, len(inputs), batch_size):
-        image, probabilities = generator(inputs[start:start + batch_size], training=False)
+    for start in range(0, count, batch_size):
+        batch = [x[start:start + batch_size] for x in inputs] if several else inputs[start:start + batch_size]
+        image, probabilities = generator(batch, training=False)
         images.append(from_gan_range(ops.convert_to_numpy(image)))
         labels.append(probabilities_to_labels(ops.convert_to_numpy(probabilities)))
     if not images:

@@ -22,8 +22,9 @@ if TYPE_CHECKING:
     from seglab.gan.checks import SyntheticChecks
 
 __all__ = ["BATCH_FIGURES", "CHANNELS", "RealReference", "batch_figures", "compare_form", "kernel_inception_distance",
-           "kid_subset_values", "mean_pairwise_distance", "mobilenetv2_features", "polynomial_mmd2_unbiased",
-           "real_images_from_shards", "real_reference", "real_reference_from_shards", "square_resize"]
+           "kid_subset_values", "knn_radii", "mean_pairwise_distance", "mobilenetv2_features", "pairwise_rms_distances",
+           "polynomial_mmd2_unbiased", "real_images_from_shards", "real_reference", "real_reference_from_shards",
+           "realism_scores", "square_resize"]
 
 CHANNELS = ("r", "g", "b")
 BATCH_FIGURES = ("diversity", *(f"channel_mean_delta_{c}" for c in CHANNELS),
@@ -130,18 +131,51 @@ def kid_subset_values(
     return np.asarray(values)
 
 
-def mean_pairwise_distance(images: np.ndarray, size: int = 64) -> float:
-    """Mean over pairs of the RMS difference of two images at size x size, pixels in [0, 1]."""
+def _distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Euclidean distances between the rows of a (m, d) and b (n, d): (m, n)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    squared = (a ** 2).sum(axis=1)[:, None] + (b ** 2).sum(axis=1)[None, :] - 2.0 * a @ b.T
+    return np.sqrt(np.maximum(squared, 0.0))
+
+
+def knn_radii(features: np.ndarray, k: int) -> np.ndarray:
+    """Per real feature (n, d), the distance to its k-th nearest other real feature: (n,)."""
+    features = np.asarray(features, np.float64)
+    if not 1 <= k < len(features):
+        raise ValueError(f"k-NN radii need more real images than k={k}, got {len(features)}")
+    distances = _distances(features, features)
+    np.fill_diagonal(distances, np.inf)  # a feature is not its own neighbour
+    return np.partition(distances, k - 1, axis=1)[:, k - 1]
+
+
+def realism_scores(features: np.ndarray, real_features: np.ndarray, radii: np.ndarray) -> np.ndarray:
+    """Realism score of each feature (m, d) against the real ones (n, d) and their k-NN `radii` (n,):
+    max over real r of radius_r / |feature - real_r| (Kynkäänniemi et al. 2019, "Improved Precision and
+    Recall Metric for Assessing Generative Models", with all real neighbourhoods kept). >= 1 exactly
+    when the feature lies inside some real image's k-NN ball, their precision criterion."""
+    features = np.asarray(features, np.float64)
+    if len(features) == 0:
+        return np.zeros(0)
+    distances = _distances(features, real_features)
+    return (np.asarray(radii, np.float64)[None, :] / np.maximum(distances, 1e-12)).max(axis=1)
+
+
+def pairwise_rms_distances(images: np.ndarray, size: int = 64) -> np.ndarray:
+    """(n, n) RMS difference of every two images at size x size, pixels in [0, 1] (the diagonal ~0: the Gram
+    form leaves rounding of ~1e-8)."""
     images = np.asarray(images)
-    if len(images) < 2:
-        raise ValueError(f"a pairwise distance needs >= 2 images, got {len(images)}")
     if images.shape[1:3] != (size, size):
         images = np.stack([square_resize(im, size) for im in images])
     flat = images.reshape(len(images), -1).astype(np.float64) / 255.0
-    squared_norms = (flat ** 2).sum(axis=1)
-    squared = np.maximum(squared_norms[:, None] + squared_norms[None, :] - 2.0 * flat @ flat.T, 0.0)
-    upper = np.triu_indices(len(flat), k=1)
-    return float(np.sqrt(squared[upper] / flat.shape[1]).mean())
+    return _distances(flat, flat) / np.sqrt(flat.shape[1])
+
+
+def mean_pairwise_distance(images: np.ndarray, size: int = 64) -> float:
+    """Mean over pairs of the RMS difference of two images at size x size, pixels in [0, 1]."""
+    if len(images) < 2:
+        raise ValueError(f"a pairwise distance needs >= 2 images, got {len(images)}")
+    distances = pairwise_rms_distances(images, size)
+    return float(distances[np.triu_indices(len(distances), k=1)].mean())
 
 
 @dataclass(frozen=True)
@@ -156,6 +190,9 @@ class RealReference:
     resolution: int | None
     feature_size: int
     source: str = "<arrays>"
+    # The RMS difference (as `diversity`'s) of the two closest real images: how near two distinct real
+    # images come; the per-image `distinct` rule's unit (None: not computed).
+    nearest_distance: float | None = None
 
 
 def _channel_stats(square_images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -170,8 +207,10 @@ def real_reference(images: Sequence[np.ndarray], *, resolution: int | None, feat
         raise ValueError(f"the real reference needs >= 2 images, got {len(images)} ({source})")
     squares = np.stack([compare_form(im, resolution, feature_size) for im in images])
     mean, std = _channel_stats(squares)
-    return RealReference(mobilenetv2_features(squares), mean, std, mean_pairwise_distance(squares, diversity_size),
-                         len(squares), resolution, feature_size, source)
+    distances = pairwise_rms_distances(squares, diversity_size)
+    pairs = distances[np.triu_indices(len(distances), k=1)]
+    return RealReference(mobilenetv2_features(squares), mean, std, float(pairs.mean()), len(squares), resolution,
+                         feature_size, source, nearest_distance=float(pairs.min()))
 
 
 def real_images_from_shards(shard_dir: str | Path, split: str, *, max_images: int,
@@ -195,9 +234,11 @@ def real_reference_from_shards(shard_dir: str | Path, split: str = "train", *, r
                           source=source)
 
 
-def batch_figures(images: Sequence[np.ndarray], reference: RealReference, checks: SyntheticChecks) -> dict:
+def batch_figures(images: Sequence[np.ndarray], reference: RealReference, checks: SyntheticChecks,
+                  features: np.ndarray | None = None) -> dict:
     """The batch rules' figures for `images` (those that passed the per-image rules); null where
-    too few images exist to compute one."""
+    too few images exist to compute one. `features`: their MobileNetV2 features when already
+    computed (in `images`' order), else computed here."""
     figures: dict[str, Any] = {"images": len(images), **dict.fromkeys(BATCH_FIGURES), "kid_std": None}
     if not images:
         return figures
@@ -211,7 +252,10 @@ def batch_figures(images: Sequence[np.ndarray], reference: RealReference, checks
         figures[f"channel_std_delta_{channel}"] = std[c] - reference.channel_std[c]
     if len(images) >= 2:
         figures["diversity"] = mean_pairwise_distance(squares, checks.diversity_size)
+        features = mobilenetv2_features(squares) if features is None else np.asarray(features)
+        if len(features) != len(images):
+            raise ValueError(f"batch_figures: {len(features)} features for {len(images)} images")
         figures["kid_mean"], figures["kid_std"] = kernel_inception_distance(
-            mobilenetv2_features(squares), reference.features, subsets=checks.kid_subsets,
+            features, reference.features, subsets=checks.kid_subsets,
             subset_size=checks.kid_subset_size, seed=checks.seed)
     return figures

@@ -1,18 +1,45 @@
-"""pix2pix (Isola et al. 2017): label map -> image, so every synthetic image comes with exact labels.
+"""pix2pix (Isola et al. 2017) with an appearance input: label map + real context -> image, so every
+synthetic image comes with exact labels.
 
-Generator: a U-Net on the one-hot layout (C + 1 channels: classes + ignore). Encoder: 4x4 stride-2
-convs (BatchNorm except the first, LeakyReLU 0.2) down to 4x4; decoder: 4x4 stride-2 transposed
-convs (BatchNorm, ReLU, dropout 0.5 on the two deepest) each concatenated with the encoder map of
-the same size; a last transposed conv to 3 tanh channels. It returns `[image, layout]`: the
-label output is the conditioning layout passed through unchanged, so the pair's label map is the
-requested layout exactly (the same two outputs as the noise generators, so synthesis treats all
-three alike).
+Why the appearance input. The embedded sample's backgrounds (stripes, lattices, gradients, grass and
+sky) and object colours are drawn at random per image, not from the layout, so a generator that
+sees the layout alone regresses to their mean: a blurred bluish-grey ground with coloured blobs
+(KID 0.50-0.69 against a calibrated bound of 0.14, docs/synthetic-validation.md). Here the
+generator is told what the image looks like where the layout does not decide it, as SPADE/SEAN-style
+generators take a style input:
+
+    appearance (B, S, S, 7) = [context RGB (3), hole (1), region colours RGB (3)]
+
+- hole: 1 wherever the layout *or* a second layout has an object (any class > 0, or ignore), 0 on
+  their common background. context: an image's pixels outside the hole, 0 inside. The generator
+  paints the hole (objects where the layout has them, background elsewhere) and keeps the context:
+  its output is `hole x generated + (1 - hole) x context`.
+- region colours: for each label channel of the layout but background, one RGB colour painted over
+  that channel's pixels (0 elsewhere), the mean colour of such a region in a real image.
+
+Training (`Pix2PixTrainer.train_step`, all in the graph): the context is the real image itself, the
+second layout another image's of the batch (so the generator also learns to fill background-only
+holes with background), the colours the image's own per-channel region means; L1 and PatchGAN
+judge the composite. Synthesis (`synthesis_inputs`): a layout (real, transformed or recombined,
+`make_layouts`) is rendered into the background of *another* random real training image, whose
+own objects are the second layout (they become holes the generator fills with background, so its
+labels stay exact), with region colours drawn per class from the real training images' regions
+(`colour_bank`). So a synthetic pair is a new layout on a real background it never had, with
+object colours from other images: new image/label pairs, not copies.
+
+Generator: a U-Net on [layout one-hot (C + 1 channels: classes + ignore), appearance]. Encoder:
+4x4 stride-2 convs (BatchNorm except the first, LeakyReLU 0.2) down to 4x4; decoder: 4x4 stride-2
+transposed convs (BatchNorm, ReLU, dropout 0.5 on the two deepest) each concatenated with the
+encoder map of the same size; a last transposed conv to 3 tanh channels, composited into the
+context (`HoleComposite`). It returns `[image, layout]`: the label output is the conditioning
+layout passed through unchanged, so the pair's label map is the requested layout exactly (the
+same two outputs as the noise generators, so synthesis treats all three alike).
 
 Discriminator: PatchGAN on the concatenated (image, layout) — 4x4 convs, `patch_layers` of them
 with stride 2, then one stride-1 conv and a stride-1 conv to one logit per patch, so it judges
 local realism of the image *given* the layout. Loss: D: BCE(real patches -> 1, fake -> 0) / 2;
 G: BCE(fake -> 1) + `l1_weight` x mean |image - real image| (the L1 term carries the low
-frequencies, the adversarial term the texture). Adam(2e-4, beta_1 0.5).
+frequencies, the adversarial term the texture). Adam(beta_1 0.5); learning rates from params.
 
 Layouts for synthesis (`make_layouts`): real training label maps, geometrically transformed ones
 (flip / rotate / zoom with the project's `Augmentation`; pixels from outside the map become 255,
@@ -38,32 +65,124 @@ from seglab.gan.common import (
     bce_generator_loss,
     check_image_size,
     label_channels,
+    labels_to_one_hot,
     level_channels,
+    to_gan_range,
 )
 
 __all__ = [
+    "APPEARANCE_CHANNELS",
+    "HoleComposite",
     "LAYOUT_KINDS",
     "Pix2PixTrainer",
+    "appearance",
     "build_discriminator",
     "build_generator",
+    "colour_bank",
     "make_layouts",
     "paste_objects",
+    "region_colours",
+    "synthesis_inputs",
     "transform_layout",
 ]
 
 _INIT = keras.initializers.RandomNormal(stddev=0.02)
 _BN_MOMENTUM = 0.9
 LAYOUT_KINDS = ("real", "transformed", "recombined")
+APPEARANCE_CHANNELS = 7  # context RGB, hole, region colours RGB
 
+
+# ----------------------------------------------------------------------------------- appearance
+
+def appearance(layout, second_layout, context, colours):
+    """The generator's appearance input (module docstring), from tensors or arrays.
+
+    layout, second_layout: one-hot (B, S, S, C + 1); context: images (B, S, S, 3) in [-1, 1];
+    colours: (B, C + 1, 3) in [-1, 1], one per label channel (the background's is not used).
+    Returns (B, S, S, 7): context outside the hole, the hole, the region-colour map.
+    """
+    layout, second_layout = ops.cast(layout, "float32"), ops.cast(second_layout, "float32")
+    keep = layout[..., :1] * second_layout[..., :1]  # background in both layouts
+    objects = ops.concatenate([ops.zeros_like(layout[..., :1]), layout[..., 1:]], axis=-1)
+    colour_map = ops.einsum("bhwc,bcd->bhwd", objects, ops.cast(colours, "float32"))
+    return ops.concatenate([ops.cast(context, "float32") * keep, 1.0 - keep, colour_map], axis=-1)
+
+
+def region_colours(images, layout):
+    """Mean colour of each label channel's pixels per image: images (B, S, S, 3), one-hot (B, S, S, C + 1)
+    -> (B, C + 1, 3) (0 for a channel the image lacks)."""
+    layout = ops.cast(layout, "float32")
+    sums = ops.einsum("bhwc,bhwd->bcd", layout, ops.cast(images, "float32"))
+    counts = ops.sum(layout, axis=(1, 2))[..., None]
+    return sums / ops.maximum(counts, 1.0)
+
+
+def colour_bank(images: np.ndarray, labels: np.ndarray, num_classes: int) -> list[np.ndarray]:
+    """Per label channel (classes, then ignore), the mean colours ([-1, 1], (n, 3)) of that channel's
+    region in each real image that has it: what synthesis draws object colours from."""
+    one_hot = np.asarray(labels_to_one_hot(np.asarray(labels), num_classes))
+    means = np.asarray(region_colours(np.asarray(to_gan_range(images)), one_hot))
+    present = one_hot.sum(axis=(1, 2)) > 0
+    return [means[present[:, c], c] for c in range(label_channels(num_classes))]
+
+
+def synthesis_inputs(layouts: np.ndarray, real_images: np.ndarray, real_labels: np.ndarray,
+                     rng: np.random.Generator, *, num_classes: int,
+                     bank: list[np.ndarray] | None = None) -> tuple[list[np.ndarray], np.ndarray]:
+    """Generator inputs `[layout one-hot, appearance]` to render `layouts` (uint8 (N, S, S)) and the
+    index of the real image whose background each one gets.
+
+    Each layout goes into the background of a real training image drawn at random (`real_images`
+    uint8 (M, S, S, 3) with `real_labels`; that image's objects become holes filled as background),
+    each of its label channels gets the colour of one region of that channel drawn at random from
+    `bank` (default: `colour_bank` of the real pairs).
+    """
+    layouts = np.asarray(layouts)
+    if len(real_images) != len(real_labels) or len(real_images) == 0:
+        raise ValueError(f"synthesis_inputs needs real images with their labels, got {len(real_images)} images "
+                         f"and {len(real_labels)} label maps")
+    bank = colour_bank(real_images, real_labels, num_classes) if bank is None else bank
+    fallback = np.concatenate([b for b in bank[1:] if len(b)] or [np.zeros((1, 3), np.float32)]).mean(axis=0)
+    styles = rng.integers(len(real_images), size=len(layouts))
+    channels = label_channels(num_classes)
+    colours = np.zeros((len(layouts), channels, 3), np.float32)
+    for i, layout in enumerate(layouts):
+        values = np.unique(layout)
+        for c in np.where(values == 255, channels - 1, values).astype(int):
+            if c == 0:
+                continue
+            colours[i, c] = bank[c][rng.integers(len(bank[c]))] if len(bank[c]) else fallback
+    one_hot = np.asarray(labels_to_one_hot(layouts, num_classes))
+    style_one_hot = np.asarray(labels_to_one_hot(np.asarray(real_labels)[styles], num_classes))
+    context = np.asarray(to_gan_range(np.asarray(real_images)[styles]))
+    return [one_hot, np.asarray(appearance(one_hot, style_one_hot, context, colours))], styles
+
+
+@keras.saving.register_keras_serializable(package="seglab")
+class HoleComposite(layers.Layer):
+    """[generated (B, S, S, 3), appearance (B, S, S, 7)] -> hole x generated + (1 - hole) x context."""
+
+    def call(self, inputs):
+        generated, cond = inputs
+        hole = cond[..., 3:4]
+        return hole * generated + (1.0 - hole) * cond[..., :3]
+
+    def compute_output_shape(self, input_shapes):
+        return input_shapes[0]
+
+
+# ---------------------------------------------------------------------------------- networks
 
 def build_generator(num_classes: int, image_size: int = 64, *, width: int = 16, dropout: float = 0.5,
                     name: str = "pix2pix_generator") -> keras.Model:
-    """layout one-hot (B, S, S, C + 1) -> [image (B, S, S, 3) in [-1, 1], the layout unchanged]."""
+    """[layout one-hot (B, S, S, C + 1), appearance (B, S, S, 7)] -> [image (B, S, S, 3) in [-1, 1],
+    the layout unchanged]."""
     size = check_image_size(image_size)
     downsamplings = int(math.log2(size)) - 2
     layout = keras.Input((size, size, label_channels(num_classes)), name="layout")
+    cond = keras.Input((size, size, APPEARANCE_CHANNELS), name="appearance")
     skips = []
-    x = layout
+    x = layers.Concatenate(name="inputs")([layout, cond])
     for i in range(downsamplings):
         x = layers.Conv2D(level_channels(width, i), 4, strides=2, padding="same", use_bias=i == 0,
                           kernel_initializer=_INIT, name=f"down{i}")(x)
@@ -80,10 +199,11 @@ def build_generator(num_classes: int, image_size: int = 64, *, width: int = 16, 
             x = layers.Dropout(dropout, name=f"up{i}_dropout")(x)
         x = layers.ReLU()(x)
         x = layers.Concatenate(name=f"skip{i}")([x, skip])
-    image = layers.Conv2DTranspose(3, 4, strides=2, padding="same", activation="tanh", kernel_initializer=_INIT,
-                                   name="image")(x)
+    generated = layers.Conv2DTranspose(3, 4, strides=2, padding="same", activation="tanh", kernel_initializer=_INIT,
+                                       name="generated")(x)
+    image = HoleComposite(name="image")([generated, cond])
     label = layers.Identity(name="label")(layout)
-    return keras.Model(layout, [image, label], name=name)
+    return keras.Model([layout, cond], [image, label], name=name)
 
 
 def default_patch_layers(image_size: int) -> int:
@@ -115,7 +235,11 @@ def build_discriminator(num_classes: int, image_size: int = 64, *, width: int = 
 
 
 class Pix2PixTrainer(GanTrainer):
-    """One D and one G update per (layout, real image) batch; G's loss is adversarial + weighted L1."""
+    """One D and one G update per (layout, real image) batch; G's loss is adversarial + weighted L1.
+
+    The appearance input is built from the batch itself (module docstring): context = the real
+    image, second layout = the next image's in the batch, colours = the image's region means.
+    """
 
     loss_names = ("d_loss", "g_loss", "g_adversarial", "l1", "d_real", "d_fake")
 
@@ -129,8 +253,9 @@ class Pix2PixTrainer(GanTrainer):
     def train_step(self, data):
         images, layouts = data
         real = ops.concatenate([images, layouts], axis=-1)
+        cond = appearance(layouts, ops.roll(layouts, 1, axis=0), images, region_colours(images, layouts))
         with tf.GradientTape(persistent=True) as tape:  # one tape for both updates (see dcgan)
-            fake_image, _ = self.generator(layouts, training=True)
+            fake_image, _ = self.generator([layouts, cond], training=True)
             fake = ops.concatenate([fake_image, layouts], axis=-1)
             real_logits = self.discriminator(real, training=True)
             fake_logits = self.discriminator(fake, training=True)

@@ -18,7 +18,17 @@ from seglab.data.expectations import ROW_KEYS, annotate, ephemeral_context, run_
 from seglab.digest import json_safe
 from seglab.gan.calibration import RealCalibration, calibrate, needs_calibration
 from seglab.gan.checks import SyntheticChecks, resolve_checks
-from seglab.gan.figures import BATCH_FIGURES, CHANNELS, RealReference, batch_figures
+from seglab.gan.figures import (
+    BATCH_FIGURES,
+    CHANNELS,
+    RealReference,
+    batch_figures,
+    compare_form,
+    knn_radii,
+    mobilenetv2_features,
+    pairwise_rms_distances,
+    realism_scores,
+)
 from seglab.gan.profile import synthetic_profile
 
 log = logging.getLogger(__name__)
@@ -56,6 +66,16 @@ def build_image_suite(checks: SyntheticChecks, num_classes: int):
         annotate(E.ExpectColumnValuesToBeBetween(column="labelled_share", min_value=checks.min_labelled_share),
                  "labelled_area", f"at least {checks.min_labelled_share:.1%} of the pixels carry a class > 0"),
     ]
+    if checks.realism_k is not None:
+        rules.append(annotate(
+            E.ExpectColumnValuesToBeBetween(column="realism", min_value=1.0), "realistic",
+            f"the image's feature lies within some real training image's {checks.realism_k}-NN radius "
+            "(realism score >= 1)"))
+    if checks.distinct_real_fraction is not None:
+        rules.append(annotate(
+            E.ExpectColumnValuesToBeBetween(column="distinctness", min_value=checks.distinct_real_fraction), "distinct",
+            f"no earlier sample is nearer than {checks.distinct_real_fraction:g} x the two closest real images "
+            "(not a copy)"))
     if checks.image_size is not None:
         height, width = checks.image_size
         rules += [
@@ -134,7 +154,8 @@ def validate_samples(
     """Run both suites over (image, label) samples; write Data Docs + summary.json to `report_dir`
     (atomically). Per-image failures exclude those samples; a failed batch rule rejects them all.
     Thresholds set to "auto" are calibrated on `calibration` (held-out real images) for the batch
-    that passed the per-image rules (seglab.gan.calibration); summary.json's `calibration` records how.
+    that passed the per-image rules (seglab.gan.calibration); summary.json's `calibration` records
+    how, `realism` and `distinct` the per-image rules against real images and the rest of the batch.
     Never raises for bad samples: the verdict is in the result (and the report)."""
     started = time.perf_counter()
     report_dir = Path(report_dir)
@@ -147,6 +168,7 @@ def validate_samples(
         raise ValueError("thresholds set to 'auto' need held-out real images to calibrate on: pass calibration= "
                          "(seglab.gan.calibration.real_calibration) or set numbers")
     profile = synthetic_profile(images, labels, num_classes=num_classes, keys=keys, decode_errors=decode_errors)
+    features, judged_records = _judged_figures(images, profile, reference, checks, calibration)
     with atomic_dir(report_dir) as tmp:
         context = ephemeral_context(tmp)
         image_validation, image_entries = run_checkpoint(context, "validate_synthetic_images",
@@ -154,7 +176,8 @@ def validate_samples(
         rejected_by_rule = _rejected_rows(image_validation, profile)
         failed_image = set().union(*rejected_by_rule.values()) if rejected_by_rule else set()
         passed = [i for i in range(len(profile)) if i not in failed_image]
-        figures = batch_figures([np.asarray(images[i]) for i in passed], reference, checks)
+        figures = batch_figures([np.asarray(images[i]) for i in passed], reference, checks,
+                                features=None if features is None else features[passed])
         checks, calibration_record = calibrate(checks, calibration, reference, len(passed))
         batch_validation, batch_entries = run_checkpoint(context, "validate_synthetic_batch",
                                                          build_batch_suite(checks), pd.DataFrame([figures]))
@@ -190,6 +213,7 @@ def validate_samples(
                      "diversity": reference.diversity},
             "settings": checks.model_dump(mode="json"),  # thresholds as applied (numbers, also when calibrated)
             "calibration": calibration_record,
+            **judged_records,  # "realism", "distinct"
             "num_classes": num_classes,
             "features": "offline-ImageNet MobileNetV2 avg_pool (1280-d) of images centre-cropped to a square, "
                         f"brought to {checks.resolution} px, resized to {checks.feature_size} px",
@@ -205,6 +229,67 @@ def validate_samples(
     log.info("validated %d synthetic samples in %.1fs: %s", len(profile), time.perf_counter() - started,
              summary["decision"])
     return SyntheticValidation(accepted, summary)
+
+
+def _judged_figures(images: Sequence[Any], profile: pd.DataFrame, reference: RealReference, checks: SyntheticChecks,
+                    calibration: RealCalibration | None) -> tuple[np.ndarray | None, dict]:
+    """The per-image rules that judge a sample against real images or the rest of the batch.
+
+    Adds to `profile` (null where an image cannot be judged, not decoded or not RGB: other rules
+    reject it) `realism` (rule `realistic`, unless `realism_k` is None) and `distinctness` (rule
+    `distinct`, unless `distinct_real_fraction` is None): the RMS distance at `diversity_size` to the
+    nearest *earlier* judged sample, in units of the two closest real training images' distance
+    (null for the first). Returns the features of every sample (NaN rows where not judged; None
+    with the realism rule off) and the summary's records of both rules; the realism one with the
+    share of the held-out real images (`calibration`) that pass the same test.
+    """
+    judged = [i for i, row in enumerate(profile.itertuples())
+              if row.decode_error is None and row.image_channels == 3]
+    records: dict[str, dict | None] = {"realism": None, "distinct": None}
+    if checks.realism_k is None and checks.distinct_real_fraction is None:
+        return None, records
+    squares = np.stack([compare_form(np.asarray(images[i]), checks.resolution, checks.feature_size)
+                        for i in judged]) if judged else np.zeros((0, checks.feature_size, checks.feature_size, 3))
+    features = None
+    if checks.realism_k is not None:
+        features = np.full((len(profile), reference.features.shape[1]), np.nan)
+        if judged:
+            features[judged] = mobilenetv2_features(squares)
+        radii = knn_radii(reference.features, checks.realism_k)
+        scores = np.full(len(profile), np.nan)
+        scores[judged] = realism_scores(features[judged], reference.features, radii)
+        profile["realism"] = scores
+        records["realism"] = {
+            "rule": f"accepted when realism = max over real training images r of radius_{checks.realism_k}(r) / "
+                    f"|f - f_r| >= 1, i.e. the feature f lies within some real image's {checks.realism_k}-NN ball",
+            "k": checks.realism_k,
+            "reference_images": reference.images,
+            "radius_median": float(np.median(radii)),
+            "synthetic_judged": len(judged),
+            "synthetic_passed": int((scores >= 1.0).sum()),
+        }
+        if calibration is not None:
+            held_out = realism_scores(calibration.features, reference.features, radii) >= 1.0
+            records["realism"].update(held_out_source=calibration.source, held_out_images=calibration.images,
+                                      held_out_passed=int(held_out.sum()),
+                                      held_out_pass_share=float(held_out.mean()))
+    if checks.distinct_real_fraction is not None:
+        if not reference.nearest_distance:
+            raise ValueError(f"the distinct rule needs the real reference's nearest distance > 0, got "
+                             f"{reference.nearest_distance} ({reference.source}); set distinct_real_fraction to null")
+        distances = pairwise_rms_distances(squares, checks.diversity_size) if judged else np.zeros((0, 0))
+        ratio = np.full(len(profile), np.nan)
+        for position, index in enumerate(judged[1:], start=1):
+            ratio[index] = distances[position, :position].min() / reference.nearest_distance
+        profile["distinctness"] = ratio
+        records["distinct"] = {
+            "rule": f"a sample nearer than {checks.distinct_real_fraction:g} x the closest two real training images "
+                    "(RMS pixel distance at diversity_size) to an earlier sample of the batch is a copy: rejected",
+            "real_nearest_distance": reference.nearest_distance,
+            "threshold": checks.distinct_real_fraction * reference.nearest_distance,
+            "copies": int((ratio < checks.distinct_real_fraction).sum()),
+        }
+    return features, records
 
 
 def _decision(accepted: int, images: int, passed: int, batch_entries: list[dict], min_images: int) -> str:

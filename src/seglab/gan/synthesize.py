@@ -7,7 +7,9 @@ deterministically from `seed`:
   is the argmax of the generated label channels (the ignore channel -> 255);
 - pix2pix: layouts from the real training label maps (cropped to the GAN size), drawn as real,
   geometrically transformed or recombined (`seglab.gan.pix2pix.make_layouts`, weights
-  `layout_mix`); the label map *is* the layout, checked pixel for pixel.
+  `layout_mix`), each rendered into the background of a real training image drawn at random, with
+  object colours drawn from the real images' regions (`seglab.gan.pix2pix.synthesis_inputs`); the
+  label map *is* the layout, checked pixel for pixel.
 
 Pairs are optionally enlarged to `size` (image bilinear, label nearest so no class is mixed),
 encoded like real shards (JPEG at `jpeg_quality`, PNG labels) and written to
@@ -61,7 +63,8 @@ def load_generator(gan_dir: str | Path, gan: str):
     """(generator, train info) from `<gan_dir>/<gan>/`, checked against each other."""
     import keras
 
-    import seglab.gan.sagan  # noqa: F401  (registers SAGAN's custom layers for loading)
+    import seglab.gan.pix2pix  # noqa: F401  (registers the custom layers of pix2pix and SAGAN for loading)
+    import seglab.gan.sagan  # noqa: F401
     from seglab.gan.train import load_train_info
 
     directory = Path(gan_dir) / gan
@@ -125,7 +128,7 @@ def synthesize(
     jpeg_quality = ShardConfig().jpeg_quality if jpeg_quality is None else jpeg_quality
     max_shard_mb = ShardConfig().max_shard_mb if max_shard_mb is None else max_shard_mb
     layout_mix = GanConfig().layout_mix if layout_mix is None else layout_mix
-    from seglab.gan.common import describe_labels, labels_to_one_hot, layouts_from_shards, render, save_sample_grid
+    from seglab.gan.common import describe_labels, layouts_from_shards, render, save_sample_grid
 
     if gan not in GANS:
         raise ValueError(f"unknown GAN {gan!r}; expected one of {list(GANS)}")
@@ -148,13 +151,13 @@ def synthesize(
 
     rng = np.random.default_rng(seed)
     if info["conditional"]:
-        from seglab.gan.pix2pix import make_layouts
+        from seglab.gan.pix2pix import make_layouts, synthesis_inputs
 
-        _, real_labels, _ = layouts_from_shards(shard_dir, split, image_size=gan_size, seed=seed)
+        real_images, real_labels, _ = layouts_from_shards(shard_dir, split, image_size=gan_size, seed=seed)
         layouts, kinds = make_layouts(real_labels, count, rng, num_classes=num_classes, mix=layout_mix)
-        inputs = np.asarray(labels_to_one_hot(layouts, num_classes))
+        inputs, backgrounds = synthesis_inputs(layouts, real_images, real_labels, rng, num_classes=num_classes)
     else:
-        layouts, kinds = None, ["noise"] * count
+        layouts, kinds, backgrounds = None, ["noise"] * count, None
         inputs = rng.standard_normal((count, int(info["latent_dim"]))).astype(np.float32)
     images, labels = render(generator, inputs, batch_size=batch_size)
     if layouts is not None and not np.array_equal(labels, layouts):
@@ -201,6 +204,8 @@ def synthesize(
         "classes": classes,
         "layout_kinds": kinds_count,
         "layout_mix": list(layout_mix) if info["conditional"] else None,
+        # pix2pix: how many distinct real images lent their background
+        "background_images": None if backgrounds is None else len(set(int(b) for b in backgrounds)),
         "class_shares": describe_labels(labels, classes),
         "generator_params_hash": info["params_hash"],
         "real_shards": str(shard_dir / split),

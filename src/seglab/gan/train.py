@@ -80,14 +80,19 @@ def _data_digest(shard_dir: Path, split: str) -> str:
     return sha256_files(shard_files(shard_dir, split))[:16]
 
 
-def sample_inputs(settings: GanSettings, num_classes: int, shard_dir: Path, split: str) -> np.ndarray:
-    """The fixed generator inputs of the sample grids: noise from the seed, or real layouts."""
-    from seglab.gan.common import labels_to_one_hot, layouts_from_shards
+def sample_inputs(settings: GanSettings, num_classes: int, shard_dir: Path,
+                  split: str) -> np.ndarray | list[np.ndarray]:
+    """The fixed generator inputs of the sample grids: noise from the seed, or (pix2pix) the first real
+    layouts rendered as synthesis renders them (into other real images' backgrounds, drawn from the seed)."""
+    from seglab.gan.common import layouts_from_shards
 
     if is_conditional(settings.gan):
-        _, labels, _ = layouts_from_shards(shard_dir, split, image_size=settings.image_size, seed=settings.seed,
-                                           limit=settings.sample_count)
-        return np.asarray(labels_to_one_hot(labels, num_classes))
+        from seglab.gan.pix2pix import synthesis_inputs
+
+        images, labels, _ = layouts_from_shards(shard_dir, split, image_size=settings.image_size, seed=settings.seed)
+        inputs, _ = synthesis_inputs(labels[:settings.sample_count], images, labels,
+                                     np.random.default_rng(settings.seed), num_classes=num_classes)
+        return inputs
     rng = np.random.default_rng(settings.seed)
     return rng.standard_normal((settings.sample_count, settings.latent_dim)).astype(np.float32)
 

@@ -18,6 +18,15 @@ through Checkpoints whose `UpdateDataDocsAction` renders HTML Data Docs into
        labels_in_class_set       invalid_label_pixels == 0: every value < num_classes or 255 (ignore)
        labelled_area             labelled_share >= min_labelled_share (share of pixels of a class > 0,
                                  not 255): a label map of only background/ignore teaches nothing
+       realistic                 realism >= 1 (unless realism_k is null): the image's feature lies
+                                 within the k-NN radius of some real training image's feature, k =
+                                 realism_k (the precision criterion of Kynkäänniemi et al. 2019,
+                                 "Improved Precision and Recall"; the radii are real-vs-real distances
+                                 of the training reference, summary.json's `realism` also reports the
+                                 share of held-out real images that pass the same test)
+       distinct                  distinctness >= distinct_real_fraction (unless null): no earlier sample
+                                 of the batch is nearer than that fraction of the distance between the
+                                 two closest real training images (a copy: 3 images repeated leave 3)
 
 2. `seglab_synthetic_batch`, on a one-row frame of figures computed over the samples that passed
    (1), against the real training images. A broken rule rejects the whole batch: a generator
@@ -47,6 +56,11 @@ The batch figures use that form:
   `diversity_size`² (default 64), pixels scaled to [0, 1]. 0 for n copies of one image (the real
   training value is reported beside it).
 - channel mean/std: over all pixels of all images, per RGB channel, in [0, 255] units.
+- realism (per image): max over the real training images r of radius_k(r) / |f - f_r|, where f
+  is the image's feature (below), f_r a real one and radius_k(r) the distance from f_r to its k-th
+  nearest other real feature; >= 1 exactly when f lies in some real k-NN ball.
+- distinctness (per image): the RMS pixel distance (as diversity's) to the nearest earlier sample
+  of the batch, divided by that of the two closest real training images; null for the first.
 - KID (Bińkowski et al. 2018, "Demystifying MMD GANs"): the unbiased MMD² between the two sets of
   features with the kernel k(x, y) = (xᵀy / d + 1)³, averaged over `kid_subsets` random subsets
   of `min(kid_subset_size, n_synthetic, n_real)` samples from each set (drawn without
