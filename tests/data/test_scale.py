@@ -48,3 +48,26 @@ def test_loading_a_split_holds_about_the_file_size_not_its_python_objects(tmp_pa
     task = split.tasks[7]
     assert task.annotations == sorted((a for a in annotations if a["image_id"] == task.image_id),
                                       key=lambda a: a["id"])
+
+
+def test_the_pool_is_fed_a_bounded_window_ahead_of_the_writer(monkeypatch):
+    # Executor.map submitted every chunk of a split at once: a slow chunk let all the finished rows
+    # (image and label payloads) collect behind it. Now a few chunks per worker are in flight.
+    from concurrent.futures import ProcessPoolExecutor
+
+    from seglab.data import shard_stage
+
+    submitted = []
+
+    class CountingPool(ProcessPoolExecutor):
+        def submit(self, fn, /, *args, **kwargs):
+            submitted.append(fn)
+            return super().submit(fn, *args, **kwargs)
+
+    monkeypatch.setattr(shard_stage, "ProcessPoolExecutor", CountingPool)
+    monkeypatch.setattr(shard_stage, "process_image", lambda number: ("row", number))  # forked workers see it
+    results = shard_stage._results([(i,) for i in range(400)], workers=2)
+    assert next(results) == ("row", 0)
+    ahead = 2 * getattr(shard_stage, "_CHUNKS_AHEAD_PER_WORKER", 2) + 1
+    assert len(submitted) <= ahead, f"{len(submitted)} chunks submitted before the first row was written"
+    assert [value for _, value in results] == list(range(1, 400))  # every row, in input order
