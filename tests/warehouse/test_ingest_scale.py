@@ -76,3 +76,16 @@ def test_a_files_rows_wait_as_arrow_tables_not_python_dicts(tmp_path):
     assert held < 4.0 * size, f"{held / size:.1f}x the files' {size:,} bytes"
     confusion = files[0].tables["confusion"]
     assert isinstance(confusion, pa.Table) and confusion.num_rows == 2 * len(CLASSES) ** 2
+
+
+def test_the_rows_of_many_files_reach_duckdb_as_one_chunk_per_table(tmp_path, monkeypatch):
+    # An Arrow table of one chunk per file made DuckDB's insert of 3,000 runs ~5x slower and
+    # ~600 MB larger (benchmarks/load.py).
+    for i in range(5):
+        _write_model(tmp_path / "eval", f"model{i}", i)
+    chunks = {}
+    real = ingest._insert
+    monkeypatch.setattr(ingest, "_insert", lambda con, table, rows: chunks.update(
+        {table: max((c.num_chunks for c in rows.columns), default=0)}) or real(con, table, rows))
+    run_ingest(_cfg(tmp_path))
+    assert set(chunks) == set(ingest.TABLES) and max(chunks.values()) == 1, chunks
