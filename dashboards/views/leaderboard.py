@@ -90,7 +90,9 @@ st.caption("Ranking: " + "; ".join(
     + (f"; and {len(shown) - len(ranked)} more in the table" if len(shown) > len(ranked) else ""))
 
 labels = ds.run_labels(shown)
-plot = shown.assign(run=shown["run_id"].map(labels))
+# Only the columns the charts encode go to the browser (Altair embeds every column it is given).
+plot = shown.assign(run=shown["run_id"].map(labels))[
+    ["run", "variant", "miou", "mdice", "images_per_second", "param_count"]]
 # One bar per run: the best CHART_RUNS by mIoU (the table has them all).
 bars = plot.sort_values("miou", ascending=False, na_position="last", kind="stable").head(ds.CHART_RUNS)
 left, right = st.columns(2)

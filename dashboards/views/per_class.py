@@ -35,8 +35,9 @@ selected = board[(board["dataset"] == dataset) & (board["class_set"] == class_se
                  & (board["variant"].isin(variants) if variants else True)]
 top = None
 if len(selected) > ds.CHART_RUNS:
-    top = int(st.number_input("Runs shown (best mIoU first)", min_value=1, max_value=len(selected),
-                              value=ds.CHART_RUNS, step=10, key="pc_top"))
+    # No max_value: a count kept from a larger selection must not make the widget fail.
+    top = min(int(st.number_input("Runs shown (best mIoU first)", min_value=1, value=ds.CHART_RUNS, step=10,
+                                  key="pc_top")), len(selected))
 # Only the runs shown are read: DuckDB picks the best `top`.
 matrix = ds.load_per_class_matrix(wh.path, wh.stamp, metric, dataset, class_set,
                                   tuple(variants) if variants else None, top)
