@@ -42,6 +42,9 @@ DEFAULT_GAN_DIR = Path("data/gan")
 GAN_NAMES = ("dcgan", "sagan", "pix2pix")
 CACHE_TTL_S = 600
 SQL_CACHE_TTL_S = 120
+# What one chart draws at most, whatever the warehouse holds (the tables list everything): a
+# Vega chart of thousands of rows takes the browser tens of seconds and the page a screen per run.
+CHART_RUNS = 30
 
 BUILD_HINT = (
     "Build it from the repo root with `dvc repro` (trains and evaluates every model in "
@@ -154,9 +157,11 @@ def load_leaderboard(path: str, stamp: tuple[int, ...]) -> pd.DataFrame:
 
 @_cache
 def load_per_class_matrix(path: str, stamp: tuple[int, ...], metric: str, dataset: str | None,
-                          class_set: str | None) -> pd.DataFrame:
+                          class_set: str | None, variants: tuple[str, ...] | None = None,
+                          top: int | None = None) -> pd.DataFrame:
     with read_only(path) as con:
-        return queries.per_class_matrix(con, metric, dataset=dataset, class_set=class_set)
+        return queries.per_class_matrix(con, metric, dataset=dataset, class_set=class_set,
+                                        variants=variants, top=top)
 
 
 @_cache
@@ -190,9 +195,15 @@ def load_synthetic_validation(path: str, stamp: tuple[int, ...]) -> pd.DataFrame
 
 
 @_cache
-def load_augmenter_effects(path: str, stamp: tuple[int, ...], metric: str) -> pd.DataFrame:
+def load_augmenter_effects(path: str, stamp: tuple[int, ...], metric: str, pairs: int | None = None) -> pd.DataFrame:
     with read_only(path) as con:
-        return dq.augmenter_effects(con, metric)
+        return dq.augmenter_effects(con, metric, pairs=pairs)
+
+
+@_cache
+def load_augmenter_effect_summary(path: str, stamp: tuple[int, ...], metric: str) -> pd.DataFrame:
+    with read_only(path) as con:
+        return dq.augmenter_effect_summary(con, metric)
 
 
 @_cache

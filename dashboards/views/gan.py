@@ -62,7 +62,9 @@ st.subheader("Per-class effect of each augmenter")
 metric = st.selectbox("Score", ["iou", "dice", "precision", "recall"],
                       format_func=ds.PER_CLASS_LABELS.get, key="gan_metric")
 try:
-    effects = ds.load_augmenter_effects(wh.path, wh.stamp, metric)
+    # Per pair, aggregated in DuckDB; the per-class rows of the first CHART_RUNS pairs only.
+    summary = ds.load_augmenter_effect_summary(wh.path, wh.stamp, metric)
+    effects = ds.load_augmenter_effects(wh.path, wh.stamp, metric, ds.CHART_RUNS)
 except SchemaError as e:  # a warehouse older than the pairing view: it says how to upgrade
     st.warning(str(e))
     st.stop()
@@ -77,22 +79,21 @@ else:
     classes = list(dict.fromkeys(effects.sort_values("class_index")["class_name"]))
     pairs = list(dict.fromkeys(effects["pair"]))
     label = f"{ds.PER_CLASS_LABELS[metric]} change"
+    if len(pairs) < len(summary):
+        st.caption(f"The first {len(pairs)} of {len(summary)} pairs (by augmenter and run); the table "
+                   "below has every pair.")
     st.altair_chart(
         ds.heatmap(effects, x="class_name", y="pair", value="delta", x_order=classes, y_order=pairs,
                    title=label, diverging=True,
                    tooltip=["pair", "class_name", "augmented", "baseline", "delta"]),
         width="content",
     )
-    summary = (effects.groupby(["augmenter", "name", "baseline_name", "variant"], sort=False)["delta"]
-               .agg(mean_change="mean", classes_improved=lambda d: int((d > 0).sum()),
-                    classes_worse=lambda d: int((d < 0).sum()))
-               .reset_index())
     st.dataframe(summary, hide_index=True,
                  column_config={"mean_change": st.column_config.NumberColumn(format="%+.3f")})
     st.caption("Change = augmented - baseline, per class; red: the augmenter hurt the class.")
     # A variant whose synthetic data was all rejected trained on real data only: its difference to
     # the baseline is not the augmenter's doing, and the page must not let it pass for that.
-    real_only = sorted(set(effects.loc[effects["synthetic_images_used"].eq(0), "name"]))
+    real_only = sorted(set(summary.loc[summary["synthetic_images_used"].eq(0), "name"]))
     if real_only:
         st.warning("Trained on real data only (the synthetic-data gate accepted no sample, so these are "
                    "not augmenter effects): " + ", ".join(f"`{name}`" for name in real_only) + ".")

@@ -31,9 +31,16 @@ with controls[3]:
                               placeholder="all variants")
 
 st.subheader(f"{ds.PER_CLASS_LABELS[metric]} per class and run")
-matrix = ds.load_per_class_matrix(wh.path, wh.stamp, metric, dataset, class_set)
-if variants:
-    matrix = matrix[matrix.index.get_level_values("variant").isin(variants)]
+selected = board[(board["dataset"] == dataset) & (board["class_set"] == class_set)
+                 & (board["variant"].isin(variants) if variants else True)]
+top = None
+if len(selected) > ds.CHART_RUNS:
+    # No max_value: a count kept from a larger selection must not make the widget fail.
+    top = min(int(st.number_input("Runs shown (best mIoU first)", min_value=1, value=ds.CHART_RUNS, step=10,
+                                  key="pc_top")), len(selected))
+# Only the runs shown are read: DuckDB picks the best `top`.
+matrix = ds.load_per_class_matrix(wh.path, wh.stamp, metric, dataset, class_set,
+                                  tuple(variants) if variants else None, top)
 if matrix.empty:
     st.info("No per-class scores for this selection.")
 else:
@@ -47,7 +54,8 @@ else:
                    y_order=[labels[r] for r in run_ids], title=ds.PER_CLASS_LABELS[metric]),
         width="content",
     )
-    st.caption(f"{len(run_ids)} runs (best mIoU first) x {len(classes)} classes: "
+    shown_of = f" (the best {len(run_ids)} of {len(selected)})" if len(run_ids) < len(selected) else ""
+    st.caption(f"{len(run_ids)} runs{shown_of}, best mIoU first, x {len(classes)} classes: "
                + ", ".join(classes) + ". Blank cells: the class is absent from both truth and "
                "prediction, so the score is undefined.")
     with st.expander("As a table"):

@@ -130,6 +130,22 @@ def test_augmenter_effect_is_the_per_class_difference_to_the_matching_baseline(c
         dq.augmenter_effects(con, "iou; DROP TABLE runs")
 
 
+def test_the_per_pair_summary_aggregated_in_duckdb_matches_the_per_class_rows(con):
+    effects = dq.augmenter_effects(con, "dice")
+    expected = (effects.groupby(["augmenter", "name", "baseline_name", "variant"], sort=False)["delta"]
+                .agg(mean_change="mean", classes_improved=lambda d: int((d > 0).sum()),
+                     classes_worse=lambda d: int((d < 0).sum())).reset_index())
+    summary = dq.augmenter_effect_summary(con, "dice")
+    assert list(summary["name"] + summary["variant"]) == list(expected["name"] + expected["variant"])
+    np.testing.assert_allclose(summary["mean_change"], expected["mean_change"])
+    assert list(summary["classes_improved"]) == list(expected["classes_improved"])
+    assert list(summary["classes_worse"]) == list(expected["classes_worse"])
+    first = dq.augmenter_effects(con, "dice", pairs=1)
+    assert set(first["run_id"]) == {effects["run_id"].iloc[0]} and len(first) == len(effects) // 2
+    with pytest.raises(ValueError, match="pairs must be a positive integer"):
+        dq.augmenter_effects(con, "dice", pairs=0)
+
+
 def test_a_warehouse_older_than_the_pairing_view_is_refused_with_how_to_upgrade(tmp_path):
     con = dq.harden(connect_read_only(build_augmented_warehouse(tmp_path, 1)))
     try:

@@ -79,9 +79,52 @@ def test_a_result_over_the_size_cap_is_cut_and_says_so(fixture_warehouse):
 
 
 def test_a_single_row_over_the_size_cap_leaves_an_empty_cut_result(fixture_warehouse):
-    result = dq.run_sql(fixture_warehouse.warehouse, "SELECT repeat('x', 2000000) AS s",
+    # Built by an aggregate, which DuckDB's memory limit covers (repeat is refused outright, below).
+    result = dq.run_sql(fixture_warehouse.warehouse, "SELECT string_agg('x', '') AS s FROM range(2000000)",
                         dq.SqlLimits(max_result_mib=1))
     assert result.cut_by == "bytes" and len(result.frame) == 0 and list(result.frame.columns) == ["s"]
+
+
+def test_one_huge_value_is_refused_before_it_is_built(fixture_warehouse):
+    # repeat('x', 5e8) took the process 1.5 GB whatever DuckDB's memory_limit (it builds the value
+    # outside it, then copies it to Arrow); the page's macros refuse it first. In a fresh process,
+    # whose peak RSS is this query's alone.
+    child = _python("""
+        import sys
+        from seglab.warehouse import dashboard_queries as dq
+
+        def peak_mib():
+            with open("/proc/self/status") as status:
+                return next(int(line.split()[1]) // 1024 for line in status if line.startswith("VmHWM"))
+
+        dq.run_sql(sys.argv[1], "SELECT 1", dq.SqlLimits())  # imports, snapshot
+        before = peak_mib()
+        for sql in ("SELECT repeat('x', 500000000) AS s", "SELECT 'ab'.repeat(300000000) AS s",
+                    "SELECT lpad('x', 500000000, 'y') AS s", "SELECT rpad(name, 500000000, '.') FROM runs"):
+            try:
+                dq.run_sql(sys.argv[1], sql, dq.SqlLimits())
+                print("RESULT no error")
+            except dq.SqlValueTooLarge as e:
+                print("RESULT", e)
+        print("GROWTH", peak_mib() - before)
+    """, str(fixture_warehouse.warehouse))
+    out, _ = child.communicate(timeout=120)
+    assert child.returncode == 0, out
+    results = [line for line in out.splitlines() if line.startswith("RESULT")]
+    assert len(results) == 4 and all("over the 16777216 bytes a result may hold" in r for r in results), out
+    growth = int(next(line.split()[1] for line in out.splitlines() if line.startswith("GROWTH")))
+    assert growth < 100, out
+
+
+def test_capped_functions_still_work_and_cannot_be_called_past_their_cap(fixture_warehouse):
+    small = dq.run_sql(fixture_warehouse.warehouse, "SELECT repeat('ab', 3) AS a, repeat([1, 2], 2) AS b, "
+                                                   "lpad('7', 3, '0') AS c, rpad('x', 2, '-') AS d")
+    assert small.frame.iloc[0]["a"] == "ababab" and list(small.frame.iloc[0]["b"]) == [1, 2, 1, 2]
+    assert (small.frame.iloc[0]["c"], small.frame.iloc[0]["d"]) == ("007", "x-")
+    for sql in ("SELECT system.main.repeat('x', 500000000)", "SELECT main.lpad('x', 9, 'y')",
+                'SELECT "system"."main"."rpad"(\'x\', 9, \'y\')'):
+        with pytest.raises(dq.SqlRefused, match="by its plain name"):
+            dq.run_sql(fixture_warehouse.warehouse, sql)
 
 
 def test_a_long_query_is_interrupted_at_the_timeout_and_leaves_the_warehouse_free(own_warehouse):
@@ -137,6 +180,10 @@ def test_the_snapshot_follows_a_reingest(tmp_path, own_warehouse):
 
 
 def _ingest_cfg(fixture, tmp_path) -> Config:
+    # One eval.json changed (a byte more, same runs), so the ingest rewrites its runs: the others
+    # are unchanged and left as they are.
+    with (fixture.eval_dir / "unet" / "eval.json").open("a") as changed:
+        changed.write("\n")
     return Config.model_validate({"evaluate": {"out": str(fixture.eval_dir)},
                                   "validate_synthetic": {"report": str(tmp_path / "no_reports")},
                                   "warehouse": {"path": str(fixture.warehouse)}})
@@ -157,7 +204,7 @@ def test_ingest_writes_while_a_page_query_runs_in_another_process(tmp_path, own_
         time.sleep(1.5)  # the query is running
         summary = run_ingest(_ingest_cfg(own_warehouse, tmp_path))
         assert page.poll() is None, page.stdout.read()  # ingest did not wait for the query to end
-        assert summary["runs"] == len(own_warehouse.runs)
+        assert summary["runs"] == 2 and summary["unchanged_files"] == summary["files"] - 1
         out, _ = page.communicate(timeout=60)
         assert "timed out" in out, out
     finally:
@@ -180,7 +227,7 @@ def test_ingest_writes_while_a_page_query_runs_in_another_thread(tmp_path, own_w
         time.sleep(1.0)
         summary = run_ingest(_ingest_cfg(own_warehouse, tmp_path))
         assert query.is_alive()
-        assert summary["runs"] == len(own_warehouse.runs)
+        assert summary["runs"] == 2 and summary["unchanged_files"] == summary["files"] - 1
     finally:
         query.join(30)
     assert len(outcome) == 1 and isinstance(outcome[0], dq.SqlTimeout), outcome

@@ -177,3 +177,21 @@ def test_the_one_writer_splits_by_payload_keeps_extra_columns_and_requires_a_cla
         ShardWriter(tmp_path / "x", {})
     with pytest.raises(ValueError, match="must start with SHARD_SCHEMA"):
         ShardWriter(tmp_path / "x", metadata, schema=pa.schema([pa.field("image", pa.binary())]))
+
+
+def test_the_manifest_is_written_once_not_after_every_part(tmp_path, monkeypatch):
+    # Rewriting manifest.json (every entry so far) after each part made writing O(parts²).
+    from seglab.data import shards
+
+    writes = []
+    real = shards.write_manifest_entries
+    monkeypatch.setattr(shards, "write_manifest_entries",
+                        lambda folder, entries: writes.append(len(entries)) or real(folder, entries))
+    metadata = {b"seglab.classes": b'["background"]'}
+    files = shards.write_shards((_row(i, 300_000) for i in range(40)), tmp_path / "s", metadata, 0.25)
+    assert len(files) == 40 and writes == [40]
+    assert len(shard_files(tmp_path, "s")) == 40  # the one manifest lists every part
+    unfinished = shards.ShardWriter(tmp_path / "unfinished", metadata, max_shard_mb=0.25)
+    unfinished.add(_row(0, 300_000))  # a part, but the writer was never closed: no manifest
+    with pytest.raises(shards.ShardIntegrityError, match="no manifest.json"):
+        shard_files(tmp_path, "unfinished")

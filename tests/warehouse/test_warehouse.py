@@ -566,8 +566,14 @@ def test_per_class_matrix_is_runs_by_classes(evals, warehouse):
         np.testing.assert_allclose(row.to_numpy(), want)
         assert by_id[run_id]["run"]["name"] == name
     assert matrix["bird"].isna().all()
+    # The best `top` runs (of the `variants` asked for), picked in DuckDB: the full matrix's first rows.
+    plain = matrix[matrix.index.get_level_values("variant") == "plain"]
+    pd.testing.assert_frame_equal(per_class_matrix(con, "dice", dataset="sample", variants=["plain"], top=2),
+                                  plain.head(2))
     with pytest.raises(ValueError, match="metric must be one of"):
         per_class_matrix(con, "iou; DROP TABLE runs")
+    with pytest.raises(ValueError, match="top must be a positive integer"):
+        per_class_matrix(con, top=0)
     con.close()
 
 

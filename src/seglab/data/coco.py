@@ -31,7 +31,10 @@ import io
 import json
 import os
 import posixpath
+import re
+from array import array
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -76,7 +79,13 @@ class LabelRules:
 
 @dataclass
 class ImageTask:
-    """Everything a worker needs to turn one image record into an (image, label) pair."""
+    """Everything a worker needs to turn one image record into an (image, label) pair.
+
+    The image's annotations are kept as their JSON text (a JSON array, in annotation id order) and
+    decoded where they are used (`annotations`, in the worker): a split's tasks then hold about
+    the annotation file's size, not the ~10x that decoded Python objects take, and are cheap to
+    send to the pool.
+    """
 
     image_id: int
     file_name: str
@@ -84,8 +93,12 @@ class ImageTask:
     split: str
     height: int
     width: int
-    annotations: list[dict]
+    annotations_json: str
     record: str  # human-readable location of the image record, for error messages
+
+    @property
+    def annotations(self) -> list[dict]:
+        return json.loads(self.annotations_json)
 
     def image_and_label(self, class_set: ClassSet, rules: LabelRules) -> tuple[np.ndarray, np.ndarray]:
         """The RGB image and its label map (rasterised from the annotations). Runs in shard workers."""
@@ -114,26 +127,156 @@ def annotation_path(root: Path, folder: str) -> Path:
     return Path(root) / "annotations" / f"instances_{folder}.json"
 
 
-def read_annotation_file(path: Path) -> dict[str, Any]:
-    """Parse an instances_*.json file, turning every way it can be broken into a DataError."""
+# The members whose arrays are read one element at a time (`read_annotation_file`).
+_ANNOTATIONS, _IMAGES = "annotations", "images"
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+
+
+class _NotStreamable(Exception):
+    """The text is not a JSON object this reader walks member by member; `json.loads` says why."""
+
+
+@dataclass
+class AnnotationFile:
+    """An instances_*.json file as `load_split` reads it: everything but the annotations decoded;
+    the annotations left in the file's text, read one at a time (`annotations`) and kept as text
+    (`annotation_text`), so a split's annotations are never all Python objects at once."""
+
+    path: Path
+    members: dict[str, Any]  # every top-level member except `annotations`
+    _text: str = ""
+    _spans: tuple[array, array] | None = None  # (start, end) of each annotation in _text
+    _decoded: list | None = None  # the annotations, when the file was read by `json.loads`
+
+    @property
+    def images(self) -> list:
+        return self.members[_IMAGES]
+
+    @property
+    def categories(self) -> list:
+        return self.members["categories"]
+
+    def __len__(self) -> int:
+        return len(self._spans[0]) if self._spans is not None else len(self._decoded or [])
+
+    def annotations(self) -> Iterator[tuple[int, Any]]:
+        """(index, decoded annotation) in file order."""
+        if self._spans is None:
+            yield from enumerate(self._decoded or [])
+            return
+        for i, start in enumerate(self._spans[0]):
+            yield i, _DECODER.raw_decode(self._text, start)[0]
+
+    def annotation_text(self, index: int) -> str:
+        """The annotation's JSON text as the file has it."""
+        if self._spans is None:
+            return json.dumps(self._decoded[index], separators=(",", ":"))
+        return self._text[self._spans[0][index]:self._spans[1][index]]
+
+
+def _skip(text: str, pos: int) -> int:
+    return _WHITESPACE.match(text, pos).end()
+
+
+def _scan_object(text: str) -> tuple[dict[str, Any], tuple[array, array] | None]:
+    """The top-level object's members, decoded, except `annotations`: its elements' spans.
+
+    Each annotation is decoded here only to find where it ends and dropped at once. Anything but a
+    plain JSON object with an `annotations` array raises _NotStreamable (or JSONDecodeError, with
+    its position in the whole text).
+    """
+    members: dict[str, Any] = {}
+    spans = None
+    pos = _skip(text, 0)
+    if text[pos:pos + 1] != "{":
+        raise _NotStreamable
+    pos = _skip(text, pos + 1)
+    if text[pos:pos + 1] == "}":
+        raise _NotStreamable
+    while True:
+        if text[pos:pos + 1] != '"':
+            raise _NotStreamable
+        key, pos = _DECODER.raw_decode(text, pos)
+        pos = _skip(text, pos)
+        if text[pos:pos + 1] != ":":
+            raise _NotStreamable
+        pos = _skip(text, pos + 1)
+        if key == _ANNOTATIONS and text[pos:pos + 1] == "[":
+            starts, ends = array("q"), array("q")
+            pos = _skip(text, pos + 1)
+            if text[pos:pos + 1] == "]":
+                pos += 1
+            else:
+                while True:
+                    _, end = _DECODER.raw_decode(text, pos)
+                    starts.append(pos)
+                    ends.append(end)
+                    pos = _skip(text, end)
+                    if text[pos:pos + 1] == ",":
+                        pos = _skip(text, pos + 1)
+                    elif text[pos:pos + 1] == "]":
+                        pos += 1
+                        break
+                    else:
+                        raise _NotStreamable
+            members.pop(key, None)  # a repeated key: the last one counts, as in json.loads
+            spans = (starts, ends)
+        else:
+            members[key], pos = _DECODER.raw_decode(text, pos)
+            if key == _ANNOTATIONS:
+                spans = None
+        pos = _skip(text, pos)
+        if text[pos:pos + 1] == ",":
+            pos = _skip(text, pos + 1)
+        elif text[pos:pos + 1] == "}":
+            break
+        else:
+            raise _NotStreamable
+    if _skip(text, pos + 1) != len(text):
+        raise _NotStreamable
+    if spans is None:
+        raise _NotStreamable
+    return members, spans
+
+
+def read_annotation_file(path: Path) -> AnnotationFile:
+    """Parse an instances_*.json file, turning every way it can be broken into a DataError.
+
+    The annotations stay in the file's text (`AnnotationFile`): a COCO-sized file takes about
+    twice its size in memory while it is read instead of ten times. A file this reader does not
+    walk (not an object, no annotation array) is read whole by `json.loads`.
+    """
     if not path.is_file():
         raise DataError(f"{path}: annotation file not found (expected a COCO root with annotations/instances_<split>.json)")
+    decoded = None
     try:
-        with open(path, "rb") as f:
-            data = json.load(f)
+        raw = path.read_bytes()
+        # As json.load does: UTF-8, -16 or -32 (a UTF-8 BOM is refused by the decoder).
+        text = raw.decode(json.detect_encoding(raw), "surrogatepass")
+        del raw
+        try:
+            members, spans = _scan_object(text)
+        except _NotStreamable:
+            decoded, members, spans, text = json.loads(text), {}, None, ""
     except json.JSONDecodeError as e:
         raise DataError(f"{path}: not valid JSON (truncated or malformed) at line {e.lineno} column {e.colno}: {e.msg}") from None
     except UnicodeDecodeError as e:
         raise DataError(f"{path}: not UTF-8 text: {e}") from None
-    if not isinstance(data, dict):
-        raise DataError(f"{path}: expected a JSON object with images/annotations/categories, got {type(data).__name__}")
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data.get(key), list):
+    if decoded is not None:
+        if not isinstance(decoded, dict):
+            raise DataError(f"{path}: expected a JSON object with images/annotations/categories, got {type(decoded).__name__}")
+        members, decoded = decoded, decoded.get(_ANNOTATIONS)
+    for key in (_IMAGES, _ANNOTATIONS, "categories"):
+        if key == _ANNOTATIONS and spans is not None:
+            continue
+        if not isinstance(members.get(key), list):
             raise DataError(f"{path}: field '{key}' missing or not a list")
-    for i, cat in enumerate(data["categories"]):
+    members.pop(_ANNOTATIONS, None)
+    for i, cat in enumerate(members["categories"]):
         if not isinstance(cat, dict) or not isinstance(cat.get("id"), int) or not isinstance(cat.get("name"), str):
             raise DataError(f"{path}: categories[{i}]: expected an object with integer 'id' and string 'name', got {cat!r}")
-    return data
+    return AnnotationFile(path, members, text, spans, decoded)
 
 
 def _is_int(v: Any) -> bool:
@@ -279,8 +422,8 @@ def load_split(
     if not image_dir.is_dir():
         raise DataError(f"{image_dir}: image folder for split '{split}' not found")
     data = read_annotation_file(ann_file)
-    class_set = resolve_class_set(class_set_spec, data["categories"])
-    known_categories = {int(c["id"]) for c in data["categories"]}
+    class_set = resolve_class_set(class_set_spec, data.categories)
+    known_categories = {int(c["id"]) for c in data.categories}
     skipped: Counter = Counter()
     skipped_records: list[str] = []
 
@@ -293,7 +436,7 @@ def load_split(
     images: dict[int, dict] = {}
     locations: dict[int, str] = {}
     image_dir_real = os.path.realpath(image_dir)
-    for i, rec in enumerate(data["images"]):
+    for i, rec in enumerate(data.images):
         where = f"images[{i}]" + (f" (id {rec.get('id')})" if isinstance(rec, dict) else "")
         problem = _check_image_record(rec)
         if problem is None and rec["id"] in images:
@@ -307,10 +450,11 @@ def load_split(
         images[rec["id"]] = rec
         locations[rec["id"]] = where
 
-    by_image: dict[int, list[dict]] = {i: [] for i in images}
+    # Per image: (sort key, JSON text) of its annotations; the decoded annotation is dropped.
+    by_image: dict[int, list[tuple[tuple[bool, int], str]]] = {i: [] for i in images}
     dropped: set[int] = set()
     seen_ann_ids: set[int] = set()
-    for i, ann in enumerate(data["annotations"]):
+    for i, ann in data.annotations():
         if not isinstance(ann, dict):
             bad(f"annotations[{i}]", "malformed annotation", f"expected an object, got {type(ann).__name__}")
             continue
@@ -341,14 +485,16 @@ def load_split(
             dropped.add(image_id)
             continue
         seen_ann_ids.add(ann.get("id"))
-        by_image[image_id].append(ann)
+        # Annotation order decides "last" overlaps; sorted by id below, so file order never matters.
+        by_image[image_id].append(((ann.get("id") is None, ann.get("id") or 0), data.annotation_text(i)))
+    image_count = len(data.images)
+    del data  # the file's text: the tasks keep each image's annotations as their own text
 
     tasks = []
     for image_id, rec in images.items():
         if image_id in dropped:
             continue
-        # Annotation order decides "last" overlaps; sort by id so file order never matters.
-        anns = sorted(by_image[image_id], key=lambda a: (a.get("id") is None, a.get("id") or 0))
+        anns = sorted(by_image.pop(image_id), key=lambda a: a[0])
         tasks.append(
             ImageTask(
                 image_id=image_id,
@@ -357,13 +503,13 @@ def load_split(
                 split=split,
                 height=rec["height"],
                 width=rec["width"],
-                annotations=anns,
+                annotations_json="[" + ",".join(text for _, text in anns) + "]",
                 record=f"{ann_file.name}: {locations[image_id]} file {rec['file_name']!r}",
             )
         )
     if not tasks:
         # Written out, an empty split would replace good shards with an empty folder.
-        raise DataError(f"{ann_file}: split '{split}' has no usable images ({len(data['images'])} image records, "
+        raise DataError(f"{ann_file}: split '{split}' has no usable images ({image_count} image records, "
                         f"{sum(skipped.values())} bad records skipped); refusing to write an empty split", "empty split")
     tasks.sort(key=lambda t: t.image_id)  # output order independent of file order
     return CocoSplit(split, folder, ann_file, image_dir, class_set, tasks, skipped, skipped_records)

@@ -1,7 +1,7 @@
 """Shard manifests: the proof that a split's part files are complete and unchanged.
 
 `<split>/manifest.json` lists every part file with its rows, size and sha256. `ShardWriter`
-(seglab.data.shards) rewrites it after each part, inside the same atomic folder as the parts;
+(seglab.data.shards) writes it once, when it closes, inside the same atomic folder as the parts;
 `shard_files` checks a split against it, and every reader lists a split's files through it.
 """
 

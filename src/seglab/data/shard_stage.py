@@ -20,7 +20,7 @@ import os
 import signal
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -93,6 +93,10 @@ def _process_star(args):
     return process_image(*args)
 
 
+def _process_chunk(chunk: list[tuple]) -> list[tuple]:
+    return [process_image(*args) for args in chunk]
+
+
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -106,13 +110,32 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
+# Chunks handed to the pool beyond the one being written, per worker: enough to keep every worker
+# busy, few enough that finished rows never pile up (Executor.map would submit every chunk at once,
+# and a slow chunk would let the rest of the split's payloads collect behind it).
+_CHUNKS_AHEAD_PER_WORKER = 2
+
+
 def _results(tasks: list[tuple], workers: int) -> Iterator[tuple]:
+    """process_image over `tasks`, in input order (so shard contents never depend on scheduling),
+    with at most `workers * _CHUNKS_AHEAD_PER_WORKER` chunks submitted and not yet consumed."""
     if workers == 1 or len(tasks) < 2:
         yield from map(_process_star, tasks)
         return
+    size = max(1, min(16, len(tasks) // (4 * workers)))
+    chunks = (tasks[i:i + size] for i in range(0, len(tasks), size))
+    window: deque = deque()
     with ProcessPoolExecutor(max_workers=workers, initializer=_die_with_parent, initargs=(os.getpid(),)) as pool:
-        # map keeps input order, so shard contents do not depend on scheduling.
-        yield from pool.map(_process_star, tasks, chunksize=max(1, min(16, len(tasks) // (4 * workers))))
+        try:
+            for chunk in chunks:
+                window.append(pool.submit(_process_chunk, chunk))
+                if len(window) > workers * _CHUNKS_AHEAD_PER_WORKER:
+                    yield from window.popleft().result()
+            while window:
+                yield from window.popleft().result()
+        finally:
+            for future in window:  # the consumer stopped early (an error): drop the queued chunks
+                future.cancel()
 
 
 @contextlib.contextmanager

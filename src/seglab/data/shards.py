@@ -83,9 +83,10 @@ class ShardWriter:
     is `SHARD_SCHEMA`, optionally followed by extra columns (synthetic shards add the generator);
     `metadata` must name the class list (`seglab.classes`), so no shard is ever written without it.
     Payloads are stored as they are (already compressed), the other columns zstd-compressed, in
-    row groups of 64 rows (what readers stream), with page checksums. After each part the folder's
-    `manifest.json` is rewritten to list every part so far (rows, bytes, sha256), so the folder
-    always describes itself. `write_shards` wraps this in an atomic folder.
+    row groups of 64 rows (what readers stream), with page checksums. `close` ends the last part
+    and writes the folder's `manifest.json` once, listing every part (rows, bytes, sha256): writing
+    is O(parts), and a folder without its manifest is one whose writer did not finish (readers
+    refuse it). `write_shards` wraps this in an atomic folder.
     """
 
     def __init__(self, out_dir: str | Path, metadata: dict[bytes, bytes], *, schema: pa.Schema = SHARD_SCHEMA,
@@ -120,8 +121,15 @@ class ShardWriter:
         pq.write_table(pa.Table.from_pylist(self._rows, schema=schema), path, compression=compression,
                        row_group_size=_ROW_GROUP_ROWS, write_page_checksum=True)
         self.files.append(manifest_entry(path, len(self._rows)))
-        write_manifest_entries(self.out_dir, self.files)
         self._rows, self._size = [], 0
+
+    def close(self) -> list[dict]:
+        """End the pending part and write the manifest listing every part (none when no part was
+        written); returns the parts' entries."""
+        self.end_part()
+        if self.files:
+            write_manifest_entries(self.out_dir, self.files)
+        return self.files
 
 
 def _check_shard_schema(schema: pa.Schema) -> None:
@@ -146,7 +154,7 @@ def write_shards(
         writer = ShardWriter(tmp, metadata, schema=schema, max_shard_mb=max_shard_mb)
         for row in rows:
             writer.add(row)
-        writer.end_part()
+        writer.close()
     return writer.files
 
 

@@ -257,7 +257,7 @@ def _write_accepted(tables: list[pa.Table], accepted: np.ndarray, out_dir: Path,
                 writer.add(row)
             writer.end_part({**(table.schema.metadata or {}),
                              b"seglab.synthetic_validation": json.dumps(verdict, default=str).encode()})
-        written = len(writer.files)
+        written = len(writer.close())
         verdict["files"] = written
         if not written:
             write_text_atomic(tmp / NONE_ACCEPTED, summary["decision"] + "\n")

@@ -23,6 +23,7 @@ from seglab.warehouse.sql_sandbox import (
     SqlRefused,
     SqlResult,
     SqlTimeout,
+    SqlValueTooLarge,
     check_read_only_sql,
     harden,
     run_read_only_sql,
@@ -36,6 +37,8 @@ __all__ = [
     "SqlRefused",
     "SqlResult",
     "SqlTimeout",
+    "SqlValueTooLarge",
+    "augmenter_effect_summary",
     "augmenter_effects",
     "check_read_only_sql",
     "count_runs",
@@ -80,7 +83,16 @@ def synthetic_validation(con: duckdb.DuckDBPyConnection) -> pd.DataFrame | None:
     return con.sql(f"SELECT * FROM {SYNTHETIC_VALIDATION_TABLE}").df()
 
 
-def augmenter_effects(con: duckdb.DuckDBPyConnection, metric: str = "iou") -> pd.DataFrame:
+_PAIR_ORDER = "p.augmenter, p.augmented_name, p.variant, p.seed, p.augmented_run_id"
+
+
+def _check_metric(metric: str) -> None:
+    if metric not in PER_CLASS_METRICS:
+        raise ValueError(f"metric must be one of {PER_CLASS_METRICS}; got {metric!r}")
+
+
+def augmenter_effects(con: duckdb.DuckDBPyConnection, metric: str = "iou", *,
+                      pairs: int | None = None) -> pd.DataFrame:
     """Per class, how much each GAN augmenter moved a per-class score against its real-only run.
 
     The pairs are the ``augmenter_pairs`` view's, the ones `seglab report` averages: the latest
@@ -89,18 +101,42 @@ def augmenter_effects(con: duckdb.DuckDBPyConnection, metric: str = "iou") -> pd
     augmenter, name, variant, run_id, synthetic_images_used (0: the gate accepted no synthetic
     sample, the run trained on real data only; NULL: not recorded), baseline_name,
     baseline_run_id, class_index, class_name, augmented, baseline, delta (augmented - baseline).
+    `pairs` keeps the first that many pairs (by augmenter, name, variant, seed), chosen in DuckDB.
     Empty when no run is paired. SchemaError for a warehouse older than the view.
     """
-    if metric not in PER_CLASS_METRICS:
-        raise ValueError(f"metric must be one of {PER_CLASS_METRICS}; got {metric!r}")
+    _check_metric(metric)
+    if pairs is not None and (isinstance(pairs, bool) or not isinstance(pairs, int) or pairs < 1):
+        raise ValueError(f"pairs must be a positive integer or None; got {pairs!r}")
     require_view(con, "augmenter_pairs")
     return con.execute(f"""
+        WITH p AS (SELECT * FROM augmenter_pairs AS p ORDER BY {_PAIR_ORDER} LIMIT $pairs)
         SELECT p.augmenter, p.augmented_name AS name, p.variant, p.augmented_run_id AS run_id,
                p.synthetic_images_used, p.base_name AS baseline_name, p.base_run_id AS baseline_run_id,
                pa.class_index, pa.class_name, pa.{metric} AS augmented, pb.{metric} AS baseline,
                pa.{metric} - pb.{metric} AS delta
+        FROM p
+        JOIN per_class AS pa ON pa.run_id = p.augmented_run_id
+        JOIN per_class AS pb ON pb.run_id = p.base_run_id AND pb.class_index = pa.class_index
+        ORDER BY {_PAIR_ORDER}, pa.class_index
+    """, {"pairs": pairs}).df()
+
+
+def augmenter_effect_summary(con: duckdb.DuckDBPyConnection, metric: str = "iou") -> pd.DataFrame:
+    """One row per pair of `augmenter_effects`, aggregated in DuckDB: augmenter, name,
+    baseline_name, variant, synthetic_images_used, mean_change (mean over the classes where both
+    scores are defined), classes_improved, classes_worse; in the same order."""
+    _check_metric(metric)
+    require_view(con, "augmenter_pairs")
+    return con.execute(f"""
+        SELECT p.augmenter, p.augmented_name AS name, p.base_name AS baseline_name, p.variant,
+               p.synthetic_images_used,
+               avg(pa.{metric} - pb.{metric})                             AS mean_change,
+               count(*) FILTER (WHERE pa.{metric} - pb.{metric} > 0)      AS classes_improved,
+               count(*) FILTER (WHERE pa.{metric} - pb.{metric} < 0)      AS classes_worse
         FROM augmenter_pairs AS p
         JOIN per_class AS pa ON pa.run_id = p.augmented_run_id
         JOIN per_class AS pb ON pb.run_id = p.base_run_id AND pb.class_index = pa.class_index
-        ORDER BY p.augmenter, p.augmented_name, p.variant, p.seed, pa.class_index
+        GROUP BY p.augmented_run_id, p.augmenter, p.augmented_name, p.base_name, p.variant,
+                 p.synthetic_images_used, p.seed
+        ORDER BY {_PAIR_ORDER}
     """).df()

@@ -6,6 +6,7 @@ from a fixed list. Open the warehouse with `connect_read_only`, so a dashboard c
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,24 +97,30 @@ def leaderboard(con: duckdb.DuckDBPyConnection, dataset: str | None = None,
 
 def per_class_matrix(con: duckdb.DuckDBPyConnection, metric: str = "iou", *,
                      dataset: str | None = None, class_set: str | None = None,
-                     variant: str | None = None, latest_only: bool = True) -> pd.DataFrame:
+                     variant: str | None = None, latest_only: bool = True,
+                     variants: Sequence[str] | None = None, top: int | None = None) -> pd.DataFrame:
     """Runs x classes table of one per-class metric (NaN where undefined).
 
     Rows: a (name, variant, run_id) index, best mIoU first; columns: class names in class order.
-    Filters as in `leaderboard`.
+    Filters as in `leaderboard`, plus `variants` (any of these); `top` keeps only the best `top`
+    runs, chosen in DuckDB, so only their rows are read.
     """
     if metric not in PER_CLASS_METRICS:
         raise ValueError(f"metric must be one of {PER_CLASS_METRICS}; got {metric!r}")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 1):
+        raise ValueError(f"top must be a positive integer or None; got {top!r}")
     long = _df(con, f"""
-        SELECT c.name, c.variant, c.run_id, c.class_index, c.class_name, c.{metric} AS value,
-               l.miou
-        FROM class_scores AS c JOIN leaderboard AS l USING (run_id)
-        WHERE ($dataset IS NULL OR c.dataset = $dataset)
-          AND ($class_set IS NULL OR c.class_set = $class_set)
-          AND ($variant IS NULL OR c.variant = $variant)
-          AND (c.latest OR NOT $latest_only)
-        ORDER BY l.miou DESC NULLS LAST, c.name, c.variant, c.run_id, c.class_index
-    """, _filter_params(dataset, class_set, variant, latest_only))
+        WITH chosen AS (
+            SELECT run_id, name, variant, miou FROM leaderboard
+            WHERE {_FILTERS} AND ($variants IS NULL OR list_contains($variants, variant))
+            ORDER BY miou DESC NULLS LAST, name, variant, run_id
+            LIMIT $top
+        )
+        SELECT l.name, l.variant, l.run_id, p.class_index, p.class_name, p.{metric} AS value, l.miou
+        FROM per_class AS p JOIN chosen AS l USING (run_id)
+        ORDER BY l.miou DESC NULLS LAST, l.name, l.variant, l.run_id, p.class_index
+    """, {**_filter_params(dataset, class_set, variant, latest_only),
+          "variants": None if variants is None else list(variants), "top": top})
     index = ["name", "variant", "run_id"]
     if long.empty:
         return pd.DataFrame(index=pd.MultiIndex.from_arrays([[], [], []], names=index), dtype=float)

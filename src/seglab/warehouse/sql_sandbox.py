@@ -17,8 +17,15 @@
   for a query.
 
 DuckDB's memory limit covers its buffer manager (hash tables, sorts, materialised results), not a
-single huge value built by a scalar function (``repeat('x', 10^9)``), which it allocates directly
-and does not interrupt until the function returns.
+single huge value built by a scalar function (``repeat('x', 5 * 10^8)`` took 1.5 GB with a 64 MiB
+limit: the value, then its copies on the way to Arrow), which it allocates directly and does not
+interrupt until the function returns. DuckDB has no setting that caps a value's size, so the
+string amplifiers among those functions (`CAPPED_FUNCTIONS`: ``repeat``, ``lpad``, ``rpad``) are
+shadowed on the page's connections by temporary macros that refuse, before building it, a value
+over the result limit (`SqlValueTooLarge`); the guard refuses calling them by a qualified name
+(``system.main.repeat``), which would bypass the macros. Other ways to build one huge value
+(the scalar list forms of ``range`` / ``generate_series``, ``printf`` widths) remain outside
+DuckDB's limit; a hard cap needs the query in a process of its own with an OS memory limit.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from __future__ import annotations
 import atexit
 import contextlib
 import itertools
+import json
+import re
 import shutil
 import tempfile
 import threading
@@ -43,12 +52,14 @@ from seglab.warehouse.queries import connect_read_only
 from seglab.warehouse.schema import WarehouseError
 
 __all__ = [
+    "CAPPED_FUNCTIONS",
     "SNAPSHOTS",
     "SqlLimits",
     "SqlOutOfMemory",
     "SqlRefused",
     "SqlResult",
     "SqlTimeout",
+    "SqlValueTooLarge",
     "WarehouseSnapshots",
     "check_read_only_sql",
     "file_stamp",
@@ -70,6 +81,67 @@ class SqlTimeout(WarehouseError):
 
 class SqlOutOfMemory(WarehouseError):
     """A query that needed more working memory than the SQL page allows."""
+
+
+class SqlValueTooLarge(WarehouseError):
+    """A query that would build one value (``repeat``, ``lpad``, ``rpad``) larger than a result may be."""
+
+
+# Scalar functions whose one result can be far larger than their arguments, which DuckDB builds
+# outside its memory limit; on SQL-page connections each is a temporary macro of the same name
+# (unqualified calls and `x.repeat(n)` reach it) that refuses a value over the result limit.
+CAPPED_FUNCTIONS = ("repeat", "lpad", "rpad")
+_VALUE_CAP = "seglab value cap"  # marks the macros' errors
+_SIZE = "strlen(CAST(x AS VARCHAR))::DOUBLE"  # bytes of a string; of a list's or blob's text form
+
+
+def _value_caps(limit_bytes: int) -> list[str]:
+    def refuse(function: str, size: str) -> str:
+        return (f"error('{_VALUE_CAP}: {function} would build a value of about ' || ({size})::BIGINT || "
+                f"' bytes, over the {limit_bytes} bytes a result may hold')")
+
+    # The check guards the count *argument*: DuckDB evaluates (and constant-folds) arguments before
+    # the call, so an oversized call fails before it builds anything. (A CASE around the call would
+    # not do: the optimizer folds a constant ELSE branch too, building the value.)
+    return [
+        f"CREATE OR REPLACE TEMP MACRO repeat(x, n) AS system.main.repeat(x, CASE WHEN n > 0 AND "
+        f"{_SIZE} * n > {limit_bytes} THEN {refuse('repeat', f'{_SIZE} * n')} ELSE n END)",
+        *(f"CREATE OR REPLACE TEMP MACRO {f}(x, n, fill) AS system.main.{f}(x, CASE WHEN n > {limit_bytes} "
+          f"THEN {refuse(f, 'n')} ELSE n END, fill)" for f in ("lpad", "rpad")),
+    ]
+
+
+def cap_values(con: duckdb.DuckDBPyConnection, limit_bytes: int) -> None:
+    """Shadow `CAPPED_FUNCTIONS` on `con` (this connection only) by macros refusing a value over
+    `limit_bytes` before it is built."""
+    for statement in _value_caps(int(limit_bytes)):
+        con.execute(statement)
+
+
+_QUALIFIED_CAPPED = re.compile(r"\.\s*\"?(" + "|".join(CAPPED_FUNCTIONS) + r")\"?\s*\(", re.IGNORECASE)
+
+
+def _qualified_capped_calls(con: duckdb.DuckDBPyConnection, statement: str) -> list[str]:
+    """Calls of a capped function by a qualified name (``system.main.repeat(...)``), which would
+    reach DuckDB's own function past the macro."""
+    serialized = json.loads(con.execute("SELECT json_serialize_sql(?)", [statement]).fetchall()[0][0])
+    if serialized.get("error"):  # statements DuckDB cannot serialise (PIVOT): read the text
+        return [m.group(0) for m in _QUALIFIED_CAPPED.finditer(statement)]
+    found = []
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            if (node.get("class") == "FUNCTION" and str(node.get("function_name", "")).lower() in CAPPED_FUNCTIONS
+                    and (node.get("schema") or node.get("catalog"))):
+                found.append(".".join(p for p in (node.get("catalog"), node.get("schema"), node["function_name"]) if p))
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(serialized)
+    return found
 
 
 @dataclass(frozen=True)
@@ -152,7 +224,12 @@ def check_read_only_sql(con: duckdb.DuckDBPyConnection, sql: str) -> str:
         raise SqlRefused(f"only read-only SELECT queries run here (SELECT, WITH ... SELECT, SHOW, "
                          f"DESCRIBE, SUMMARIZE); this is a {_kind(statement)} statement. The "
                          "warehouse is opened read-only: it changes only through `seglab ingest`")
-    return statement.query.strip().rstrip(";").strip()
+    query = statement.query.strip().rstrip(";").strip()
+    qualified = _qualified_capped_calls(con, query)
+    if qualified:
+        raise SqlRefused(f"call {', '.join(sorted(set(qualified)))} by its plain name ({', '.join(CAPPED_FUNCTIONS)}): "
+                         "on this page they refuse to build a value larger than a result may hold")
+    return query
 
 
 def _kind(statement: Any) -> str:
@@ -194,6 +271,8 @@ def run_read_only_sql(con: duckdb.DuckDBPyConnection, sql: str, *, max_rows: int
         raise ValueError(f"max_bytes must be positive; got {max_bytes!r}")
     statement = check_read_only_sql(con, sql)
     budget = max_bytes if max_bytes is not None else float("inf")
+    if max_bytes is not None:
+        cap_values(con, max_bytes)
     timer = threading.Timer(timeout_s, con.interrupt)
     start = time.perf_counter()
     timer.start()
@@ -217,6 +296,12 @@ def run_read_only_sql(con: duckdb.DuckDBPyConnection, sql: str, *, max_rows: int
     except duckdb.InterruptException:
         raise SqlTimeout(f"the query ran longer than {timeout_s:g} s and was stopped; "
                          "narrow it (WHERE, LIMIT) or aggregate first") from None
+    except duckdb.InvalidInputException as e:
+        if _VALUE_CAP not in str(e):
+            raise
+        message = str(e).split(f"{_VALUE_CAP}: ", 1)[1].splitlines()[0]
+        raise SqlValueTooLarge(f"{message}; DuckDB would build it outside the page's memory limit, so it "
+                               "is refused before it is built") from None
     except duckdb.OutOfMemoryException as e:
         # DuckDB's message goes on to suggest a temp_directory, which the page deliberately lacks.
         first_line = str(e).splitlines()[0]

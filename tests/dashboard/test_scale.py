@@ -1,0 +1,98 @@
+"""The dashboard with more runs than a chart can show (issue 13, item 8; benchmarks/load.py times
+the pages with 3,000 runs): each chart draws a bounded number of runs, chosen in DuckDB, and says
+so; the tables keep every run."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from seglab.warehouse.ingest import ingest_files, open_warehouse
+from tests.factories import eval_entry, eval_run, write_eval
+
+from .test_app import APP, TIMEOUT_S
+
+CLASSES = ["background", "person", "car", "dog", "cat"]
+SEEDS = 20  # x {real only, +dcgan} x {plain, tta} = 80 runs, 40 augmenter pairs
+CHART_RUNS = 30  # dashboard_support.CHART_RUNS
+
+
+@pytest.fixture(scope="module")
+def big_warehouse(tmp_path_factory):
+    root = tmp_path_factory.mktemp("big_warehouse")
+    rng = np.random.default_rng(0)
+    paths = []
+    for seed in range(SEEDS):
+        for augmenter in (None, "dcgan"):
+            name = f"unet_s{seed}" + (f"+{augmenter}" if augmenter else "")
+            entries = [eval_entry(eval_run(name, variant, classes=CLASSES, class_set="voc5", dataset="sample",
+                                           seed=seed, augmenter=augmenter,
+                                           synthetic_images_used=64 if augmenter else None),
+                                  rng.integers(1, 100, size=(5, 5)) + np.diag(rng.integers(100, 900, size=5)))
+                       for variant in ("plain", "tta")]
+            paths.append(write_eval(root / "eval" / name / "eval.json", entries))
+    con = open_warehouse(root / "warehouse.duckdb")
+    try:
+        ingest_files(con, paths)
+        con.execute("CHECKPOINT")
+    finally:
+        con.close()
+    return root
+
+
+def _page(monkeypatch, root, page: str | None = None) -> AppTest:
+    monkeypatch.setenv("SEGLAB_WAREHOUSE", str(root / "warehouse.duckdb"))
+    monkeypatch.setenv("SEGLAB_GAN_DIR", str(root / "no_gan"))
+    monkeypatch.setenv("SEGLAB_EVAL_DIR", str(root / "eval"))
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT_S).run()
+    if page is not None:
+        at.switch_page(page).run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def chart_rows(at: AppTest) -> list[int]:
+    """Rows of data each chart sends to the browser."""
+    rows = []
+    for chart in at.get("vega_lite_chart"):
+        datasets = list(chart.proto.datasets) + ([chart.proto.data] if chart.proto.HasField("data") else [])
+        rows.append(sum(pa.ipc.open_stream(io.BytesIO(d.data.data)).read_all().num_rows for d in datasets))
+    return rows
+
+
+def captions(at: AppTest) -> str:
+    return "\n".join(str(c.value) for c in at.caption)
+
+
+def test_leaderboard_charts_the_best_runs_and_tables_them_all(monkeypatch, big_warehouse):
+    at = _page(monkeypatch, big_warehouse)
+    assert len(at.dataframe[0].value) == 4 * SEEDS
+    bars, scatter = chart_rows(at)
+    assert bars == CHART_RUNS and scatter == 4 * SEEDS
+    assert f"The best {CHART_RUNS} of {4 * SEEDS} runs by mIoU." in captions(at)
+    assert f"and {4 * SEEDS - CHART_RUNS} more in the table" in captions(at)
+    assert json.loads(at.get("vega_lite_chart")[1].proto.spec)["height"] <= 22 * CHART_RUNS
+
+
+def test_per_class_heatmap_reads_only_the_runs_it_shows(monkeypatch, big_warehouse):
+    at = _page(monkeypatch, big_warehouse, "views/per_class.py")
+    heatmap = json.loads(at.get("vega_lite_chart")[0].proto.spec)
+    assert len(heatmap["layer"][0]["encoding"]["y"]["sort"]) == CHART_RUNS
+    assert chart_rows(at)[0] == CHART_RUNS * len(CLASSES)
+    assert f"{CHART_RUNS} runs (the best {CHART_RUNS} of {4 * SEEDS})" in captions(at)
+    at.number_input(key="pc_top").set_value(5).run()
+    assert chart_rows(at)[0] == 5 * len(CLASSES) and len(at.dataframe[0].value) == 5
+
+
+def test_gan_heatmap_draws_the_first_pairs_and_tables_every_pair(monkeypatch, big_warehouse):
+    at = _page(monkeypatch, big_warehouse, "views/gan.py")
+    pairs = 2 * SEEDS
+    assert chart_rows(at)[0] == CHART_RUNS * (len(CLASSES))
+    summary = at.dataframe[-1].value
+    assert len(summary) == pairs and set(summary["baseline_name"]) == {f"unet_s{s}" for s in range(SEEDS)}
+    assert f"The first {CHART_RUNS} of {pairs} pairs" in captions(at)

@@ -1,0 +1,73 @@
+"""What the data stages hold as the data grows (issue 13, item 8; benchmarks/load.py measures it
+at 20,000 images): a split's annotations are read once, kept as text, never all as Python objects."""
+
+from __future__ import annotations
+
+import json
+import tracemalloc
+
+import numpy as np
+
+from seglab.data.coco import load_split
+
+
+def _coco_root(root, images: int, per_image: int, points: int):
+    rng = np.random.default_rng(0)
+    (root / "train2017").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    records, annotations = [], []
+    for i in range(1, images + 1):
+        records.append({"id": i, "file_name": f"{i:012d}.jpg", "height": 240, "width": 320})
+        for k in range(per_image):
+            xy = rng.uniform(0, 240, size=2 * points).round(2).tolist()
+            annotations.append({"id": i * 100 + k, "image_id": i, "category_id": 1 + k % 3, "iscrowd": 0,
+                                "area": 100.0, "bbox": [0, 0, 10, 10], "segmentation": [xy]})
+    categories = [{"id": 1, "name": "person"}, {"id": 2, "name": "bicycle"}, {"id": 3, "name": "car"}]
+    path = root / "annotations" / "instances_train2017.json"
+    path.write_text(json.dumps({"info": {}, "images": records, "annotations": annotations[::-1],  # any order
+                                "categories": categories}, separators=(",", ":")))
+    return path, annotations
+
+
+def test_loading_a_split_holds_about_the_file_size_not_its_python_objects(tmp_path):
+    # As decoded Python objects (what json.load made of the whole file) a COCO annotation file
+    # takes ~12x its size; read member by member and kept as text, about its size.
+    path, annotations = _coco_root(tmp_path / "root", images=600, per_image=6, points=30)
+    size = path.stat().st_size
+    tracemalloc.start()
+    try:
+        split = load_split(tmp_path / "root", "train", "train2017", ["person", "bicycle", "car"])
+        held, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert size > 1_500_000
+    assert peak < 3.0 * size, f"peak {peak / size:.1f}x the file's {size:,} bytes"
+    assert held < 1.5 * size, f"the tasks hold {held / size:.1f}x the file's {size:,} bytes"
+    # Nothing lost or reordered: each image's annotations, in id order, as the file had them.
+    assert len(split.tasks) == 600
+    task = split.tasks[7]
+    assert task.annotations == sorted((a for a in annotations if a["image_id"] == task.image_id),
+                                      key=lambda a: a["id"])
+
+
+def test_the_pool_is_fed_a_bounded_window_ahead_of_the_writer(monkeypatch):
+    # Executor.map submitted every chunk of a split at once: a slow chunk let all the finished rows
+    # (image and label payloads) collect behind it. Now a few chunks per worker are in flight.
+    from concurrent.futures import ProcessPoolExecutor
+
+    from seglab.data import shard_stage
+
+    submitted = []
+
+    class CountingPool(ProcessPoolExecutor):
+        def submit(self, fn, /, *args, **kwargs):
+            submitted.append(fn)
+            return super().submit(fn, *args, **kwargs)
+
+    monkeypatch.setattr(shard_stage, "ProcessPoolExecutor", CountingPool)
+    monkeypatch.setattr(shard_stage, "process_image", lambda number: ("row", number))  # forked workers see it
+    results = shard_stage._results([(i,) for i in range(400)], workers=2)
+    assert next(results) == ("row", 0)
+    ahead = 2 * getattr(shard_stage, "_CHUNKS_AHEAD_PER_WORKER", 2) + 1
+    assert len(submitted) <= ahead, f"{len(submitted)} chunks submitted before the first row was written"
+    assert [value for _, value in results] == list(range(1, 400))  # every row, in input order
