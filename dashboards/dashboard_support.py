@@ -157,11 +157,11 @@ def load_leaderboard(path: str, stamp: tuple[int, ...]) -> pd.DataFrame:
 
 @_cache
 def load_per_class_matrix(path: str, stamp: tuple[int, ...], metric: str, dataset: str | None,
-                          class_set: str | None, variants: tuple[str, ...] | None = None,
-                          top: int | None = None) -> pd.DataFrame:
+                          class_set: str | None, split: str | None = None, protocol: str | None = None,
+                          variants: tuple[str, ...] | None = None, top: int | None = None) -> pd.DataFrame:
     with read_only(path) as con:
-        return queries.per_class_matrix(con, metric, dataset=dataset, class_set=class_set,
-                                        variants=variants, top=top)
+        return queries.per_class_matrix(con, metric, dataset=dataset, class_set=class_set, split=split,
+                                        protocol=protocol, variants=variants, top=top)
 
 
 @_cache
@@ -270,10 +270,20 @@ def show_error(error: Exception) -> None:
 
 
 def run_labels(board: pd.DataFrame) -> dict[str, str]:
-    """run_id -> 'name · variant', with a run-id prefix where that is ambiguous."""
-    base = board["name"].astype(str) + " · " + board["variant"].astype(str)
-    ambiguous = base.duplicated(keep=False)
-    labels = base.where(~ambiguous, base + " · " + board["run_id"].str[:8])
+    """run_id -> 'name · variant'; where that is ambiguous, then the evaluated dataset and split,
+    then the protocol, then a run-id prefix, each only as far as needed."""
+    labels = board["name"].astype(str) + " · " + board["variant"].astype(str)
+    extras = []
+    if {"dataset", "split"} <= set(board.columns):
+        extras.append(board["dataset"].astype(str) + " " + board["split"].astype(str))
+    if "eval_protocol" in board.columns:
+        extras.append(board["eval_protocol"].astype(str))
+    extras.append(board["run_id"].str[:8])
+    for extra in extras:
+        ambiguous = labels.duplicated(keep=False)
+        if not ambiguous.any():
+            break
+        labels = labels.where(~ambiguous, labels + " · " + extra)
     return dict(zip(board["run_id"], labels))
 
 

@@ -59,8 +59,8 @@ LEADERBOARD_ARTIFACT_KEY = "seglab-leaderboard"
 
 # Leaderboard columns worth a glance in the Prefect UI (the warehouse has more).
 LEADERBOARD_COLUMNS = ("name", "variant", "miou", "mdice", "accuracy", "miou_fg", "dataset", "class_set",
-                       "param_count", "images_per_second", "latency_ms_p50", "epochs_run", "run_id",
-                       "evaluated_at")
+                       "split", "eval_protocol", "param_count", "images_per_second", "latency_ms_p50",
+                       "epochs_run", "run_id", "evaluated_at")
 
 # ---- which failures are worth retrying --------------------------------------------------------
 # A retry only helps when the cause is outside the stage's inputs: the machine, the network, or

@@ -48,8 +48,17 @@ __all__ = [
 
 REPORT_ARTIFACT_KEY = "seglab-retrain-report"
 
-# A model's place on the leaderboard: runs are only comparable on the same data and class list.
+# A model's place on the leaderboard: runs are only comparable on the same data and class list,
+# and on the same split under the same protocol, where the leaderboard has those (SCOPE_KEYS: a
+# warehouse from schema version 5 on has both).
 MODEL_KEY = ["dataset", "class_set", "name", "variant"]
+SCOPE_KEYS = ("split", "eval_protocol")
+
+
+def _model_key(*boards: pd.DataFrame | None) -> list[str]:
+    """MODEL_KEY plus the SCOPE_KEYS every given board has."""
+    present = [b for b in boards if b is not None and not b.empty]
+    return MODEL_KEY[:2] + [k for k in SCOPE_KEYS if present and all(k in b.columns for b in present)] + MODEL_KEY[2:]
 
 
 # ---- what DVC says is out of date -----------------------------------------------------------
@@ -98,15 +107,17 @@ def describe_changes(status: dict[str, list[Any]]) -> list[str]:
 # ---- leaderboard before / after ---------------------------------------------------------------
 
 
-def standings(board: pd.DataFrame | None) -> pd.DataFrame:
+def standings(board: pd.DataFrame | None, key: list[str] | None = None) -> pd.DataFrame:
     """Each model's latest run (by evaluated_at) and its rank by mIoU (1 = best) within its
-    dataset and class set. One row per MODEL_KEY."""
-    columns = [*MODEL_KEY, "run_id", "miou", "rank"]
+    dataset and class set (and split and protocol: `_model_key`). One row per model key."""
+    key = key if key is not None else _model_key(board)
+    columns = [*key, "run_id", "miou", "rank"]
     if board is None or board.empty:
         return pd.DataFrame({c: pd.Series(dtype="float64" if c == "miou" else "object") for c in columns})
     latest = (board.sort_values(["evaluated_at", "run_id"], na_position="first")
-              .groupby(MODEL_KEY, dropna=False, sort=False).tail(1).copy())
-    latest["rank"] = (latest.groupby(["dataset", "class_set"], dropna=False)["miou"]
+              .groupby(key, dropna=False, sort=False).tail(1).copy())
+    scope = [k for k in key if k not in ("name", "variant")]
+    latest["rank"] = (latest.groupby(scope, dropna=False)["miou"]
                       .rank(ascending=False, method="min", na_option="bottom").astype("Int64"))
     return latest[columns].reset_index(drop=True)
 
@@ -144,7 +155,8 @@ def compare_leaderboards(before: pd.DataFrame | None, after: pd.DataFrame | None
     new_runs = after[~after["run_id"].isin(before["run_id"])].reset_index(drop=True)
     removed_runs = before[~before["run_id"].isin(after["run_id"])].reset_index(drop=True)
 
-    merged = standings(before).merge(standings(after), on=MODEL_KEY, how="outer", suffixes=("_before", "_after"))
+    key = _model_key(before, after)
+    merged = standings(before, key).merge(standings(after, key), on=key, how="outer", suffixes=("_before", "_after"))
     merged["miou_delta"] = merged["miou_after"] - merged["miou_before"]
 
     def change(row: pd.Series) -> str:

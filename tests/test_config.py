@@ -158,6 +158,7 @@ def test_params_reads_records_the_keys_read_and_stops_cleanly():
         cfg.model_width("unet_mobilenetv2_scratch")
         assert cfg.model("unet_mobilenetv2_imagenet+pix2pix").gan == "pix2pix"
         cfg.validate_.min_side
+        cfg.evaluate.data  # not the top-level `data` section, though named alike
         cfg.train.augment.model_dump()
     finally:
         reads.stop()
@@ -165,5 +166,5 @@ def test_params_reads_records_the_keys_read_and_stops_cleanly():
     assert reads.keys == {
         "profile", "profiles.cpu.epochs", "models.unet_mobilenetv2_scratch.width",  # its own width: 1.0
         "models.unet_mobilenetv2_imagenet+pix2pix.train_data",  # `gan` is derived from train_data
-        "validate.min_side", *(f"train.augment.{k}" for k in cfg.train.augment.model_fields)}
+        "validate.min_side", "evaluate.data", *(f"train.augment.{k}" for k in cfg.train.augment.model_fields)}
     assert "__getattribute__" not in config_module._Section.__dict__

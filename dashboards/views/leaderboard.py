@@ -21,19 +21,33 @@ SORTABLE = {
 # Smaller is better for these; the sort direction defaults accordingly.
 ASCENDING_BY_DEFAULT = {"param_count", "seconds_per_epoch", "latency_ms_p50", "name"}
 
-filters = st.columns(4)
-datasets = filters[0].multiselect("Dataset", sorted(board["dataset"].dropna().unique()), key="lb_dataset")
-class_sets = filters[1].multiselect("Class set", sorted(board["class_set"].dropna().unique()),
+# A warehouse from before schema version 5 (read-only, so never migrated here) has no protocols.
+has_protocol = "eval_protocol" in board.columns
+filters = st.columns(6 if has_protocol else 5)
+datasets = filters[0].multiselect("Dataset", sorted(board["dataset"].dropna().unique()), key="lb_dataset",
+                                  help="the evaluated shards' dataset")
+splits = filters[1].multiselect("Split", sorted(board["split"].dropna().unique()), key="lb_split",
+                                help="the evaluated split (`seglab evaluate NAME --split S` adds others)")
+class_sets = filters[2].multiselect("Class set", sorted(board["class_set"].dropna().unique()),
                                     key="lb_class_set")
-variants = filters[2].multiselect("Variant", sorted(board["variant"].dropna().unique()), key="lb_variant",
+variants = filters[3].multiselect("Variant", sorted(board["variant"].dropna().unique()), key="lb_variant",
                                   help="plain: the model; tta: test-time augmentation; ensemble")
-names = filters[3].multiselect("Runs", sorted(board["name"].unique()), key="lb_runs")
+names = filters[4].multiselect("Runs", sorted(board["name"].unique()), key="lb_runs")
+protocols = (filters[5].multiselect("Protocol", sorted(board["eval_protocol"].dropna().unique()),
+                                    key="lb_protocol",
+                                    help="full: whole images at their stored resolution, sliding window; "
+                                         "letterbox: one thumbnail of the model's input size per image")
+             if has_protocol else [])
 
 shown = board
-for column, chosen in (("dataset", datasets), ("class_set", class_sets), ("variant", variants),
-                       ("name", names)):
+for column, chosen in (("dataset", datasets), ("split", splits), ("class_set", class_sets),
+                       ("variant", variants), ("name", names), ("eval_protocol", protocols)):
     if chosen:
         shown = shown[shown[column].isin(chosen)]
+scopes = shown[[c for c in ("dataset", "split", "eval_protocol") if c in shown.columns]].drop_duplicates()
+if len(scopes) > 1:
+    st.caption("These runs were scored on " + "; ".join(" / ".join(map(str, row)) for row in scopes.itertuples(
+        index=False)) + ": compare scores within one dataset, split and protocol (filters above).")
 
 order = st.columns([2, 2, 4], vertical_alignment="bottom")
 sort_label = order[0].selectbox("Sort by", list(SORTABLE), key="lb_sort")
@@ -60,7 +74,8 @@ if fastest is not None:
 
 COLUMNS = ["name", "variant", "miou", "mdice", "accuracy", "miou_fg", "param_count",
            "seconds_per_epoch", "images_per_second", "latency_ms_p50", "arch", "backbone",
-           "weights", "weights_loaded", "dataset", "class_set", "image_size", "epochs_run",
+           "weights", "weights_loaded", "dataset", "split", "eval_protocol", "train_dataset", "class_set",
+           "image_size", "epochs_run",
            "best_epoch", "run_id"]
 score = "%.3f"
 st.dataframe(
@@ -79,6 +94,9 @@ st.dataframe(
         "images_per_second": st.column_config.NumberColumn("img / s", format="%.1f",
                                                            help="evaluation throughput"),
         "latency_ms_p50": st.column_config.NumberColumn("latency p50 (ms)", format="%.1f"),
+        "dataset": st.column_config.TextColumn("dataset", help="the evaluated shards' dataset"),
+        "eval_protocol": st.column_config.TextColumn("protocol"),
+        "train_dataset": st.column_config.TextColumn("trained on"),
     },
 )
 # Plain text twin of the ranking (the first runs of the table), for screen readers, copy-paste

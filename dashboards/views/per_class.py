@@ -15,31 +15,40 @@ wh = ds.require_warehouse(cfg)
 board = ds.load_leaderboard(wh.path, wh.stamp)
 labels = ds.run_labels(board)
 
-# One heatmap needs one class list: runs are picked per dataset and class set.
-controls = st.columns(4)
+# One heatmap needs one class list, and scores that compare: runs are picked per dataset, class
+# set, split and protocol (a warehouse from before schema version 5 has no protocols).
+has_protocol = "eval_protocol" in board.columns
+controls = st.columns(6 if has_protocol else 5)
 with controls[0]:
     metric = st.selectbox("Score", list(ds.PER_CLASS_LABELS), format_func=ds.PER_CLASS_LABELS.get,
                           key="pc_metric")
 with controls[1]:
     dataset = ds.choose_one("Dataset", sorted(board["dataset"].dropna().unique()), key="pc_dataset")
+scope = board[board["dataset"] == dataset]
 with controls[2]:
-    class_set = ds.choose_one(
-        "Class set", sorted(board.loc[board["dataset"] == dataset, "class_set"].dropna().unique()),
-        key="pc_class_set")
+    class_set = ds.choose_one("Class set", sorted(scope["class_set"].dropna().unique()), key="pc_class_set")
+scope = scope[scope["class_set"] == class_set]
 with controls[3]:
+    split = ds.choose_one("Split", sorted(scope["split"].dropna().unique()), key="pc_split")
+scope = scope[scope["split"] == split]
+protocol = None
+if has_protocol:
+    with controls[5]:
+        protocol = ds.choose_one("Protocol", sorted(scope["eval_protocol"].dropna().unique()), key="pc_protocol")
+    scope = scope[scope["eval_protocol"] == protocol]
+with controls[4]:
     variants = st.multiselect("Variant", sorted(board["variant"].unique()), key="pc_variant",
                               placeholder="all variants")
 
 st.subheader(f"{ds.PER_CLASS_LABELS[metric]} per class and run")
-selected = board[(board["dataset"] == dataset) & (board["class_set"] == class_set)
-                 & (board["variant"].isin(variants) if variants else True)]
+selected = scope[scope["variant"].isin(variants)] if variants else scope
 top = None
 if len(selected) > ds.CHART_RUNS:
     # No max_value: a count kept from a larger selection must not make the widget fail.
     top = min(int(st.number_input("Runs shown (best mIoU first)", min_value=1, value=ds.CHART_RUNS, step=10,
                                   key="pc_top")), len(selected))
 # Only the runs shown are read: DuckDB picks the best `top`.
-matrix = ds.load_per_class_matrix(wh.path, wh.stamp, metric, dataset, class_set,
+matrix = ds.load_per_class_matrix(wh.path, wh.stamp, metric, dataset, class_set, split, protocol,
                                   tuple(variants) if variants else None, top)
 if matrix.empty:
     st.info("No per-class scores for this selection.")
@@ -65,10 +74,10 @@ else:
                                            for c in classes})
 
 st.subheader("Compare two runs")
-candidates = board[(board["dataset"] == dataset) & (board["class_set"] == class_set)]
+candidates = scope
 if len(candidates) < 2:
-    st.info("Comparing needs two runs on the same dataset and class set; this selection has "
-            f"{len(candidates)}.")
+    st.info("Comparing needs two runs on the same dataset, class set, split and protocol; this selection "
+            f"has {len(candidates)}.")
     st.stop()
 ids = list(candidates["run_id"])
 pick = st.columns(2)

@@ -49,7 +49,8 @@ tiles[4].metric("s / epoch", _fmt(row["seconds_per_epoch"], ".1f"))
 tiles[5].metric("images / s", _fmt(row["images_per_second"], ".1f"))
 
 FACTS = ["name", "variant", "run_id", "arch", "backbone", "weights", "weights_loaded", "members",
-         "member_weights", "tta", "dataset", "class_set", "num_classes", "image_size", "batch_size",
+         "member_weights", "tta", "dataset", "split", "eval_protocol", "train_dataset", "class_set",
+         "num_classes", "image_size", "batch_size",
          "width", "epochs_planned", "epochs_run", "best_epoch", "best_val_miou", "train_seconds",
          "train_images", "val_images", "mixed_precision", "strategy", "replicas",
          "latency_ms_p50", "latency_ms_p90", "seed", "params_hash", "git_rev", "created_at",

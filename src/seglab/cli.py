@@ -48,7 +48,7 @@ def _train(cfg, args) -> dict:
 def _evaluate(cfg, args) -> dict:
     from seglab.evaluate.evaluate import run_evaluate
 
-    return run_evaluate(cfg, args.name)
+    return run_evaluate(cfg, args.name, data=args.data, split=args.split)
 
 
 def _ensemble(cfg, args) -> dict:
@@ -102,7 +102,8 @@ STAGES: dict[str, tuple[Callable, str]] = {
     "shard": (_shard, "COCO root or images + label maps (data.format) -> Parquet shards (params: data, shard)"),
     "validate-data": (_validate_data, "check the shards with the Great Expectations suite (params: validate)"),
     "train": (_train, "train one model from params `models` (params: profile, train, models.NAME)"),
-    "evaluate": (_evaluate, "evaluate one trained model on the validation split, plain and with TTA"),
+    "evaluate": (_evaluate, ("evaluate one trained model, plain and with TTA, on evaluate.split of evaluate.data "
+                             "(params: evaluate) or on --data/--split")),
     "ensemble": (_ensemble, "evaluate the weighted ensemble of params `ensemble.members`"),
     "ingest": (_ingest, "load every evaluation into the DuckDB warehouse (params: warehouse)"),
     "report": (_report, ("Markdown tables from the warehouse: latest runs, mean +- std over seeds, "
@@ -124,6 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name in ("train", "evaluate"):
             p.add_argument("name", help="a model name from params.yaml `models`")
+        if name == "evaluate":
+            p.add_argument("--data", type=Path, default=None,
+                           help=("a shard root (<split>/part-*.parquet with manifest.json, e.g. data/shards); "
+                                 "default: params.yaml evaluate.data. A raw dataset must be sharded first "
+                                 "(`seglab shard`)"))
+            p.add_argument("--split", default=None,
+                           help=("the split of --data to evaluate (default: params.yaml evaluate.split). Any "
+                                 "other target than params.yaml's writes <evaluate.out>/<name>@<dataset>.<split>/"))
         if name in ("train-gan", "synthesize", "validate-synthetic"):
             p.add_argument("name", choices=["dcgan", "sagan", "pix2pix"], help="the augmenter")
         if name == "report":

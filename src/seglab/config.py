@@ -281,11 +281,34 @@ class TrainConfig(_Section):
 
 
 class EvaluateConfig(_Section):
+    """What `evaluate@<name>` (and `ensemble`) score, and how (README, "Evaluation protocol").
+
+    `data` and `split`: the shards evaluated (a shard root: `<split>/part-*.parquet` + manifest.json).
+    params.yaml writes `data` as the alias of `shard.out`, so the models' own shards; a settings
+    mapping that gives `shard.out` but not `evaluate.data` gets the same (`Config`).
+    `protocol`: `full` (whole images at their stored resolution, sliding window, `scale` and
+    `overlap`) or `letterbox` (each image shrunk into one input of the model's size).
+    """
+
     params_key: ClassVar[str] = "evaluate"
     out: Path
+    data: Path
+    split: str
+    protocol: Literal["full", "letterbox"]
+    # full: the image's scale before the windows: "cover" (the scale training's crops have: the
+    # model's input just covers the image) or a factor (1.0: the stored resolution).
+    scale: Literal["cover"] | Annotated[float, Field(gt=0, le=16)]
+    overlap: float = Field(ge=0, lt=1)  # full: neighbouring windows share at least this part of a side
     batch_size: int = Field(ge=1)
     tta: list[Literal["identity", "hflip", "vflip", "rot90", "rot180", "rot270"]]
     latency_runs: int = Field(ge=1)
+
+    @field_validator("split")
+    @classmethod
+    def _split_name(cls, v: str) -> str:
+        if not SPLIT_NAME.fullmatch(v):
+            raise ValueError(f"evaluate.split {v!r}: a split name uses only letters, digits, '_' and '-'")
+        return v
 
 
 class EnsembleConfig(_Section):
@@ -485,6 +508,11 @@ class Config(_Section):
         # leaves out, except the comparison.
         if not isinstance(data, dict):
             return data
+        # params.yaml writes evaluate.data as the alias of shard.out (`*real_shards`): a mapping that
+        # moves shard.out without naming evaluate.data evaluates the shards it names, as the alias does.
+        shard, evaluate = data.get("shard"), data.get("evaluate", {})
+        if isinstance(shard, dict) and "out" in shard and isinstance(evaluate, dict) and "data" not in evaluate:
+            data = {**data, "evaluate": {**evaluate, "data": shard["out"]}}
         defaults = {k: v for k, v in project_params().items() if k not in ("models", "more_models", "ensemble")}
         present = set(data) | {"validate"} if "validate_" in data else set(data)
         return {**{k: v for k, v in defaults.items() if k not in present}, **data}

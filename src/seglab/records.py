@@ -360,11 +360,11 @@ class EvalRun(_Record):
 
     model_config = ConfigDict(extra="allow")
 
-    run_id: Text  # sha256("name|variant|params_hash")[:16]
+    run_id: Text  # sha256("name|variant|params_hash" + "|dataset|split|protocol" for other than the original)[:16]
     name: Text
     variant: Text  # plain | tta | ensemble
     split: Text
-    dataset: Text
+    dataset: Text  # the evaluated shards' dataset
     class_set: Text | list[Text]  # a named set, or the explicit list of categories
     classes: list[Text]
     model: OptText = None
@@ -404,6 +404,10 @@ class EvalRun(_Record):
     evaluated_at: Timestamp = None
     augmenter: OptText = None
     synthetic_images_used: OptInt = None
+    # What the model trained on, and how the images were scored: full | letterbox. Files from before
+    # these existed lack both: their models were evaluated on their own data, letterboxed.
+    train_dataset: OptText = None
+    eval_protocol: OptText = None
 
     @model_validator(mode="after")
     def _consistent(self) -> EvalRun:

@@ -85,8 +85,10 @@ class ParamsReads:
         _, path, parent = known
         self.keys.add(_key(path, section, name))
         # A section that shadows a key its parent sets (`gan.dcgan.image_size` under `gan.image_size`)
-        # was resolved from it at validation: reading one reads the other too.
-        if parent is not None and name in object.__getattribute__(parent, "__pydantic_fields_set__"):
+        # was resolved from it at validation: reading one reads the other too. A parent's section of
+        # that name (the top-level `data` above `evaluate.data`) is no such value.
+        if (parent is not None and name in object.__getattribute__(parent, "__pydantic_fields_set__")
+                and not isinstance(object.__getattribute__(parent, name), _Section)):
             self._add(parent, name)
 
     def _read(self, section: _Section, name: str, value: Any) -> None:

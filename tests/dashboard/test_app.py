@@ -94,6 +94,34 @@ def test_leaderboard_filters_and_sorts(app, fixture_warehouse):
     assert len(at.dataframe[0].value) == 1
 
 
+def test_leaderboard_filters_by_split_and_protocol(monkeypatch, fixture_warehouse, tmp_path):
+    from seglab.warehouse.ingest import ingest_eval
+    from tests.factories import eval_entry, eval_run, write_eval
+
+    from .conftest import CLASS_SET, CLASSES, DATASET
+
+    warehouse = tmp_path / "data" / "warehouse.duckdb"
+    warehouse.parent.mkdir(parents=True)
+    shutil.copyfile(fixture_warehouse.warehouse, warehouse)
+    # `seglab evaluate unet --split test` on the same dataset, at full resolution.
+    run = eval_run("unet", classes=CLASSES, class_set=CLASS_SET, dataset=DATASET, split="test",
+                   train_dataset=DATASET, eval_protocol="full", run_id="unet-test-full")
+    entry = eval_entry(run, np.diag([500, 90, 80, 70, 60, 50, 40, 30]) + 3)
+    ingest_eval(warehouse, write_eval(tmp_path / "data" / "eval" / f"unet@{DATASET}.test" / "eval.json", [entry]))
+
+    at = start(monkeypatch, warehouse, fixture_warehouse.gan_dir)
+    board = at.dataframe[0].value
+    assert len(board) == len(fixture_warehouse.runs) + 1
+    assert "These runs were scored on" in texts(at.caption)  # val and test are not to be compared
+    at.multiselect(key="lb_split").set_value(["test"]).run()
+    table = at.dataframe[0].value
+    assert list(table["run_id"]) == ["unet-test-full"] and list(table["eval_protocol"]) == ["full"]
+    at.multiselect(key="lb_split").set_value([])
+    at.multiselect(key="lb_protocol").set_value(["letterbox"]).run()
+    table = at.dataframe[0].value
+    assert len(table) == len(fixture_warehouse.runs) and set(table["split"]) == {"val"}
+
+
 # ---- per class -----------------------------------------------------------------------------------
 
 

@@ -24,6 +24,7 @@ from seglab.evaluate.ensemble import ensemble_model, run_ensemble
 from seglab.evaluate.evaluate import read_history, run_evaluate
 from seglab.evaluate.plots import IGNORE_COLOR, colorize, label_palette
 from seglab.models import build
+from tests.factories import run_id as factory_run_id
 from tests.factories import train_record, write_train_record
 
 CLASSES = ["background", "cat", "dog", "bird"]  # "bird" never occurs in the val labels
@@ -62,8 +63,12 @@ def _write_val_shards(shard_dir: Path, classes=CLASSES) -> None:
     write_shards(rows, shard_dir / "val", shard_metadata(class_set, "val", LabelRules()), max_shard_mb=16)
 
 
-def _config(root: Path, models=("pixel",), members=(), weights=None, tta=None) -> Config:
-    evaluate = {"out": str(root / "eval"), "batch_size": BATCH, "latency_runs": 3}
+def _config(root: Path, models=("pixel",), members=(), weights=None, tta=None, protocol="letterbox",
+            **evaluate_settings) -> Config:
+    """Settings for the tiny workspace; letterbox by default, which these tests check pixel by pixel
+    (the full-resolution protocol: test_full_resolution.py)."""
+    evaluate = {"out": str(root / "eval"), "batch_size": BATCH, "latency_runs": 3, "protocol": protocol,
+                **evaluate_settings}
     if tta is not None:
         evaluate["tta"] = list(tta)
     return Config.model_validate({
@@ -159,7 +164,12 @@ def test_evaluation_writes_every_contract_file_with_correct_contents(workspace):
         assert re.fullmatch(r"[0-9a-f]{16}", run["run_id"])
         assert run["name"] == "pixel" and run["split"] == "val" and run["eval_images"] == VAL_IMAGES
         assert {k: run[k] for k in info} == info  # every train.json field is carried over
+        assert run["dataset"] == run["train_dataset"] == "tiny" and run["eval_protocol"] == "letterbox"
+        assert run["eval_window"] is None and run["eval_data"] == str(workspace / "shards")
     assert plain["run"]["run_id"] != tta["run"]["run_id"]
+    # The original evaluation (the model's own val split, letterboxed) keeps the run id it always had.
+    assert [e["run"]["run_id"] for e in (plain, tta)] == [
+        factory_run_id("pixel", variant, info["params_hash"]) for variant in ("plain", "tta")]
     assert tta["run"]["tta"] == ["identity", "hflip", "vflip", "rot90", "rot270"] and plain["run"]["tta"] is None
 
     # The confusion counts exactly the scored pixels, and matches an independent computation.
@@ -353,8 +363,10 @@ def test_a_model_producing_nan_is_refused(workspace):
     bias[1] = np.nan
     model.get_layer("logits").set_weights([kernel, bias])
     _save_trained(workspace, "pixel", model)
-    with pytest.raises(ValueError, match="plain: the model produced NaN or infinite probabilities on val batch 0"):
+    with pytest.raises(ValueError, match="plain: the model produced NaN or infinite probabilities on batch 0"):
         run_evaluate(_config(workspace, tta=["identity"]), "pixel")
+    with pytest.raises(ValueError, match="plain: the model produced NaN or infinite probabilities on image 0"):
+        run_evaluate(_config(workspace, tta=["identity"], protocol="full"), "pixel")
 
 
 def test_palette_shows_only_ignore_as_grey_and_colours_classes_apart():

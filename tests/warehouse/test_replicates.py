@@ -269,7 +269,7 @@ def test_report_prints_the_four_sections(warehouse, capsys):
     assert "| dcgan | 0 | 0.400 (n=1) | 0.380 (n=1) | -0.020 (n=1) | 0 |" in out
     assert "trained on real data only" in out
     per_class = out.split("## Augmenter effect per class (IoU)")[1]
-    assert "### sample / voc20 (val), plain: unet_mobilenetv2, weights imagenet, width 0.5, 128 px, " \
+    assert "### sample / voc20 (val, letterbox), plain: unet_mobilenetv2, weights imagenet, width 0.5, 128 px, " \
            "batch 8, 4 epochs" in per_class
     assert "| class | dcgan | pix2pix |" in per_class
     assert "| dog | +0.050 (n=1) | +0.100 (n=1) |" in per_class

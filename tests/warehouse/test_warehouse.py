@@ -499,6 +499,64 @@ def test_a_version_3_warehouse_keeps_the_synthetic_validation_rows_made_outside_
     con.close()
 
 
+def test_a_version_4_warehouse_gains_the_evaluation_columns_and_keeps_every_row(tmp_path, evals, monkeypatch):
+    from seglab.warehouse import schema
+
+    path = tmp_path / "v4.duckdb"
+    with monkeypatch.context() as patch:  # a warehouse built before schema version 5
+        patch.setattr(schema, "MIGRATIONS", schema.MIGRATIONS[:4])
+        patch.setattr(schema, "SCHEMA_VERSION", 4)
+        con = open_warehouse(path)
+        from seglab.warehouse.ingest import ingest_files
+        ingest_files(con, sorted((tmp_path / "eval").glob("*/eval.json")))
+        assert "eval_protocol" not in con.execute("SELECT * FROM runs").df().columns
+        before = {t: con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0] for t in TABLES}
+        con.close()
+        # Read-only, it is not migrated: the protocol filter says how to upgrade, the rest still reads.
+        con = connect_read_only(path)
+        with pytest.raises(SchemaError, match=r"schema version 4.*protocols.*seglab ingest"):
+            leaderboard(con, protocol="full")
+        assert len(leaderboard(con, split="val")) == len(all_runs(evals))
+        con.close()
+
+    con = open_warehouse(path)
+    assert schema.schema_version(con) == SCHEMA_VERSION >= 5
+    assert {t: con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0] for t in TABLES} == before
+    # They evaluated their model's own val split, letterboxed: so says the backfill.
+    assert con.execute("SELECT count(*) FROM runs WHERE train_dataset = dataset AND eval_protocol = 'letterbox'"
+                       ).fetchall() == [(before["runs"],)]
+    board = leaderboard(con, protocol="letterbox")
+    assert len(board) == len(all_runs(evals)) and board["latest"].all()
+    assert {"train_dataset", "eval_protocol"} <= set(board.columns)
+    assert ensure_schema(con) == SCHEMA_VERSION  # applied once
+    con.close()
+
+
+def test_runs_on_other_splits_and_protocols_are_kept_apart(tmp_path, evals, warehouse):
+    # The same model evaluated on its val split (letterbox, then full) and on a test split (full).
+    rng = np.random.default_rng(7)
+    entries = []
+    for split, protocol, quality in (("val", "full", 9.0), ("test", "full", 1.0)):
+        entry = make_run("unet", "unet", "plain", "sample", quality, rng)
+        entry["run"] |= {"split": split, "eval_protocol": protocol, "train_dataset": "sample",
+                         "run_id": f"unet-{split}-{protocol}"}
+        entries.append(entry)
+    ingest_eval(warehouse, write_eval(tmp_path / "eval" / "unet@sample.test" / "eval.json", entries))
+    con = connect_read_only(warehouse)
+    try:
+        unet = leaderboard(con, dataset="sample", variant="plain").query("name == 'unet'")
+        # One latest run per split and protocol: the letterbox run is not superseded by the full one.
+        assert sorted(zip(unet["split"], unet["eval_protocol"], unet["run_id"])) == [
+            ("test", "full", "unet-test-full"), ("val", "full", "unet-val-full"),
+            ("val", "letterbox", evals["unet"]["runs"][0]["run"]["run_id"])]
+        assert leaderboard(con, split="test")["run_id"].tolist() == ["unet-test-full"]
+        assert leaderboard(con, split="val", protocol="full")["run_id"].tolist() == ["unet-val-full"]
+        assert per_class_matrix(con, split="test").index.get_level_values("run_id").tolist() == ["unet-test-full"]
+        assert set(worst_classes(con, 2, split="val", protocol="full")["run_id"]) == {"unet-val-full"}
+    finally:
+        con.close()
+
+
 def test_read_only_connection_refuses_writes_and_missing_or_foreign_files_are_named(tmp_path, warehouse):
     con = connect_read_only(warehouse)
     with pytest.raises(duckdb.Error, match="read-only"):

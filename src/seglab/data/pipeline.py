@@ -16,6 +16,9 @@ Fitting to the size (`mode`):
 - `"letterbox"` (evaluation default): scale so the longer side fits the target, keep the aspect
   ratio, pad evenly on both sides: image 0, label 255, so padding never counts in a metric.
 
+`stored_pairs` yields a split's pairs at their stored size instead, unbatched and in order: what the
+full-resolution evaluation (`seglab.evaluate.sliding`) scores.
+
 Images are resampled bilinearly (antialiased when shrinking), labels always nearest-neighbour so
 classes never mix. Both use half-pixel centres, so image and label stay aligned.
 
@@ -159,6 +162,14 @@ def _decode(jpeg: tf.Tensor, png: tf.Tensor, record: tf.Tensor, num_classes: int
     ]
     with tf.control_dependencies(checks):
         return tf.identity(image), tf.identity(label)
+
+
+def _read_rows(path: tf.Tensor, group: tf.Tensor, first_row: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+    """`_read_row_group` as a tf.data map function: (JPEG bytes, PNG bytes, record description) vectors."""
+    images, labels, records = tf.numpy_function(
+        _read_row_group, [path, group, first_row], [tf.string, tf.string, tf.string], name="read_row_group"
+    )
+    return tuple(tf.ensure_shape(t, [None]) for t in (images, labels, records))
 
 
 def _resize_pair(image: tf.Tensor, label: tf.Tensor, size: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
@@ -347,13 +358,7 @@ def make_dataset(
     if shuffle:
         groups = groups.shuffle(len(index.row_groups), seed=group_seed, reshuffle_each_iteration=True)
 
-    def read(path, group, first_row):
-        images, labels, records = tf.numpy_function(
-            _read_row_group, [path, group, first_row], [tf.string, tf.string, tf.string], name="read_row_group"
-        )
-        return tuple(tf.ensure_shape(t, [None]) for t in (images, labels, records))
-
-    ds = groups.map(read, num_parallel_calls=num_parallel_calls, deterministic=deterministic).unbatch()
+    ds = groups.map(_read_rows, num_parallel_calls=num_parallel_calls, deterministic=deterministic).unbatch()
 
     decoded = cache is not False
     if decoded:
@@ -389,3 +394,30 @@ def make_dataset(
     options = tf.data.Options()
     options.deterministic = deterministic
     return ds.with_options(options)
+
+
+def stored_pairs(shard_dir: ShardDirs, split: str, *, num_parallel_calls: int = tf.data.AUTOTUNE) -> tf.data.Dataset:
+    """A split's pairs at their stored size, in shard order: (image uint8 (H, W, 3), label uint8 (H, W)).
+
+    No resizing, padding, batching or randomness: what full-resolution evaluation scores
+    (`seglab.evaluate.sliding`). Payloads are checked and decoded as `make_dataset` does.
+    """
+    index = _index_split(shard_dir, split)
+    if not index.row_groups:
+        raise ValueError(f"split '{split}' of {[str(d) for d in _shard_dirs(shard_dir)]}: shards hold no rows")
+    num_classes = len(index.classes)
+    log.info("%s/%s: %d images in %d files, %d classes, at their stored size", shard_dir, split, index.rows,
+             len(index.files), num_classes)
+    groups = tf.data.Dataset.from_tensor_slices(
+        (
+            [g.path for g in index.row_groups],
+            np.array([g.index for g in index.row_groups], np.int64),
+            np.array([g.first_row for g in index.row_groups], np.int64),
+        )
+    )
+    ds = groups.map(_read_rows, num_parallel_calls=num_parallel_calls, deterministic=True).unbatch()
+    ds = ds.map(lambda jpeg, png, record: _decode(jpeg, png, record, num_classes),
+                num_parallel_calls=num_parallel_calls, deterministic=True)
+    options = tf.data.Options()
+    options.deterministic = True
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(options)

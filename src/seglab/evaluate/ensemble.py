@@ -2,11 +2,12 @@
 
 `run_ensemble(cfg)` loads every ``ensemble.members`` model from ``<train.out>/<member>/``, checks
 that they were trained on the same classes (names and order) and take the same input size, and that
-those classes are the val shards' classes; a mismatch is an error listing every member's value. The
-ensemble's probabilities are ``sum_i w_i softmax(logits_i)`` with ``ensemble.weights`` normalised to
-sum to 1 (equal weights when none are given). It is evaluated by the same code as a single model
-(`seglab.evaluate.inference`, `seglab.evaluate.evaluate`) and written to ``<evaluate.out>/ensemble/`` with one eval.json entry,
-variant "ensemble".
+those classes are the target shards' classes (``evaluate.data`` / ``evaluate.split``, as for every
+model); a mismatch is an error listing every member's value. The ensemble's probabilities are
+``sum_i w_i softmax(logits_i)`` with ``ensemble.weights`` normalised to sum to 1 (equal weights when
+none are given). It is evaluated by the same code and under the same protocol as a single model
+(`seglab.evaluate.inference`, `seglab.evaluate.evaluate`), so its scores compare with its members',
+and written to ``<evaluate.out>/ensemble/`` with one eval.json entry, variant "ensemble".
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ import keras
 import numpy as np
 from keras import ops
 
-from seglab.data.pipeline import classes_of
 from seglab.digest import json_safe, sha256_json
 from seglab.evaluate.evaluate import (
-    EVAL_SPLIT,
+    evaluation_key,
     flat_metrics,
+    protocol_fields,
     run_id,
     speed_fields,
     variant_entry,
@@ -37,8 +38,10 @@ from seglab.evaluate.inference import (
     TrainedModel,
     check_classes,
     eval_dataset,
+    eval_target,
     evaluate_predictors,
     load_trained,
+    sliding_window,
 )
 
 log = logging.getLogger(__name__)
@@ -113,7 +116,7 @@ def ensemble_model(models: Sequence[keras.Model], weights: Sequence[float], name
 
 
 
-def run_ensemble(cfg: Any, *, split: str = EVAL_SPLIT, grid_images: int = GRID_IMAGES) -> dict:
+def run_ensemble(cfg: Any, *, grid_images: int = GRID_IMAGES) -> dict:
     """The `ensemble` stage: see the module doc. Returns the metrics.json numbers and the folder."""
     names = list(cfg.ensemble.members)
     if not names:
@@ -124,15 +127,16 @@ def run_ensemble(cfg: Any, *, split: str = EVAL_SPLIT, grid_images: int = GRID_I
     weights = normalised_weights(cfg.ensemble.weights, len(names))
     members = [load_trained(cfg.train.out, name) for name in names]
     check_members(members)
-    shard_classes = classes_of(cfg.shard.out, split)
-    check_classes(members[0].classes, shard_classes, f"the ensemble members {names}",
-                  f"the '{split}' shards in {cfg.shard.out}")
+    target = eval_target(cfg.evaluate.data, cfg.evaluate.split)
+    check_classes(members[0].classes, target.classes, f"the ensemble members {names}", target.describe())
 
     model = ensemble_model([m.model for m in members], weights, names=names)
-    log.info("ensemble of %s with weights %s on %s/%s", names, weights, cfg.shard.out, split)
+    protocol = cfg.evaluate.protocol
+    sliding = sliding_window(cfg, members[0].image_shape)
+    log.info("ensemble of %s with weights %s on %s, %s protocol", names, weights, target.describe(), protocol)
     evaluation = evaluate_predictors(
-        {ENSEMBLE_NAME: model}, eval_dataset(cfg, split, members[0].image_shape), shard_classes,
-        latency_runs=cfg.evaluate.latency_runs, grid_images=grid_images,
+        {ENSEMBLE_NAME: model}, eval_dataset(cfg, target, members[0].image_shape, sliding), target.classes,
+        latency_runs=cfg.evaluate.latency_runs, grid_images=grid_images, sliding=sliding,
     )
     result = evaluation.results[ENSEMBLE_NAME]
     scores = result.confusion.result()
@@ -144,12 +148,13 @@ def run_ensemble(cfg: Any, *, split: str = EVAL_SPLIT, grid_images: int = GRID_I
     class_sets = [i.get("class_set") for i in infos]
     if any(c != class_sets[0] for c in class_sets):
         raise ValueError(f"ensemble members name different class sets: {dict(zip(names, class_sets))}")
-    datasets = sorted({str(i.get("dataset")) for i in infos})
+    # Members trained on different data (same classes) are allowed; the run says which.
+    train_dataset = "+".join(sorted({str(i.get("dataset")) for i in infos}))
     run = {
         "model": ENSEMBLE_NAME,
         "name": ENSEMBLE_NAME,
         "variant": ENSEMBLE_NAME,
-        "run_id": run_id(ENSEMBLE_NAME, ENSEMBLE_NAME, params_hash),
+        "run_id": run_id(ENSEMBLE_NAME, ENSEMBLE_NAME, params_hash, evaluation_key(train_dataset, target, protocol)),
         "arch": ENSEMBLE_NAME,
         "backbone": None,
         "weights": None,  # no pretrained weights of its own: see its members'
@@ -159,22 +164,24 @@ def run_ensemble(cfg: Any, *, split: str = EVAL_SPLIT, grid_images: int = GRID_I
         "params_hash": params_hash,
         "classes": members[0].classes,
         "class_set": class_sets[0],
-        # Members trained on different data (same classes) are allowed; the run says which.
-        "dataset": "+".join(datasets),
+        "dataset": target.dataset,
+        "train_dataset": train_dataset,
         "image_size": infos[0].get("image_size"),
         "batch_size": cfg.evaluate.batch_size,
         "param_count": sum(m.model.count_params() for m in members),
         "seed": cfg.seed,
         "git_rev": git_revision(),
-        "split": split,
+        "split": target.split,
+        "eval_data": str(target.data),
+        **protocol_fields(protocol, sliding),
         "eval_images": evaluation.images,
         **speed_fields(result),
         "evaluated_at": utc_now(),
     }
     metrics = flat_metrics(scores, result)
     out_dir = Path(cfg.evaluate.out) / ENSEMBLE_NAME
-    write_evaluation(out_dir, [variant_entry(run, scores, [])], metrics, evaluation, shard_classes,
-                     title=f"ensemble of {', '.join(names)}")
+    write_evaluation(out_dir, [variant_entry(run, scores, [])], metrics, evaluation, target.classes,
+                     title=f"ensemble of {', '.join(names)}", images_from=target.split)
     log.info("ensemble: mIoU %.4f, %.1f images/s -> %s", metrics["miou"], metrics["images_per_second"], out_dir)
     return {"model": ENSEMBLE_NAME, "members": names, "member_weights": weights, "out": str(out_dir),
             **json_safe(metrics)}

@@ -1,20 +1,27 @@
-"""The `evaluate` stage: a trained model on the validation split, plain and with test-time augmentation.
+"""The `evaluate` stage: a trained model on a dataset split, plain and with test-time augmentation.
 
 `run_evaluate(cfg, name)` reads ``<train.out>/<name>/{model.keras, train.json}`` and the training
-curves ``<train.metrics>/<name>/history.csv``, checks that the model's classes are the shards'
-classes (same names, same order: a model is never scored against another mapping), and streams the
-val split letterboxed at the model's input size (padding is label 255, so it never counts). For every
-batch it runs the plain softmax and the TTA-merged probabilities (`seglab.evaluate.tta`), and adds
-the argmax into one streaming confusion matrix per variant (`seglab.evaluate.inference`, which also
-says how speed and latency are measured); every score derives from those
-(`seglab.metrics.scores_from_confusion`: macro means over present classes, NaN for
-undefined ones).
+curves ``<train.metrics>/<name>/history.csv`` and evaluates the model on ``evaluate.split`` of the
+shard root ``evaluate.data`` (by default the val split of the models' own shards), or on the
+`data` / `split` it is given (`seglab evaluate NAME --data SHARDS --split SPLIT`). It checks that the
+model's classes are the target shards' classes (same names, same order: a model is never scored
+against another mapping; the refusal names both lists), then streams the split under
+``evaluate.protocol`` (`seglab.evaluate.inference`): `full`, whole images at their stored
+resolution by sliding window (`seglab.evaluate.sliding`), or `letterbox`, one thumbnail of the
+model's input size per image (padding is label 255, so it never counts). For every image or batch
+it runs the plain softmax and the TTA-merged probabilities (`seglab.evaluate.tta`), and adds the
+argmax into one streaming confusion matrix per variant (`seglab.evaluate.inference` also says how
+speed and latency are measured); every score derives from those
+(`seglab.metrics.scores_from_confusion`: macro means over present classes, NaN for undefined ones).
 
-Outputs, written together into ``<evaluate.out>/<name>/`` (the folder swaps in at the end):
-``metrics.json`` (flat numbers for DVC), ``eval.json`` (everything the warehouse ingests: one entry
-per variant, "plain" and "tta"), ``per_class.csv`` (both variants), ``confusion.csv`` and
+Outputs, written together into one folder (it swaps in at the end): ``<evaluate.out>/<name>/`` for
+the target params.yaml names (what `evaluate@<name>` writes and DVC tracks), else
+``<evaluate.out>/<name>@<dataset>.<split>/`` (`output_folder`), so evaluating another split never
+touches the stage's outputs. Files: ``metrics.json`` (flat numbers for DVC), ``eval.json``
+(everything the warehouse ingests: one entry per variant, "plain" and "tta", each naming its
+dataset, split and protocol), ``per_class.csv`` (both variants), ``confusion.csv`` and
 ``confusion.png`` (plain; ``confusion_tta.*`` for TTA), ``predictions.png`` (image / truth / plain
-and TTA prediction for the first val images; pixels that are not scored are grey everywhere).
+and TTA prediction for the first images; pixels that are not scored are grey everywhere).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import io
 import json
 import logging
 import math
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,17 +41,20 @@ import numpy as np
 
 from seglab.atomic import atomic_dir
 from seglab.digest import json_safe
-from seglab.data.pipeline import classes_of
 from seglab.evaluate.inference import (
     GRID_IMAGES,
+    EvalTarget,
     EvaluationPass,
     VariantResult,
     check_classes,
     eval_dataset,
+    eval_target,
     evaluate_predictors,
     load_trained,
     plain_and_tta,
+    sliding_window,
 )
+from seglab.evaluate.sliding import SlidingWindow
 from seglab.evaluate.plots import plot_confusion, plot_prediction_grid
 from seglab.metrics import METRIC_NAMES
 from seglab.records import EvalRecord, utc_now
@@ -51,9 +62,11 @@ from seglab.records import EvalRecord, utc_now
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "EVAL_SPLIT",
     "HEADLINE_METRICS",
+    "evaluation_key",
     "flat_metrics",
+    "output_folder",
+    "protocol_fields",
     "per_class_rows",
     "read_history",
     "run_evaluate",
@@ -63,7 +76,6 @@ __all__ = [
     "write_evaluation",
 ]
 
-EVAL_SPLIT = "val"
 PER_CLASS_FIELDS = ("class_index", "class_name", "iou", "dice", "precision", "recall", "accuracy",
                     "support", "predicted")
 # metrics.json: the headline means, for `dvc metrics show/diff`.
@@ -74,9 +86,46 @@ def _dump_json(value: Any) -> str:
     return json.dumps(json_safe(value), indent=2, allow_nan=False) + "\n"
 
 
-def run_id(name: str, variant: str, params_hash: str | None) -> str:
-    """Stable id of one evaluated variant: sha256 of "name|variant|params_hash", first 16 hex."""
-    return hashlib.sha256(f"{name}|{variant}|{params_hash or ''}".encode()).hexdigest()[:16]
+# The evaluation every run had before datasets, splits and protocols could be chosen: the model's
+# own val split, letterboxed. Its runs keep the id they always had (`evaluation_key` None).
+_ORIGINAL_SPLIT, _ORIGINAL_PROTOCOL = "val", "letterbox"
+
+
+def evaluation_key(train_dataset: str | None, target: EvalTarget, protocol: str) -> str | None:
+    """What a run_id adds for the evaluation: "dataset|split|protocol", or None for the original one
+    (the model's own dataset, split val, letterbox), so warehouses built before keep their run ids."""
+    if (target.dataset, target.split, protocol) == (train_dataset, _ORIGINAL_SPLIT, _ORIGINAL_PROTOCOL):
+        return None
+    return f"{target.dataset}|{target.split}|{protocol}"
+
+
+def run_id(name: str, variant: str, params_hash: str | None, evaluation: str | None = None) -> str:
+    """Stable id of one evaluated variant: sha256 of "name|variant|params_hash" (plus "|" and the
+    `evaluation_key` where there is one), first 16 hex."""
+    key = f"{name}|{variant}|{params_hash or ''}" + (f"|{evaluation}" if evaluation is not None else "")
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def output_folder(cfg: Any, name: str, target: EvalTarget) -> Path:
+    """``<evaluate.out>/<name>`` for the target params.yaml names (evaluate.data, evaluate.split),
+    else ``<evaluate.out>/<name>@<dataset>.<split>`` (characters other than letters, digits and
+    ``_.+-`` in the dataset name become ``_``; a split name has no '.', so the name is unambiguous)."""
+    default_data, default_split = Path(cfg.evaluate.data), cfg.evaluate.split
+    out = Path(cfg.evaluate.out)
+    if target.split == default_split and Path(target.data).resolve() == default_data.resolve():
+        return out / name
+    dataset = re.sub(r"[^A-Za-z0-9_.+-]", "_", target.dataset) or "_"
+    return out / f"{name}@{dataset}.{target.split}"
+
+
+def protocol_fields(protocol: str, sliding: SlidingWindow | None) -> dict[str, Any]:
+    """The eval.json run fields that say how the images were scored."""
+    return {
+        "eval_protocol": protocol,
+        "eval_window": list(sliding.window) if sliding is not None else None,
+        "eval_scale": sliding.scale if sliding is not None else None,
+        "eval_overlap": sliding.overlap if sliding is not None else None,
+    }
 
 
 def read_history(path: str | Path) -> list[dict[str, Any]]:
@@ -190,6 +239,7 @@ def write_evaluation(
     evaluation: EvaluationPass,
     class_names: Sequence[str],
     title: str,
+    images_from: str = "val",
 ) -> Path:
     """Write the contract files into `out_dir` in one atomic folder swap.
 
@@ -215,31 +265,38 @@ def write_evaluation(
                 {variant: result.grid_predictions for variant, result in evaluation.results.items()},
                 class_names,
                 tmp / "predictions.png",
-                title=f"{title}: first {len(evaluation.grid_images)} val images (grey: not scored)",
+                title=f"{title}: first {len(evaluation.grid_images)} {images_from} images (grey: not scored)",
             )
     return out_dir
 
 
-def run_evaluate(cfg: Any, name: str, *, split: str = EVAL_SPLIT, grid_images: int = GRID_IMAGES) -> dict:
-    """The `evaluate@<name>` stage: see the module doc. Returns the metrics.json numbers and the folder."""
+def run_evaluate(cfg: Any, name: str, *, data: str | Path | None = None, split: str | None = None,
+                 grid_images: int = GRID_IMAGES) -> dict:
+    """The `evaluate@<name>` stage, or `seglab evaluate NAME [--data SHARDS] [--split SPLIT]`: see the
+    module doc. `data` / `split` default to evaluate.data / evaluate.split. Returns the metrics.json
+    numbers, the target and the folder."""
     cfg.model(name)  # a clear error for a name params.yaml does not list
     trained = load_trained(cfg.train.out, name)
-    shard_classes = classes_of(cfg.shard.out, split)
-    check_classes(trained.classes, shard_classes, str(trained.directory / "train.json"),
-                  f"the '{split}' shards in {cfg.shard.out}")
+    target = eval_target(cfg.evaluate.data if data is None else data, cfg.evaluate.split if split is None else split)
+    check_classes(trained.classes, target.classes, str(trained.directory / "train.json"), target.describe())
     history = read_history(Path(cfg.train.metrics) / name / "history.csv")
+    out_dir = output_folder(cfg, name, target)
 
+    protocol = cfg.evaluate.protocol
+    sliding = sliding_window(cfg, trained.image_shape)
     predictors = plain_and_tta(trained.model, cfg.evaluate.tta)
     tta = predictors["tta"]
-    log.info("evaluating %s on %s/%s at %s, TTA %s", name, cfg.shard.out, split, trained.image_shape,
-             tta.tta_transforms)
+    log.info("evaluating %s on %s (%d images), %s protocol%s, TTA %s", name, target.describe(), target.images,
+             protocol, f" {sliding.describe()}" if sliding else f" at {trained.image_shape}", tta.tta_transforms)
     evaluation = evaluate_predictors(
-        predictors, eval_dataset(cfg, split, trained.image_shape), shard_classes,
-        latency_runs=cfg.evaluate.latency_runs, grid_images=grid_images,
+        predictors, eval_dataset(cfg, target, trained.image_shape, sliding), target.classes,
+        latency_runs=cfg.evaluate.latency_runs, grid_images=grid_images, sliding=sliding,
     )
 
     evaluated_at = utc_now()
     params_hash = trained.info.get("params_hash")
+    train_dataset = trained.info.get("dataset")
+    evaluation_id = evaluation_key(train_dataset, target, protocol)
     entries, metrics = [], {}
     for variant, prefix in (("plain", ""), ("tta", "tta_")):
         result = evaluation.results[variant]
@@ -250,10 +307,15 @@ def run_evaluate(cfg: Any, name: str, *, split: str = EVAL_SPLIT, grid_images: i
             # dashboard's augmenter view can tell `<model>+<gan>` runs from their baselines.
             "augmenter": trained.info.get("augmenter"),
             "synthetic_images_used": trained.info.get("synthetic_images_used"),
-            "run_id": run_id(name, variant, params_hash),
+            "run_id": run_id(name, variant, params_hash, evaluation_id),
             "name": name,
             "variant": variant,
-            "split": split,
+            # What was scored: `dataset` is the evaluated shards' (train.json's moves to train_dataset).
+            "dataset": target.dataset,
+            "train_dataset": train_dataset,
+            "split": target.split,
+            "eval_data": str(target.data),
+            **protocol_fields(protocol, sliding),
             "tta": tta.tta_transforms if variant == "tta" else None,
             "eval_images": evaluation.images,
             **speed_fields(result),
@@ -262,8 +324,9 @@ def run_evaluate(cfg: Any, name: str, *, split: str = EVAL_SPLIT, grid_images: i
         entries.append(variant_entry(run, scores, history if variant == "plain" else []))
         metrics |= flat_metrics(scores, result, prefix)
 
-    out_dir = Path(cfg.evaluate.out) / name
-    write_evaluation(out_dir, entries, metrics, evaluation, shard_classes, title=name)
+    title = name if out_dir.name == name else f"{name} on {target.dataset} {target.split}"
+    write_evaluation(out_dir, entries, metrics, evaluation, target.classes, title=title, images_from=target.split)
     log.info("%s: mIoU %.4f (TTA %.4f), %.1f images/s (TTA %.1f) -> %s", name, metrics["miou"],
              metrics["tta_miou"], metrics["images_per_second"], metrics["tta_images_per_second"], out_dir)
-    return {"model": name, "out": str(out_dir), **json_safe(metrics)}
+    return {"model": name, "dataset": target.dataset, "split": target.split, "protocol": protocol,
+            "out": str(out_dir), **json_safe(metrics)}

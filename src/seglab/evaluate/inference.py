@@ -5,13 +5,22 @@
 streams a dataset of (images, labels) through every predictor (plain, TTA, an ensemble) and adds
 each argmax into one streaming confusion matrix per predictor.
 
-Speed: images/s is the number of val images over the wall time of the model calls (prediction
-to host memory included; reading and decoding the shards, which overlap in tf.data's prefetch, not),
-after one untimed warm-up call on the first batch that traces the graph. Each predictor is traced
-once, for any batch size (`inference_function`), so the latency's batch of one reuses the graph. A
-last partial batch is padded to the batch size (one input shape for the kernels); only its real
-images are counted.
-Latency: one image per call, `evaluate.latency_runs` timed calls after a warm-up, p50/p90 in ms.
+The target (`eval_target`): a split of a shard root (`evaluate.data` / `evaluate.split`, or
+`seglab evaluate --data --split`), its dataset name (the rows' `source`) and class list. A folder
+that is not shards is refused with what to do (a raw dataset root must be sharded first).
+
+Protocols (`evaluate.protocol`): `letterbox` streams batches of images letterboxed to the model's
+input (padding is label 255); `full` streams the images at their stored size and predicts each
+with a sliding window (`seglab.evaluate.sliding`), scoring against the stored label map.
+
+Speed: images/s is the number of images over the wall time of the predictions (prediction to host
+memory included; reading and decoding the shards, which overlap in tf.data's prefetch, not; for
+`full`, an image's resize, windows and merge included), after one untimed warm-up call that traces
+the graph. Each predictor is traced once, for any batch size (`inference_function`), so the
+latency's batch of one reuses the graph. A last partial letterbox batch is padded to the batch
+size (one input shape for the kernels); only its real images are counted.
+Latency: one image per call (`full`: all its windows), `evaluate.latency_runs` timed calls after a
+warm-up, p50/p90 in ms.
 
 `plain_and_tta` gives the plain and the TTA predictor of one segmenter from a single trace of it:
 tracing and optimising the graph cost more than the whole evaluation's predictions on the CPU
@@ -32,25 +41,31 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from seglab.config import SPLIT_NAME
 from seglab.data.classes import IGNORE_INDEX
-from seglab.data.pipeline import make_dataset
+from seglab.data.pipeline import make_dataset, stored_pairs
+from seglab.data.shards import summarize_splits
+from seglab.evaluate.sliding import SlidingWindow
 from seglab.evaluate.tta import select_transforms
 from seglab.metrics import ConfusionMatrix
 from seglab.records import TrainRecord
 
 __all__ = [
     "GRID_IMAGES",
+    "EvalTarget",
     "EvaluationPass",
     "TracedPredictor",
     "TrainedModel",
     "VariantResult",
     "check_classes",
     "eval_dataset",
+    "eval_target",
     "evaluate_predictors",
     "inference_function",
     "load_trained",
     "measure_latency",
     "plain_and_tta",
+    "sliding_window",
 ]
 
 GRID_IMAGES = 6
@@ -134,6 +149,60 @@ def check_classes(expected: Sequence[str], found: Sequence[str], expected_from: 
     )
 
 
+@dataclass(frozen=True)
+class EvalTarget:
+    """The split an evaluation scores: its shard root, name, dataset (the rows' source) and classes."""
+
+    data: Path
+    split: str
+    dataset: str
+    classes: list[str]
+    class_set: str | None
+    images: int
+
+    def describe(self) -> str:
+        return f"the '{self.split}' shards in {self.data} (dataset {self.dataset})"
+
+
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def _looks_like_a_dataset(folder: Path) -> bool:
+    """COCO's annotations/ or image files in the folder or one level down: a dataset that is not sharded."""
+    if (folder / "annotations").is_dir():
+        return True
+    for level in (folder, *(d for d in folder.iterdir() if d.is_dir())):
+        if any(f.suffix.lower() in _IMAGE_SUFFIXES for f in level.iterdir() if f.is_file()):
+            return True
+    return False
+
+
+def eval_target(data: str | Path, split: str) -> EvalTarget:
+    """`split` of the shard root `data`, checked to be shards (module doc)."""
+    data = Path(data)
+    if not SPLIT_NAME.fullmatch(split):
+        raise ValueError(f"split {split!r}: a split name uses only letters, digits, '_' and '-'")
+    if not data.is_dir():
+        raise FileNotFoundError(f"{data}: no such folder; --data / evaluate.data names a shard root "
+                                "(<split>/part-*.parquet with manifest.json), e.g. data/shards")
+    split_dir = data / split
+    if not (split_dir / "manifest.json").is_file() and not any(split_dir.glob("part-*.parquet")):
+        splits = sorted(d.name for d in data.iterdir() if (d / "manifest.json").is_file())
+        if splits:
+            raise FileNotFoundError(f"{data}: no split {split!r} in these shards; they hold {splits}")
+        if _looks_like_a_dataset(data):
+            raise ValueError(
+                f"{data} is a dataset root, not shards: evaluation reads shards, which carry the class list "
+                "a model is checked against. Shard it first with the one shard stage: in a copy of "
+                f"params.yaml set data.root: {data} (and data.format, data.splits, data.labelmaps for images + "
+                "label maps, docs/labelmaps.md) and shard.out: a new folder, run `seglab --params THAT_FILE "
+                "shard`, then pass that folder as --data")
+        raise FileNotFoundError(f"{data}: no seglab shards there (<split>/part-*.parquet with manifest.json); "
+                                "build them with `seglab shard`")
+    summary = summarize_splits(data, [split])  # the manifest check: a missing or changed part is named
+    return EvalTarget(data, split, summary.dataset, list(summary.classes), summary.class_set, summary.rows[split])
+
+
 @dataclass
 class VariantResult:
     """What one predictor (plain, TTA, ensemble) accumulated over the split."""
@@ -170,9 +239,9 @@ class EvaluationPass:
     grid_truths: list[np.ndarray]
 
 
-def _check_finite(probabilities: np.ndarray, variant: str, batch_index: int) -> None:
+def _check_finite(probabilities: np.ndarray, variant: str, where: str) -> None:
     if not np.all(np.isfinite(probabilities)):
-        raise ValueError(f"{variant}: the model produced NaN or infinite probabilities on val batch {batch_index}; "
+        raise ValueError(f"{variant}: the model produced NaN or infinite probabilities on {where}; "
                          "the checkpoint is broken (diverged training?)")
 
 
@@ -237,8 +306,13 @@ def evaluate_predictors(
     *,
     latency_runs: int = 20,
     grid_images: int = GRID_IMAGES,
+    sliding: SlidingWindow | None = None,
 ) -> EvaluationPass:
-    """Run every predictor (images -> probabilities (B, H, W, C)) over `dataset` of (images, labels).
+    """Run every predictor (images -> probabilities (B, H, W, C)) over `dataset`.
+
+    Without `sliding`, `dataset` yields batches (images, labels) at the model's input size. With it,
+    `dataset` yields one (image (H, W, 3), label (H, W)) at a time at any size (`stored_pairs`), and
+    each image is predicted window by window (`SlidingWindow.predict`) and scored at that size.
 
     A Keras model is traced here (`inference_function`); a `TracedPredictor` is used as it is.
 
@@ -247,6 +321,9 @@ def evaluate_predictors(
     """
     if not predictors:
         raise ValueError("evaluate_predictors needs at least one predictor")
+    if sliding is not None:
+        return _evaluate_windows(predictors, dataset, class_names, sliding,
+                                 latency_runs=latency_runs, grid_images=grid_images)
     num_classes = len(class_names)
     results = {variant: VariantResult(variant, ConfusionMatrix(num_classes, IGNORE_INDEX, class_names))
                for variant in predictors}
@@ -277,7 +354,7 @@ def evaluate_predictors(
             probabilities = call(images)
             results[variant].predict_seconds += time.perf_counter() - start
             results[variant].predict_cpu_seconds += time.process_time() - cpu_start
-            _check_finite(probabilities[:real], variant, batch_index)
+            _check_finite(probabilities[:real], variant, f"batch {batch_index}")
             results[variant].timed_images += real
             predicted = np.argmax(probabilities[:real], axis=-1)
             results[variant].confusion.update(labels, predicted)
@@ -289,6 +366,61 @@ def evaluate_predictors(
 
     for variant, call in calls.items():
         results[variant].latency_ms = measure_latency(call, first_image, latency_runs)
+    return EvaluationPass(results, images_seen, grid_inputs, grid_truths)
+
+
+def _evaluate_windows(
+    predictors: Mapping[str, keras.Model | TracedPredictor],
+    dataset: Any,
+    class_names: Sequence[str],
+    sliding: SlidingWindow,
+    *,
+    latency_runs: int,
+    grid_images: int,
+) -> EvaluationPass:
+    """`evaluate_predictors` for whole images at their stored size, predicted window by window."""
+    num_classes = len(class_names)
+    results = {variant: VariantResult(variant, ConfusionMatrix(num_classes, IGNORE_INDEX, class_names))
+               for variant in predictors}
+    calls = {variant: predictor if isinstance(predictor, TracedPredictor)
+             else inference_function(predictor, (*sliding.window, 3)) for variant, predictor in predictors.items()}
+    warm_up = np.zeros((sliding.batch_size, *sliding.window, 3), np.float32)
+    for call in calls.values():  # tracing is not inference time
+        call(warm_up)
+    grid_inputs: list[np.ndarray] = []
+    grid_truths: list[np.ndarray] = []
+    first_image = None
+    images_seen = 0
+    for index, (image, label) in enumerate(dataset):
+        image, label = np.asarray(image, np.float32), np.asarray(label)
+        if image.ndim != 3 or label.shape != image.shape[:2]:
+            raise ValueError(f"full-resolution evaluation takes one (H, W, 3) image and its (H, W) label at a "
+                             f"time, got {image.shape} and {label.shape}")
+        if first_image is None:
+            first_image = image[None]
+        scored = label != IGNORE_INDEX
+        shown_in_grid = len(grid_inputs) < grid_images
+        if shown_in_grid:
+            grid_inputs.append(image.astype(np.uint8))
+            grid_truths.append(label.astype(np.uint8))
+        for variant, call in calls.items():
+            start, cpu_start = time.perf_counter(), time.process_time()
+            probabilities = sliding.predict(call, image)
+            results[variant].predict_seconds += time.perf_counter() - start
+            results[variant].predict_cpu_seconds += time.process_time() - cpu_start
+            _check_finite(probabilities, variant, f"image {index}")
+            results[variant].timed_images += 1
+            predicted = np.argmax(probabilities, axis=-1)
+            results[variant].confusion.update(label, predicted)
+            if shown_in_grid:
+                results[variant].grid_predictions.append(np.where(scored, predicted, IGNORE_INDEX).astype(np.uint8))
+        images_seen += 1
+    if images_seen == 0:
+        raise ValueError("the evaluation dataset yielded no images")
+
+    for variant, call in calls.items():
+        results[variant].latency_ms = measure_latency(
+            lambda images, call=call: sliding.predict(call, images[0]), first_image, latency_runs)
     return EvaluationPass(results, images_seen, grid_inputs, grid_truths)
 
 
@@ -306,13 +438,30 @@ def measure_latency(predict: Callable[[np.ndarray], Any], image_batch: np.ndarra
     return np.asarray(timings)
 
 
-def eval_dataset(cfg: Any, split: str, image_shape: tuple[int, int]) -> Any:
-    """`split` of the shards as the evaluate stage reads it: letterboxed, in order, seeded."""
+def sliding_window(cfg: Any, image_shape: tuple[int, int]) -> SlidingWindow | None:
+    """The full-resolution protocol for a model of input `image_shape`, or None for `letterbox`.
+
+    Every protocol key is read whichever protocol is chosen, so the stages that take them list
+    them all (dvc.yaml) and a change to any reruns them.
+    """
+    settings = cfg.evaluate
+    protocol, scale, overlap, batch_size = settings.protocol, settings.scale, settings.overlap, settings.batch_size
+    if protocol == "letterbox":
+        return None
+    return SlidingWindow(tuple(image_shape), overlap, scale, batch_size)
+
+
+def eval_dataset(cfg: Any, target: EvalTarget, image_shape: tuple[int, int],
+                 sliding: SlidingWindow | None = None) -> Any:
+    """The target split as the evaluation reads it, in order: whole images at their stored size for
+    the sliding window, else batches letterboxed to `image_shape`. Neither draws anything at
+    random (no shuffle, no crop), so no seed is read."""
+    if sliding is not None:
+        return stored_pairs(target.data, target.split)
     return make_dataset(
-        cfg.shard.out, split,
+        target.data, target.split,
         image_size=image_shape,
         batch_size=cfg.evaluate.batch_size,
         training=False,  # letterbox, no shuffle, keep the last partial batch
-        seed=cfg.seed,
         deterministic=True,
     )

@@ -37,6 +37,7 @@ import pyarrow as pa
 from seglab.digest import json_safe, sha256_file
 from seglab.records import PER_CLASS_COUNTS, PER_CLASS_SCORES, EvalEntry, EvalRecord, EvalRun, RecordError
 from seglab.warehouse.schema import (
+    LEGACY_PROTOCOL,
     SYNTHETIC_VALIDATION_TABLE,
     TABLES,
     WRITER_LOCK_WAIT_S,
@@ -68,6 +69,7 @@ _RUN_FIELD_KINDS: dict[str, str] = {
     "replicas": "int", "tta": "str_list", "eval_images": "int", "images_per_second": "float",
     "latency_ms_p50": "float", "latency_ms_p90": "float", "created_at": "timestamp",
     "evaluated_at": "timestamp", "augmenter": "str", "synthetic_images_used": "int",
+    "train_dataset": "str", "eval_protocol": "str",
 }
 _PER_CLASS_SCORES = PER_CLASS_SCORES
 _PER_CLASS_COUNTS = PER_CLASS_COUNTS
@@ -134,6 +136,10 @@ def _run_row(run: EvalRun) -> dict[str, Any]:
     for key in ("created_at", "evaluated_at"):
         row[key] = _utc(row[key])
     row["num_classes"] = len(run.classes)
+    # An eval.json from before evaluations chose their data and protocol: the model's own val split,
+    # letterboxed.
+    row["train_dataset"] = run.train_dataset if run.train_dataset is not None else run.dataset
+    row["eval_protocol"] = run.eval_protocol if run.eval_protocol is not None else LEGACY_PROTOCOL
     # A named class set stays as its name; an explicit list of categories is stored as JSON.
     row["class_set"] = json.dumps(run.class_set) if isinstance(run.class_set, list) else run.class_set
     # For a model `weights` names the pretrained weights; the ensemble's run gives the members'
@@ -186,7 +192,16 @@ def load_eval(eval_json_path: str | Path) -> EvalFile:
 
 
 def _insert(con: duckdb.DuckDBPyConnection, table: str, rows: pa.Table) -> None:
-    """Bulk-insert an Arrow table into `table`, columns matched by name."""
+    """Bulk-insert an Arrow table into `table`, columns matched by name.
+
+    Ingestion migrates a warehouse to the current schema first, so the table has every column; a
+    warehouse deliberately held at an older version (the migration tests build one so) gets the
+    columns it has, and a later migration backfills the rest from run_json.
+    """
+    columns = {row[0] for row in con.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_schema = current_schema() "
+        "AND table_name = ?", [table]).fetchall()}
+    rows = rows.select([name for name in rows.column_names if name in columns])
     view = f"_seglab_new_{table}"
     con.register(view, rows)
     try:
@@ -332,7 +347,9 @@ def ingest_eval(con_or_path: duckdb.DuckDBPyConnection | str | Path, eval_json_p
 
 
 def run_ingest(cfg, *, mirror: bool | None = None) -> dict[str, Any]:
-    """The `ingest` stage: every ``<evaluate.out>/*/eval.json`` into ``warehouse.path``, one transaction.
+    """The `ingest` stage: every ``<evaluate.out>/*/eval.json`` into ``warehouse.path``, one transaction:
+    the stage's ``<name>/`` folders and the ``<name>@<dataset>.<split>/`` ones `seglab evaluate --data
+    --split` writes alike.
 
     mirror: None reads ``warehouse.mirror`` from params. False keeps runs from earlier settings as history. True makes the runs that
         came from ``evaluate.out`` exactly those of the current files: runs of eval.json files
@@ -342,6 +359,7 @@ def run_ingest(cfg, *, mirror: bool | None = None) -> dict[str, Any]:
     if mirror is None:
         mirror = cfg.warehouse.mirror
     eval_dir = Path(cfg.evaluate.out)
+    # <name>/ and <name>@<dataset>.<split>/ (`seglab evaluate --data --split`) alike.
     paths = sorted(eval_dir.glob("*/eval.json"))
     if not paths:
         raise EvalFileError(f"{eval_dir}: no */eval.json to ingest; run `seglab evaluate NAME` "

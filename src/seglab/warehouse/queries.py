@@ -69,35 +69,56 @@ def _require_run(con: duckdb.DuckDBPyConnection, run_id: str) -> tuple[list[str]
     return list(row[0]), row[1], row[2]
 
 
-# Filters shared by the queries over `leaderboard` / `class_scores`; NULL means "any".
-_FILTERS = """
-    ($dataset IS NULL OR dataset = $dataset)
-    AND ($class_set IS NULL OR class_set = $class_set)
-    AND ($variant IS NULL OR variant = $variant)
-    AND (latest OR NOT $latest_only)
+# Filters shared by the queries over `leaderboard` / `class_scores`; NULL means "any". The
+# protocol (schema version 5) is filtered only when one is asked for, so a warehouse from before it,
+# which a read-only connection never migrates, still answers the rest.
+def _filters(con: duckdb.DuckDBPyConnection, protocol: str | None, alias: str = "") -> str:
+    clauses = f"""
+    ($dataset IS NULL OR {alias}dataset = $dataset)
+    AND ($class_set IS NULL OR {alias}class_set = $class_set)
+    AND ($variant IS NULL OR {alias}variant = $variant)
+    AND ($split IS NULL OR {alias}split = $split)
+    AND ({alias}latest OR NOT $latest_only)
 """
+    if protocol is None:
+        return clauses
+    require_protocol(con)
+    return clauses + f"    AND {alias}eval_protocol = $protocol\n"
 
 
-def _filter_params(dataset, class_set, variant, latest_only) -> dict[str, Any]:
-    return {"dataset": dataset, "class_set": class_set, "variant": variant, "latest_only": bool(latest_only)}
+def _filter_params(dataset, class_set, variant, latest_only, split=None, protocol=None) -> dict[str, Any]:
+    params = {"dataset": dataset, "class_set": class_set, "variant": variant, "split": split,
+              "latest_only": bool(latest_only)}
+    return params if protocol is None else params | {"protocol": protocol}
+
+
+def require_protocol(con: duckdb.DuckDBPyConnection) -> None:
+    """A clear error for a protocol filter on a warehouse from before schema version 5."""
+    version = schema_version(con)
+    if version < 5:
+        raise SchemaError(f"the warehouse (schema version {version}) does not record evaluation protocols, "
+                          "which schema version 5 adds; run `seglab ingest` (or `dvc repro`) to upgrade it")
 
 
 def leaderboard(con: duckdb.DuckDBPyConnection, dataset: str | None = None,
                 class_set: str | None = None, variant: str | None = None, *,
+                split: str | None = None, protocol: str | None = None,
                 latest_only: bool = True) -> pd.DataFrame:
     """One row per run (name, variant, scores, size, speed), best mIoU first.
 
-    latest_only: only the newest run of each model and variant per dataset/class set; False
-    adds the runs of earlier settings.
+    dataset / split: the evaluated shards'; protocol: full | letterbox (`eval_protocol`).
+    latest_only: only the newest run of each model and variant per dataset, class set, split and
+    protocol; False adds the runs of earlier settings.
     """
-    return _df(con, f"SELECT * FROM leaderboard WHERE {_FILTERS} "
+    return _df(con, f"SELECT * FROM leaderboard WHERE {_filters(con, protocol)} "
                     "ORDER BY miou DESC NULLS LAST, name, variant, run_id",
-               _filter_params(dataset, class_set, variant, latest_only))
+               _filter_params(dataset, class_set, variant, latest_only, split, protocol))
 
 
 def per_class_matrix(con: duckdb.DuckDBPyConnection, metric: str = "iou", *,
                      dataset: str | None = None, class_set: str | None = None,
-                     variant: str | None = None, latest_only: bool = True,
+                     variant: str | None = None, split: str | None = None,
+                     protocol: str | None = None, latest_only: bool = True,
                      variants: Sequence[str] | None = None, top: int | None = None) -> pd.DataFrame:
     """Runs x classes table of one per-class metric (NaN where undefined).
 
@@ -111,15 +132,15 @@ def per_class_matrix(con: duckdb.DuckDBPyConnection, metric: str = "iou", *,
         raise ValueError(f"top must be a positive integer or None; got {top!r}")
     long = _df(con, f"""
         WITH chosen AS (
-            SELECT run_id, name, variant, miou FROM leaderboard
-            WHERE {_FILTERS} AND ($variants IS NULL OR list_contains($variants, variant))
-            ORDER BY miou DESC NULLS LAST, name, variant, run_id
+            SELECT l.run_id, l.miou FROM leaderboard AS l
+            WHERE {_filters(con, protocol, "l.")} AND ($variants IS NULL OR list_contains($variants, l.variant))
+            ORDER BY l.miou DESC NULLS LAST, l.name, l.variant, l.run_id
             LIMIT $top
         )
-        SELECT l.name, l.variant, l.run_id, p.class_index, p.class_name, p.{metric} AS value, l.miou
-        FROM per_class AS p JOIN chosen AS l USING (run_id)
-        ORDER BY l.miou DESC NULLS LAST, l.name, l.variant, l.run_id, p.class_index
-    """, {**_filter_params(dataset, class_set, variant, latest_only),
+        SELECT c.name, c.variant, c.run_id, c.class_index, c.class_name, c.{metric} AS value, chosen.miou
+        FROM class_scores AS c JOIN chosen USING (run_id)
+        ORDER BY chosen.miou DESC NULLS LAST, c.name, c.variant, c.run_id, c.class_index
+    """, {**_filter_params(dataset, class_set, variant, latest_only, split, protocol),
           "variants": None if variants is None else list(variants), "top": top})
     index = ["name", "variant", "run_id"]
     if long.empty:
@@ -184,8 +205,8 @@ def confusion(con: duckdb.DuckDBPyConnection, run_id: str) -> pd.DataFrame:
 
 
 def worst_classes(con: duckdb.DuckDBPyConnection, k: int = 5, *, dataset: str | None = None,
-                  class_set: str | None = None, variant: str | None = None,
-                  latest_only: bool = True) -> pd.DataFrame:
+                  class_set: str | None = None, variant: str | None = None, split: str | None = None,
+                  protocol: str | None = None, latest_only: bool = True) -> pd.DataFrame:
     """The `k` classes with the lowest IoU for every run (classes with undefined IoU skipped).
 
     Filters as in `leaderboard`.
@@ -196,10 +217,10 @@ def worst_classes(con: duckdb.DuckDBPyConnection, k: int = 5, *, dataset: str | 
         SELECT name, variant, run_id, class_index, class_name, iou, dice, support, predicted,
                row_number() OVER (PARTITION BY run_id ORDER BY iou, class_index) AS rank
         FROM class_scores
-        WHERE iou IS NOT NULL AND {_FILTERS}
+        WHERE iou IS NOT NULL AND {_filters(con, protocol)}
         QUALIFY rank <= $k
         ORDER BY name, variant, run_id, rank
-    """, {"k": k, **_filter_params(dataset, class_set, variant, latest_only)})
+    """, {"k": k, **_filter_params(dataset, class_set, variant, latest_only, split, protocol)})
 
 
 def family_beats(con: duckdb.DuckDBPyConnection, challenger_arch: str, baseline_arch: str, *,
@@ -207,13 +228,16 @@ def family_beats(con: duckdb.DuckDBPyConnection, challenger_arch: str, baseline_
     """Classes where the best challenger run has a higher IoU than the best baseline run.
 
     A family is the runs whose `arch` matches a regular expression; its best run is the one with
-    the highest mIoU per (dataset, class set), so runs are compared only on the same data and
-    classes. `variant` restricts both sides (default the plain models, no TTA); None for any.
-    latest_only: choose among the newest run of each model (see `leaderboard`).
+    the highest mIoU per (dataset, class set, split, protocol), so runs are compared only on the same
+    data, classes and scoring. `variant` restricts both sides (default the plain models, no TTA);
+    None for any. latest_only: choose among the newest run of each model (see `leaderboard`).
     """
-    return _df(con, """
+    # eval_protocol from schema version 5 on (a read-only connection never migrates an older one).
+    keys = "dataset, class_set, split" + (", eval_protocol" if schema_version(con) >= 5 else "")
+    same = " AND ".join(f"c.{key} = b.{key}" for key in keys.split(", "))
+    return _df(con, f"""
         WITH family AS (
-            SELECT run_id, name, dataset, class_set, miou,
+            SELECT run_id, name, {keys}, miou,
                    CASE WHEN regexp_matches(arch, $challenger) THEN 'challenger'
                         WHEN regexp_matches(arch, $baseline) THEN 'baseline' END AS side
             FROM leaderboard
@@ -222,7 +246,7 @@ def family_beats(con: duckdb.DuckDBPyConnection, challenger_arch: str, baseline_
         ),
         best AS (
             SELECT * FROM family WHERE side IS NOT NULL
-            QUALIFY row_number() OVER (PARTITION BY dataset, class_set, side
+            QUALIFY row_number() OVER (PARTITION BY {keys}, side
                                        ORDER BY miou DESC NULLS LAST, run_id) = 1
         )
         SELECT c.dataset, c.class_set, pc.class_index, pc.class_name,
@@ -230,8 +254,7 @@ def family_beats(con: duckdb.DuckDBPyConnection, challenger_arch: str, baseline_
                b.name AS baseline_name, b.run_id AS baseline_run_id, pb.iou AS baseline_iou,
                pc.iou - pb.iou AS iou_margin
         FROM best AS c
-        JOIN best AS b ON c.side = 'challenger' AND b.side = 'baseline'
-                      AND c.dataset = b.dataset AND c.class_set = b.class_set
+        JOIN best AS b ON c.side = 'challenger' AND b.side = 'baseline' AND {same}
         JOIN per_class AS pc ON pc.run_id = c.run_id
         JOIN per_class AS pb ON pb.run_id = b.run_id AND pb.class_index = pc.class_index
         WHERE pc.iou > pb.iou

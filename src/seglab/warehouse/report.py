@@ -24,8 +24,10 @@ from seglab.warehouse.schema import WarehouseError
 __all__ = ["ReportError", "render_report", "run_report"]
 
 MISSING = "—"
-# The keys that tell apart results that must never be compared (other data, classes or split).
-_SCOPE = (("dataset", "dataset"), ("class_set", "class set"), ("split", "split"))
+# The keys that tell apart results that must never be compared (other data, classes, split or
+# protocol; the training data, which a model evaluated on another dataset does not share).
+_SCOPE = (("dataset", "dataset"), ("class_set", "class set"), ("split", "split"),
+          ("eval_protocol", "protocol"), ("train_dataset", "trained on"))
 # What identifies a configuration besides its scope, variant and augmenter.
 _MODEL_KEYS = ("arch", "weights", "width", "image_size", "batch_size", "epochs_planned")
 
@@ -186,14 +188,17 @@ def _group_title(keys: dict[str, Any]) -> str:
     parts.append(f"{_integer(keys['image_size'])} px")
     parts.append(f"batch {_integer(keys['batch_size'])}")
     parts.append(f"{_integer(keys['epochs_planned'])} epochs")
-    return (f"{_text(keys['dataset'])} / {_text(keys['class_set'])} ({_text(keys['split'])}), "
+    protocol = f", {_text(keys['eval_protocol'])}" if "eval_protocol" in keys else ""
+    return (f"{_text(keys['dataset'])} / {_text(keys['class_set'])} ({_text(keys['split'])}{protocol}), "
             f"{_text(keys['variant'])}: " + ", ".join(parts))
 
 
 def _per_class_section(per_class: pd.DataFrame, runs: pd.DataFrame) -> str:
     if per_class.empty:
         return _no_effect_line(runs)
-    group_keys = ["dataset", "class_set", "split", "variant", *_MODEL_KEYS]
+    # A warehouse from before schema 5 (read, never migrated, here) has no protocol or training data.
+    group_keys = [key for key in ("train_dataset", "dataset", "class_set", "split", "eval_protocol")
+                  if key in per_class] + ["variant", *_MODEL_KEYS]
     blocks = [("Augmented minus real-only IoU per class, mean ± sample std over the seed pairs "
                "where both IoUs are defined (n counts them).")]
     # dropna=False: NULL weights (random init) or width are configurations too.

@@ -39,11 +39,21 @@ Version 4 adds ``synthetic_validation``: one row per validation of a GAN's synth
 by (gan, params_hash), from the reports ``seglab.warehouse.synthetic`` ingests. It was created
 outside the migrations before; a warehouse that has it keeps it.
 
+Version 5 records what an evaluation scored and how, now that any model can be evaluated on any
+dataset split (`seglab evaluate NAME --data SHARDS --split SPLIT`) under a chosen protocol
+(``evaluate.protocol``): ``runs.dataset`` and ``runs.split`` are the evaluated shards' (as they
+always were); ``runs.train_dataset`` is the dataset the model trained on and ``runs.eval_protocol``
+``full`` (whole images at their stored resolution, sliding window) or ``letterbox``. Runs ingested
+before are backfilled as what they were: their model's own data, letterboxed. ``leaderboard`` and
+``class_scores`` gain both columns; ``latest`` is per protocol too, and the replicate views'
+configurations include both, so scores under different protocols never mix.
+
 Undefined scores (a class absent from truth and prediction) are NULL, never 0 or 1.
 
 Runs accumulate: a model re-evaluated with other settings gets a new run_id and its earlier run
 stays. Views: ``leaderboard`` (one row per run with its headline scores and costs, and ``latest``:
-whether it is the newest run of its name and variant on its dataset, class set and split) and
+whether it is the newest run of its name and variant on its dataset, class set and split, under its
+protocol) and
 ``class_scores`` (per_class with the run's name, variant, arch, dataset, class set and ``latest``).
 
 Extending the schema: append a `Migration` with the next version to `MIGRATIONS`. Its
@@ -63,6 +73,7 @@ import duckdb
 __all__ = [
     "MIGRATIONS",
     "READER_LOCK_WAIT_S",
+    "LEGACY_PROTOCOL",
     "SCHEMA_VERSION",
     "SYNTHETIC_VALIDATION_TABLE",
     "TABLES",
@@ -304,22 +315,23 @@ _V2_RUNS_AUGMENTER = (
 _V2_LEADERBOARD = _LEADERBOARD_HEAD + "       r.augmenter, r.synthetic_images_used,\n" + _LEADERBOARD_TAIL
 
 # The latest run of every model (not the ensemble: it has no arch) with the settings that make
-# up a configuration; `split` is a key too, since scores on different splits never mix.
-_V3_LATEST_MODEL_RUNS = """
-    SELECT l.run_id, l.name, l.dataset, l.class_set, l.split, l.variant, l.arch, l.weights,
+# up a configuration; `split` is a key too, since scores on different splits never mix. Version 5
+# adds the training data and the protocol (`_V5_*`): the same templates, more key columns.
+def _latest_model_runs(keys: str) -> str:
+    return f"""
+    SELECT l.run_id, l.name, {keys}l.dataset, l.class_set, l.split, l.variant, l.arch, l.weights,
            l.width, l.augmenter, l.image_size, r.batch_size, r.epochs_planned, r.seed,
            l.miou, l.mdice, l.accuracy, l.synthetic_images_used
     FROM leaderboard AS l JOIN runs AS r USING (run_id)
     WHERE l.latest AND l.arch IS NOT NULL
 """
 
-_V3_CONFIGURATION = ("dataset, class_set, split, variant, arch, weights, width, augmenter, "
-                     "image_size, batch_size, epochs_planned")
 
-_V3_SEED_SUMMARY = f"""
+def _seed_summary(latest_model_runs: str, configuration: str) -> str:
+    return f"""
 CREATE OR REPLACE VIEW seed_summary AS
-WITH latest_model_runs AS ({_V3_LATEST_MODEL_RUNS})
-SELECT {_V3_CONFIGURATION},
+WITH latest_model_runs AS ({latest_model_runs})
+SELECT {configuration},
        list(name ORDER BY name) AS models,
        list(seed ORDER BY seed) AS seeds,
        count(*)                 AS n,
@@ -327,14 +339,16 @@ SELECT {_V3_CONFIGURATION},
        avg(mdice) AS mdice_mean, stddev_samp(mdice) AS mdice_std,
        avg(accuracy) AS accuracy_mean, stddev_samp(accuracy) AS accuracy_std
 FROM latest_model_runs
-GROUP BY {_V3_CONFIGURATION}
+GROUP BY {configuration}
 """
 
+
 # Same configuration but for the augmenter, same seed: the runs differ only in the training data.
-_V3_AUGMENTER_PAIRS = f"""
+def _augmenter_pairs(latest_model_runs: str, keys: str, same_keys: str) -> str:
+    return f"""
 CREATE OR REPLACE VIEW augmenter_pairs AS
-WITH latest_model_runs AS ({_V3_LATEST_MODEL_RUNS})
-SELECT a.dataset, a.class_set, a.split, a.variant, a.arch, a.weights, a.width, a.image_size,
+WITH latest_model_runs AS ({latest_model_runs})
+SELECT {keys}a.dataset, a.class_set, a.split, a.variant, a.arch, a.weights, a.width, a.image_size,
        a.batch_size, a.epochs_planned, a.augmenter, a.seed,
        a.run_id AS augmented_run_id, a.name AS augmented_name, a.miou AS augmented_miou,
        a.synthetic_images_used,
@@ -343,7 +357,7 @@ SELECT a.dataset, a.class_set, a.split, a.variant, a.arch, a.weights, a.width, a
 FROM latest_model_runs AS a
 JOIN latest_model_runs AS b
   ON a.augmenter IS NOT NULL AND b.augmenter IS NULL AND a.seed = b.seed
- AND a.dataset = b.dataset AND a.class_set = b.class_set AND a.split = b.split
+ AND a.dataset = b.dataset AND a.class_set = b.class_set AND a.split = b.split{same_keys}
  AND a.variant = b.variant AND a.arch = b.arch
  AND a.weights IS NOT DISTINCT FROM b.weights AND a.width IS NOT DISTINCT FROM b.width
  AND a.image_size IS NOT DISTINCT FROM b.image_size
@@ -356,13 +370,12 @@ QUALIFY row_number() OVER (PARTITION BY a.run_id
                                     b.name, b.run_id) = 1
 """
 
-_V3_PAIR_GROUP = ("dataset, class_set, split, variant, arch, weights, width, image_size, "
-                  "batch_size, epochs_planned, augmenter")
 
 # Every statistic over the same pairs: those where both scores are defined.
-_V3_AUGMENTER_EFFECT = f"""
+def _augmenter_effect(pair_group: str) -> str:
+    return f"""
 CREATE OR REPLACE VIEW augmenter_effect AS
-SELECT {_V3_PAIR_GROUP},
+SELECT {pair_group},
        count(delta_miou) AS n_pairs,
        list(seed ORDER BY seed) FILTER (WHERE delta_miou IS NOT NULL) AS seeds,
        avg(base_miou) FILTER (WHERE delta_miou IS NOT NULL)              AS base_miou_mean,
@@ -373,10 +386,12 @@ SELECT {_V3_PAIR_GROUP},
        stddev_samp(delta_miou) AS delta_miou_std,
        avg(synthetic_images_used) FILTER (WHERE delta_miou IS NOT NULL)  AS synthetic_images_used
 FROM augmenter_pairs
-GROUP BY {_V3_PAIR_GROUP}
+GROUP BY {pair_group}
 """
 
-_V3_AUGMENTER_EFFECT_PER_CLASS = f"""
+
+def _augmenter_effect_per_class(pair_group: str) -> str:
+    return f"""
 CREATE OR REPLACE VIEW augmenter_effect_per_class AS
 WITH class_pairs AS (
     SELECT p.*, pa.class_index, pa.class_name, pb.iou AS base_iou, pa.iou AS augmented_iou,
@@ -386,7 +401,7 @@ WITH class_pairs AS (
     JOIN per_class AS pb ON pb.run_id = p.base_run_id
                         AND pb.class_index = pa.class_index AND pb.class_name = pa.class_name
 )
-SELECT {_V3_PAIR_GROUP}, class_index, class_name,
+SELECT {pair_group}, class_index, class_name,
        count(delta_iou) AS n_pairs,
        avg(base_iou) FILTER (WHERE delta_iou IS NOT NULL)              AS base_iou_mean,
        stddev_samp(base_iou) FILTER (WHERE delta_iou IS NOT NULL)      AS base_iou_std,
@@ -395,8 +410,19 @@ SELECT {_V3_PAIR_GROUP}, class_index, class_name,
        avg(delta_iou)         AS delta_iou_mean,
        stddev_samp(delta_iou) AS delta_iou_std
 FROM class_pairs
-GROUP BY {_V3_PAIR_GROUP}, class_index, class_name
+GROUP BY {pair_group}, class_index, class_name
 """
+
+
+_V3_LATEST_MODEL_RUNS = _latest_model_runs("")
+_V3_CONFIGURATION = ("dataset, class_set, split, variant, arch, weights, width, augmenter, "
+                     "image_size, batch_size, epochs_planned")
+_V3_SEED_SUMMARY = _seed_summary(_V3_LATEST_MODEL_RUNS, _V3_CONFIGURATION)
+_V3_AUGMENTER_PAIRS = _augmenter_pairs(_V3_LATEST_MODEL_RUNS, "", "")
+_V3_PAIR_GROUP = ("dataset, class_set, split, variant, arch, weights, width, image_size, "
+                  "batch_size, epochs_planned, augmenter")
+_V3_AUGMENTER_EFFECT = _augmenter_effect(_V3_PAIR_GROUP)
+_V3_AUGMENTER_EFFECT_PER_CLASS = _augmenter_effect_per_class(_V3_PAIR_GROUP)
 
 # The synthetic-data gate's figures, one row per validation report (`seglab.warehouse.synthetic`).
 # Warehouses from before version 4 may hold this table already (then made outside the migrations,
@@ -438,6 +464,48 @@ CREATE TABLE IF NOT EXISTS synthetic_validation (
 )
 """
 
+# Version 5: an evaluation names what it scored and how (`seglab evaluate --data --split`,
+# `evaluate.protocol`). `runs.dataset` and `runs.split` were always the evaluated shards'; a run may
+# now score a model on another dataset than it trained on (`train_dataset`) and under another protocol
+# (`eval_protocol`: full | letterbox). Runs ingested before scored their model's own val split
+# letterboxed, and are backfilled so.
+LEGACY_PROTOCOL = "letterbox"
+
+_V5_RUNS_EVALUATION = (
+    "ALTER TABLE runs ADD COLUMN IF NOT EXISTS train_dataset VARCHAR",
+    "ALTER TABLE runs ADD COLUMN IF NOT EXISTS eval_protocol VARCHAR",
+    f"""
+    UPDATE runs
+    SET train_dataset = coalesce(train_dataset, nullif(run_json->>'$.train_dataset', ''), dataset),
+        eval_protocol = coalesce(eval_protocol, nullif(run_json->>'$.eval_protocol', ''), '{LEGACY_PROTOCOL}')
+    WHERE train_dataset IS NULL OR eval_protocol IS NULL
+    """,
+)
+
+# Scores under different protocols never mix, like scores on different splits: `latest` is per
+# protocol too.
+_V5_LEADERBOARD = (_LEADERBOARD_HEAD
+                   + "       r.augmenter, r.synthetic_images_used, r.train_dataset, r.eval_protocol,\n"
+                   + _LEADERBOARD_TAIL.replace("r.class_set, r.split\n", "r.class_set, r.split, r.eval_protocol\n"))
+
+_V5_CLASS_SCORES = """
+CREATE OR REPLACE VIEW class_scores AS
+SELECT l.name, l.variant, l.arch, l.dataset, l.class_set, l.split, l.eval_protocol, l.train_dataset, l.latest, p.*
+FROM per_class AS p
+JOIN leaderboard AS l USING (run_id)
+"""
+
+_V5_LATEST_MODEL_RUNS = _latest_model_runs("l.train_dataset, l.eval_protocol, ")
+_V5_CONFIGURATION = "train_dataset, " + _V3_CONFIGURATION.replace("split, ", "split, eval_protocol, ")
+_V5_PAIR_GROUP = "train_dataset, " + _V3_PAIR_GROUP.replace("split, ", "split, eval_protocol, ")
+_V5_REPLICATE_VIEWS = (
+    _seed_summary(_V5_LATEST_MODEL_RUNS, _V5_CONFIGURATION),
+    _augmenter_pairs(_V5_LATEST_MODEL_RUNS, "a.train_dataset, a.eval_protocol, ",
+                     "\n AND a.eval_protocol = b.eval_protocol AND a.train_dataset IS NOT DISTINCT FROM b.train_dataset"),
+    _augmenter_effect(_V5_PAIR_GROUP),
+    _augmenter_effect_per_class(_V5_PAIR_GROUP),
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(
         1,
@@ -458,6 +526,12 @@ MIGRATIONS: tuple[Migration, ...] = (
          _V3_AUGMENTER_EFFECT_PER_CLASS),
     ),
     Migration(4, "synthetic_validation: the GAN gate's validation reports", (_V4_SYNTHETIC_VALIDATION,)),
+    Migration(
+        5,
+        "runs.train_dataset and runs.eval_protocol (evaluations on any dataset split, full or letterbox), "
+        "in the views too; latest and the replicate configurations per protocol",
+        (*_V5_RUNS_EVALUATION, _V5_LEADERBOARD, _V5_CLASS_SCORES, *_V5_REPLICATE_VIEWS),
+    ),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1].version
