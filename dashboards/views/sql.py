@@ -54,7 +54,8 @@ cfg = ds.settings()
 wh = ds.require_warehouse(cfg)
 st.caption(f"One `SELECT` (or `WITH … SELECT`, `SHOW`, `DESCRIBE`, `SUMMARIZE`) over the warehouse, "
            f"read-only; files and network are off. A query may use {LIMITS.memory_mib} MiB of memory and "
-           f"{LIMITS.timeout_s:g} s, and return {LIMITS.max_result_mib:g} MiB. Tables: "
+           f"{LIMITS.timeout_s:g} s, and return {LIMITS.max_result_mib:g} MiB (`repeat`, `lpad` and `rpad` "
+           "refuse to build a larger value). Tables: "
            "`runs`, `metrics`, `per_class`, `confusion`, `history`; views: `leaderboard`, "
            "`class_scores`.")
 
