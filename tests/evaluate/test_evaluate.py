@@ -170,7 +170,7 @@ def test_evaluation_writes_every_contract_file_with_correct_contents(workspace):
     # The original evaluation (the model's own val split, letterboxed) keeps the run id it always had.
     assert [e["run"]["run_id"] for e in (plain, tta)] == [
         factory_run_id("pixel", variant, info["params_hash"]) for variant in ("plain", "tta")]
-    assert tta["run"]["tta"] == ["identity", "hflip", "vflip", "rot90", "rot270"] and plain["run"]["tta"] is None
+    assert tta["run"]["tta"] == list(_config(workspace).evaluate.tta) and plain["run"]["tta"] is None
 
     # The confusion counts exactly the scored pixels, and matches an independent computation.
     expected = _expected_confusion(workspace, model)
