@@ -68,6 +68,7 @@ def _toy_scale(p: dict) -> None:
                     "train_data": f"{p['validate_synthetic']['out']}/pix2pix"},
     }
     p["evaluate"].update(tta=["identity", "hflip"], latency_runs=2)
+    p["more_models"] = {k: v for k, v in p.get("more_models", {}).items() if k not in p["models"]}
     p["ensemble"] = {"members": ["unet", BASE], "weights": [0.5, 0.5]}  # the two real-data-only models
     p["gan"].update(names=GANS, image_size=32, batch_size=4, sample_every=1, sample_count=4, synth_images=16)
     for gan in GANS:
