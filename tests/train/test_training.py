@@ -1,8 +1,9 @@
 """The train stage: contract outputs, the recipe's moving parts, and resuming after a kill.
 
 Runs train tiny models (U-Net at width 0.125, 32 px, 4 steps per epoch) on shards written per
-module. On two cores the single-process tests take under a minute; the distribution tests at the
-end start their own processes (two replicas, two workers) and take 90-115 s together.
+module. The resume tests train a killed run in a subprocess while the uninterrupted twin trains in
+the test's process; the distribution tests at the end start their own processes (two replicas,
+two workers).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -233,18 +235,36 @@ def _kill_after_commit(proc, backup: Path, epoch: int) -> None:
 
 
 
-def _killed_run(cfg: Config, root: Path, kill_after: int) -> Path:
-    """Run `cfg`'s model "tiny" in a process SIGKILLed right after it committed epoch `kill_after`;
-    returns the run's backup folder."""
-    (root / "cfg.json").write_text(cfg.model_dump_json(by_alias=True))
-    (root / "driver.py").write_text(DRIVER)
-    backup = Path(cfg.train.state) / "tiny" / "backup"
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.Popen([sys.executable, str(root / "driver.py"), str(root / "cfg.json"), "3"],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _kill_after_commit(proc, backup, kill_after)
-    assert proc.returncode == -signal.SIGKILL
-    return backup
+class KilledRun:
+    """`cfg`'s model "tiny" trained in a process that is SIGKILLed right after it committed epoch
+    `kill_after`. A thread watches for the commit, so the test can train the uninterrupted twin in
+    the meantime (two cores: the two runs overlap instead of queueing)."""
+
+    def __init__(self, cfg: Config, root: Path, kill_after: int):
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "cfg.json").write_text(cfg.model_dump_json(by_alias=True))
+        (root / "driver.py").write_text(DRIVER)
+        self.backup = Path(cfg.train.state) / "tiny" / "backup"
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
+        self.proc = subprocess.Popen([sys.executable, str(root / "driver.py"), str(root / "cfg.json"), "2"],
+                                     cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self._failure: BaseException | None = None
+        self._watcher = threading.Thread(target=self._watch, args=(kill_after,), daemon=True)
+        self._watcher.start()
+
+    def _watch(self, kill_after: int) -> None:
+        try:
+            _kill_after_commit(self.proc, self.backup, kill_after)
+        except BaseException as failure:  # pytest.fail's exception too: raised again in the test's thread
+            self._failure = failure
+
+    def backup_after_kill(self) -> Path:
+        """Waits for the kill; returns the run's backup folder."""
+        self._watcher.join()
+        if self._failure is not None:
+            raise self._failure
+        assert self.proc.returncode == -signal.SIGKILL
+        return self.backup
 
 
 class CommitsSeen(keras.callbacks.Callback):
@@ -277,57 +297,45 @@ def test_commits_are_spaced_by_commit_every_seconds(shards, tmp_path, every, exp
     assert info["epochs_run"] == 3 and 1 <= info["best_epoch"] <= 3  # the best checkpoint is kept without commits
 
 
-def test_resume_after_kill_continues_with_history_intact(shards, tmp_path):
-    epochs, kill_after = 4, 2
-    cfg = make_cfg(shards, tmp_path, epochs=epochs)
-    backup = _killed_run(cfg, tmp_path, kill_after)
-    assert not (tmp_path / "models" / "tiny").exists()  # nothing published by the killed run
-    committed = json.loads((backup / f"epoch-{kill_after:04d}" / "state.json").read_text())
-    before = committed["states"]["history"]["rows"]
-    assert [r["epoch"] for r in before] == [1, 2]
-
-    # Leftovers of a kill in the middle of the next commit must be ignored, not loaded.
-    (backup / f".epoch-{kill_after + 1:04d}.tmp").mkdir()
-    (backup / f".epoch-{kill_after + 1:04d}.tmp" / "latest.weights.h5").write_bytes(b"half-written")
-    (backup / "checkpoints" / f"best-epoch{kill_after + 1:03d}.weights.h5").write_bytes(b"half-written")
-
-    info = run_train(cfg, "tiny", verbose=0)
-    assert info["resumed_from_epoch"] == kill_after
-    assert info["epochs_run"] == epochs
-    history = read_history(tmp_path / "metrics" / "tiny" / "history.csv")
-    assert [int(r["epoch"]) for r in history] == list(range(1, epochs + 1))  # each epoch exactly once
-    for old, new in zip(before, history):  # the epochs before the kill are kept as they were logged
-        for key in ("loss", "val_loss", "val_miou", "lr"):
-            assert float(new[key]) == pytest.approx(old[key], rel=1e-12)
-    # The learning-rate schedule went on from the restored step, not from step 0.
-    assert float(history[kill_after]["lr"]) < float(history[kill_after - 1]["lr"])
-    assert not (tmp_path / "state" / "tiny").exists()
-    keras.models.load_model(tmp_path / "models" / "tiny" / "model.keras")
-
-
 def test_a_killed_and_resumed_run_ends_like_an_uninterrupted_one(shards, tmp_path):
     """Same settings and seed: one run straight through, one killed right after committing an epoch
     and resumed. Both must log the same history and keep the same best epoch with the same weights.
     The learning rate is high enough for the best epoch to come before the kill: the resumed run
     must remember that score (else its first epoch counts as the best) and go on with the batches
-    the uninterrupted run saw next (else its losses part from there)."""
+    the uninterrupted run saw next (else its losses part from there). Leftovers of a kill in the
+    middle of the next commit must be ignored, not loaded."""
     epochs, kill_after = 5, 2
+    cfg = make_cfg(shards, tmp_path / "resumed", epochs=epochs, learning_rate=0.1)
+    killed = KilledRun(cfg, tmp_path / "resumed", kill_after)
     straight = run_train(make_cfg(shards, tmp_path / "straight", epochs=epochs, learning_rate=0.1), "tiny", verbose=0)
     assert straight["best_epoch"] <= kill_after  # the case this test is about
+    backup = killed.backup_after_kill()
 
-    cfg = make_cfg(shards, tmp_path / "resumed", epochs=epochs, learning_rate=0.1)
-    _killed_run(cfg, tmp_path, kill_after)
+    assert not (tmp_path / "resumed" / "models" / "tiny").exists()  # nothing published by the killed run
+    committed = json.loads((backup / f"epoch-{kill_after:04d}" / "state.json").read_text())
+    before = committed["states"]["history"]["rows"]
+    assert [r["epoch"] for r in before] == [1, 2]
+    (backup / f".epoch-{kill_after + 1:04d}.tmp").mkdir()
+    (backup / f".epoch-{kill_after + 1:04d}.tmp" / "latest.weights.h5").write_bytes(b"half-written")
+    (backup / "checkpoints" / f"best-epoch{kill_after + 1:03d}.weights.h5").write_bytes(b"half-written")
+
     resumed = run_train(cfg, "tiny", verbose=0)
     assert resumed["resumed_from_epoch"] == kill_after
     for key in ("best_epoch", "epochs_run", "stopped_early"):
         assert resumed[key] == straight[key], key
     assert resumed["best_val_miou"] == pytest.approx(straight["best_val_miou"], rel=1e-6)
     histories = [read_history(tmp_path / run / "metrics" / "tiny" / "history.csv") for run in ("straight", "resumed")]
-    assert [r["epoch"] for r in histories[1]] == [r["epoch"] for r in histories[0]]
+    assert [int(r["epoch"]) for r in histories[1]] == list(range(1, epochs + 1))  # each epoch exactly once
+    for old, new in zip(before, histories[1]):  # the epochs before the kill are kept as they were logged
+        for key in ("loss", "val_loss", "val_miou", "lr"):
+            assert float(new[key]) == pytest.approx(old[key], rel=1e-12)
+    # The learning-rate schedule went on from the restored step, not from step 0.
+    assert float(histories[1][kill_after]["lr"]) < float(histories[1][kill_after - 1]["lr"])
     for row_straight, row_resumed in zip(*histories):
         for key in ("loss", "miou", "val_loss", "val_miou", "lr"):
             assert float(row_resumed[key]) == pytest.approx(float(row_straight[key]), rel=1e-5, abs=1e-7), \
                 (row_straight["epoch"], key)
+    assert not (tmp_path / "resumed" / "state" / "tiny").exists()
     models = [keras.models.load_model(tmp_path / run / "models" / "tiny" / "model.keras") for run in ("straight", "resumed")]
     for w_straight, w_resumed in zip(*(model.get_weights() for model in models)):
         np.testing.assert_allclose(w_resumed, w_straight, rtol=1e-5, atol=1e-6)
@@ -347,11 +355,11 @@ def test_a_run_killed_while_its_encoder_is_frozen_resumes_exactly(shards, tmp_pa
     train = {"freeze_encoder_epochs": 2, "encoder_batchnorm": "frozen", "encoder_lr_multiplier": 0.5,
              "optimizer": "adamw"}
     epochs, kill_after = 3, 1
+    cfg = make_cfg(shards, tmp_path / "resumed", epochs=epochs, train=train, model=model)
+    killed = KilledRun(cfg, tmp_path / "resumed", kill_after)
     straight = run_train(make_cfg(shards, tmp_path / "straight", epochs=epochs, train=train, model=model), "tiny",
                          verbose=0)
-
-    cfg = make_cfg(shards, tmp_path / "resumed", epochs=epochs, train=train, model=model)
-    backup = _killed_run(cfg, tmp_path, kill_after)
+    backup = killed.backup_after_kill()
     assert (backup / "LATEST").read_text() == f"epoch-{kill_after:04d}"
     resumed = run_train(cfg, "tiny", verbose=0)
     assert resumed["resumed_from_epoch"] == kill_after
@@ -731,7 +739,7 @@ def test_run_train_under_mirrored_strategy_resumes_after_kill(shards, tmp_path):
     backup = tmp_path / "state" / "tiny" / "backup"
     env = _subprocess_env()
     command = [sys.executable, str(tmp_path / "driver.py"), str(tmp_path / "cfg.json")]
-    proc = subprocess.Popen([*command, "3", "mirrored"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen([*command, "2", "mirrored"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     _kill_after_commit(proc, backup, 1)
     before = json.loads((backup / "epoch-0001" / "state.json").read_text())["states"]["history"]["rows"]
