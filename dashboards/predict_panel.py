@@ -44,18 +44,17 @@ def _segmenter(models_dir: str, name: str, stamp: tuple[int, ...], tta: bool, se
     return load_segmenter(_cfg, name, tta=tta, models_dir=models_dir)
 
 
-def _legend(classes: dict[str, int], names: list[str]) -> str:
-    """Markdown of the legend: a colour swatch, the class name and its share of the pixels."""
+def _legend(pixels: dict[str, int], classes: list[str]) -> str:
+    """Markdown of the overlay's legend (`legend_entries`): a colour swatch, the class and its share."""
     from seglab.data.palette import label_palette
+    from seglab.evaluate.predict import legend_entries
 
     palette = label_palette()
-    total = sum(classes.values())
     rows = []
-    for name, pixels in classes.items():
-        red, green, blue = (int(c) for c in palette[names.index(name)])
+    for value, text in legend_entries(pixels, classes):
+        red, green, blue = (int(c) for c in palette[value])
         rows.append(f'<span style="display:inline-block;width:1em;height:1em;border:1px solid #000;'
-                    f'background:rgb({red},{green},{blue});vertical-align:middle"></span> '
-                    f"{html.escape(name)} — {pixels / total:.1%}")
+                    f'background:rgb({red},{green},{blue});vertical-align:middle"></span> {html.escape(text)}')
     return "  \n".join(rows)
 
 

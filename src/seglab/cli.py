@@ -66,7 +66,7 @@ def _predict(cfg, args) -> dict:
     report = run_predict(cfg, args.name, args.images, args.out, tta=args.tta)
     summary = report.summary()
     if report.errors:
-        raise InputsFailed(summary, [f"{e.file}: {e.error}: {e.message}" for e in report.errors])
+        raise InputsFailed(summary, [f"{e.error}: {e.message}" for e in report.errors])  # messages name the file
     return summary
 
 

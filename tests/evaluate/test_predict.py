@@ -249,7 +249,7 @@ def test_the_cli_and_the_function_agree_and_the_cli_fails_naming_the_bad_files(t
                            "--out", str(tmp_path / "cli")], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     assert proc.returncode == 1, proc.stderr
-    assert "1 input(s) failed" in proc.stderr and f"{tmp_path / 'in' / 'bad.png'}: not an image" in proc.stderr
+    assert "1 input(s) failed" in proc.stderr and f"not an image: {tmp_path / 'in' / 'bad.png'} is not an image" in proc.stderr
     summary = json.loads(proc.stdout)
     assert summary == json.loads(json.dumps(expected).replace(str(tmp_path / "function"), str(tmp_path / "cli")))
     for written in expected["written"]:

@@ -64,6 +64,8 @@ __all__ = [
     "Predicted",
     "PredictReport",
     "Segmenter",
+    "class_pixels",
+    "legend_entries",
     "list_inputs",
     "load_segmenter",
     "overlay_with_legend",
@@ -263,6 +265,24 @@ def read_image(path: Path) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ outputs
 
 
+def class_pixels(label: np.ndarray, classes: Sequence[str]) -> dict[str, int]:
+    """Pixels per class present in a predicted label map, in label order."""
+    counts = np.bincount(np.asarray(label).ravel(), minlength=len(classes))
+    return {classes[v]: int(counts[v]) for v in np.flatnonzero(counts)}
+
+
+def legend_entries(pixels: dict[str, int], classes: Sequence[str]) -> list[tuple[int, str]]:
+    """(label value, "name  share") for each class in `pixels` (`class_pixels`): what a legend shows
+    beside the class colour (`seglab.data.palette`)."""
+    total = sum(pixels.values())
+    entries = []
+    for name, count in pixels.items():
+        share = count / total
+        # A class on a handful of pixels is present, not "0.0%".
+        entries.append((classes.index(name), f"{name}  {share:.1%}" if share >= 0.0005 else f"{name}  <0.1%"))
+    return entries
+
+
 def overlay_with_legend(image: np.ndarray, label: np.ndarray, classes: Sequence[str], alpha: float) -> np.ndarray:
     """uint8 RGB: `image` blended with the class colours of `label` (the colour's share `alpha`),
     unchanged in size at the top left, and the legend of the classes present to its right (colour,
@@ -275,21 +295,19 @@ def overlay_with_legend(image: np.ndarray, label: np.ndarray, classes: Sequence[
     overlay = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
 
     height, width = label.shape
-    counts = np.bincount(label.ravel(), minlength=len(classes))
-    present = [int(v) for v in np.flatnonzero(counts)]
+    entries = legend_entries(class_pixels(label, classes), classes)
     # Text about 1/40 of the image's longer side, readable from a thumbnail up to a photo.
     size = int(np.clip(round(max(height, width) / 40), 12, 64))
     font = ImageFont.load_default(size=size)
     line, pad, swatch = round(size * 1.5), size // 2 + 2, size
-    rows = [f"{classes[v] if v < len(classes) else v}  {counts[v] / label.size:.1%}" for v in present]
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    text_width = max(int(measure.textlength(r, font=font)) for r in rows)
+    text_width = max(int(measure.textlength(text, font=font)) for _, text in entries)
     panel_w = pad + swatch + pad + text_width + pad
-    panel_h = pad + line * len(rows) + pad
+    panel_h = pad + line * len(entries) + pad
     canvas = Image.new("RGB", (width + panel_w, max(height, panel_h)), (255, 255, 255))
     canvas.paste(Image.fromarray(overlay), (0, 0))
     draw = ImageDraw.Draw(canvas)
-    for row, (value, text) in enumerate(zip(present, rows)):
+    for row, (value, text) in enumerate(entries):
         top = pad + row * line
         left = width + pad
         draw.rectangle([left, top, left + swatch, top + swatch], fill=tuple(int(c) for c in colours[value]),
@@ -307,9 +325,8 @@ def _write_outputs(out: Path, path: Path, image: np.ndarray, label: np.ndarray, 
     with atomic_path(labels_path) as labels_tmp, atomic_path(overlay_path) as overlay_tmp:
         labels_tmp.write_bytes(labels_png)
         overlay_tmp.write_bytes(overlay_png)
-    counts = np.bincount(label.ravel(), minlength=len(classes))
     return Predicted(str(path), str(labels_path), str(overlay_path), int(label.shape[0]), int(label.shape[1]),
-                     {classes[v]: int(counts[v]) for v in np.flatnonzero(counts)})
+                     class_pixels(label, classes))
 
 
 def _groups(paths: Sequence[Path], size: int, errors: list[FileError]) -> Iterator[list[tuple[Path, np.ndarray]]]:
@@ -322,7 +339,7 @@ def _groups(paths: Sequence[Path], size: int, errors: list[FileError]) -> Iterat
             image = read_image(path)
         except DataError as e:
             errors.append(FileError(str(path), e.rule, str(e)))
-            log.warning("%s: %s", path, e)
+            log.warning("%s", e)
             continue
         if group and (len(group) == size or pixels + image.shape[0] * image.shape[1] > GROUP_PIXELS):
             yield group
