@@ -60,6 +60,8 @@ log = logging.getLogger(__name__)
 __all__ = [
     "ERRORS",
     "GROUP_PIXELS",
+    "LABELS_SUFFIX",
+    "OVERLAY_SUFFIX",
     "FileError",
     "Predicted",
     "PredictReport",
