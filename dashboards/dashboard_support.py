@@ -1,9 +1,9 @@
 """What every dashboard page shares: where the data is, cached warehouse reads, empty states.
 
 Settings, first found wins: command line (``streamlit run dashboards/app.py -- --warehouse PATH
---eval-dir DIR --gan-dir DIR``), environment (``SEGLAB_WAREHOUSE``, ``SEGLAB_EVAL_DIR``,
-``SEGLAB_GAN_DIR``), params.yaml (``warehouse.path``, ``evaluate.out``, relative to the repo
-root), built-in defaults under ``data/``.
+--eval-dir DIR --gan-dir DIR --models-dir DIR``), environment (``SEGLAB_WAREHOUSE``,
+``SEGLAB_EVAL_DIR``, ``SEGLAB_GAN_DIR``, ``SEGLAB_MODELS_DIR``), params.yaml (``warehouse.path``,
+``evaluate.out``, ``train.out``, relative to the repo root), built-in defaults under ``data/``.
 
 Caching. The warehouse is never held open between reads: DuckDB lets one process write a file or
 others read it, not both, so a connection kept open by the dashboard would make ``seglab ingest``
@@ -39,6 +39,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WAREHOUSE = Path("data/warehouse.duckdb")
 DEFAULT_EVAL_DIR = Path("data/eval")
 DEFAULT_GAN_DIR = Path("data/gan")
+DEFAULT_MODELS_DIR = Path("data/models")
 GAN_NAMES = ("dcgan", "sagan", "pix2pix")
 CACHE_TTL_S = 600
 SQL_CACHE_TTL_S = 120
@@ -66,6 +67,7 @@ class Settings:
     warehouse: Path
     eval_dir: Path
     gan_dir: Path
+    models_dir: Path  # trained models, <models_dir>/<name>/{model.keras, train.json}: the runs page predicts with them
     params_error: str | None = None  # params.yaml could not be read: defaults were used
 
 
@@ -78,19 +80,20 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--warehouse")
     parser.add_argument("--eval-dir")
     parser.add_argument("--gan-dir")
+    parser.add_argument("--models-dir")
     # Unknown arguments are someone else's (e.g. pytest's when AppTest runs the app).
     args, _ = parser.parse_known_args(argv)
     return args
 
 
 def load_settings(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> Settings:
-    """Where the warehouse and the evaluation / GAN artefacts are (see the module doc)."""
+    """Where the warehouse, the evaluation / GAN artefacts and the trained models are (module doc)."""
     args = _parse_args(sys.argv[1:] if argv is None else argv)
     env = os.environ if environ is None else environ
-    warehouse, eval_dir, params_error = DEFAULT_WAREHOUSE, DEFAULT_EVAL_DIR, None
+    warehouse, eval_dir, models_dir, params_error = DEFAULT_WAREHOUSE, DEFAULT_EVAL_DIR, DEFAULT_MODELS_DIR, None
     try:
         cfg = load_config(REPO_ROOT / "params.yaml")
-        warehouse, eval_dir = Path(cfg.warehouse.path), Path(cfg.evaluate.out)
+        warehouse, eval_dir, models_dir = Path(cfg.warehouse.path), Path(cfg.evaluate.out), Path(cfg.train.out)
     except ConfigError as e:
         params_error = str(e)
 
@@ -105,6 +108,7 @@ def load_settings(argv: list[str] | None = None, environ: dict[str, str] | None 
         warehouse=pick(args.warehouse, "SEGLAB_WAREHOUSE", warehouse),
         eval_dir=pick(args.eval_dir, "SEGLAB_EVAL_DIR", eval_dir),
         gan_dir=pick(args.gan_dir, "SEGLAB_GAN_DIR", DEFAULT_GAN_DIR),
+        models_dir=pick(args.models_dir, "SEGLAB_MODELS_DIR", models_dir),
         params_error=params_error,
     )
 

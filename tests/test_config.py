@@ -123,7 +123,8 @@ def test_left_out_keys_take_the_project_params_yaml_values():
 @pytest.mark.parametrize("section", [
     config_module.SampleConfig, config_module.DataConfig, config_module.ShardConfig, config_module.ValidateConfig,
     config_module.ProfileConfig, config_module.AugmentConfig, config_module.TrainConfig,
-    config_module.EvaluateConfig, config_module.WarehouseConfig, config_module.ScheduleConfig])
+    config_module.EvaluateConfig, config_module.PredictConfig, config_module.WarehouseConfig,
+    config_module.ScheduleConfig])
 def test_no_section_restates_a_value_of_params_yaml(section):
     restated = {name: field.default for name, field in section.model_fields.items()
                 if field.default is not PydanticUndefined and field.default is not None}

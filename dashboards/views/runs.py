@@ -149,3 +149,8 @@ if predictions_png is None:
             + f"). The evaluation draws it: `dvc repro {ds.eval_stage(row['name'], row['variant'])}`.")
 else:
     st.image(str(predictions_png), caption=f"image / truth / prediction — {predictions_png}")
+
+# ---- predict on an uploaded image (dashboards/predict_panel.py) ---------------------------------
+import predict_panel  # noqa: E402  (beside dashboard_support, on the app's path)
+
+predict_panel.show(cfg, details)

@@ -51,6 +51,25 @@ def _evaluate(cfg, args) -> dict:
     return run_evaluate(cfg, args.name, data=args.data, split=args.split)
 
 
+class InputsFailed(Exception):
+    """A stage that ran but failed for some of its inputs: `result` is printed, then the failures,
+    and the exit code is 1."""
+
+    def __init__(self, result: dict, failures: list[str]):
+        super().__init__(f"{len(failures)} input(s) failed:\n" + "\n".join(f"  {f}" for f in failures))
+        self.result = result
+
+
+def _predict(cfg, args) -> dict:
+    from seglab.evaluate.predict import run_predict
+
+    report = run_predict(cfg, args.name, args.images, args.out, tta=args.tta)
+    summary = report.summary()
+    if report.errors:
+        raise InputsFailed(summary, [f"{e.error}: {e.message}" for e in report.errors])  # messages name the file
+    return summary
+
+
 def _ensemble(cfg, args) -> dict:
     from seglab.evaluate.ensemble import run_ensemble
 
@@ -104,6 +123,8 @@ STAGES: dict[str, tuple[Callable, str]] = {
     "train": (_train, "train one model from params `models` (params: profile, train, models.NAME)"),
     "evaluate": (_evaluate, ("evaluate one trained model, plain and with TTA, on evaluate.split of evaluate.data "
                              "(params: evaluate) or on --data/--split")),
+    "predict": (_predict, ("label map and colour overlay of new images with a trained model, at their own "
+                           "resolution (params: evaluate protocol, predict)")),
     "ensemble": (_ensemble, "evaluate the weighted ensemble of params `ensemble.members`"),
     "ingest": (_ingest, "load every evaluation into the DuckDB warehouse (params: warehouse)"),
     "report": (_report, ("Markdown tables from the warehouse: latest runs, mean +- std over seeds, "
@@ -133,6 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--split", default=None,
                            help=("the split of --data to evaluate (default: params.yaml evaluate.split). Any "
                                  "other target than params.yaml's writes <evaluate.out>/<name>@<dataset>.<split>/"))
+        if name == "predict":
+            p.add_argument("name", help="a trained model: <train.out>/<name>/{model.keras, train.json}")
+            p.add_argument("images", nargs="+", type=Path,
+                           help="image files, or folders whose image files (by ending) are taken in name order")
+            p.add_argument("--out", type=Path, required=True,
+                           help="folder for <stem>_labels.png (class indices) and <stem>_overlay.png per image")
+            p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                           help="merge the evaluate.tta views per window (default: params.yaml predict.tta)")
         if name in ("train-gan", "synthesize", "validate-synthetic"):
             p.add_argument("name", choices=["dcgan", "sagan", "pix2pix"], help="the augmenter")
         if name == "report":
@@ -175,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"seglab {args.stage}: {e}", file=sys.stderr)
         return 2
+    except InputsFailed as e:  # the others were done: their result first, then what failed
+        print(json.dumps(e.result, indent=2, default=str))
+        print(f"seglab {args.stage}: error: {e}", file=sys.stderr)
+        return 1
     except (ConnectionError, TimeoutError) as e:
         # Transient by nature: EX_TEMPFAIL tells schedulers (flows/pipeline.py) a retry may succeed.
         print(f"seglab {args.stage}: temporary failure: {e}", file=sys.stderr)

@@ -328,6 +328,15 @@ class EnsembleConfig(_Section):
         return v
 
 
+class PredictConfig(_Section):
+    """`seglab predict` (and the dashboard's upload): the predictor is the evaluation's full-resolution
+    one (evaluate.scale, overlap, batch_size; with `tta` the evaluate.tta views)."""
+
+    params_key: ClassVar[str] = "predict"
+    tta: bool  # merge the evaluate.tta views by default (`--tta` / `--no-tta` override)
+    overlay_alpha: float = Field(gt=0, le=1)  # the class colour's share of an overlay pixel
+
+
 class WarehouseConfig(_Section):
     params_key: ClassVar[str] = "warehouse"
     path: Path
@@ -496,6 +505,7 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     ensemble: EnsembleConfig = Field(default_factory=EnsembleConfig)
+    predict: PredictConfig = Field(default_factory=PredictConfig)
     warehouse: WarehouseConfig = Field(default_factory=WarehouseConfig)
     gan: GanConfig = Field(default_factory=GanConfig)
     validate_synthetic: ValidateSyntheticConfig = Field(default_factory=ValidateSyntheticConfig)

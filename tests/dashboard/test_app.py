@@ -24,8 +24,9 @@ TIMEOUT_S = 60
 def start(monkeypatch, warehouse: Path, gan_dir: Path, page: str | None = None) -> AppTest:
     monkeypatch.setenv("SEGLAB_WAREHOUSE", str(warehouse))
     monkeypatch.setenv("SEGLAB_GAN_DIR", str(gan_dir))
-    # Never the project's own data/eval: after `make repro` it holds real artefacts for these names.
+    # Never the project's own data/eval or data/models: after `make repro` they hold real artefacts for these names.
     monkeypatch.setenv("SEGLAB_EVAL_DIR", str(warehouse.parent / "eval"))
+    monkeypatch.setenv("SEGLAB_MODELS_DIR", str(warehouse.parent / "models"))
     at = AppTest.from_file(str(APP), default_timeout=TIMEOUT_S).run()
     if page is not None and page != PAGES[0]:
         at.switch_page(page).run()
@@ -209,6 +210,20 @@ def test_runs_page_explains_missing_history_and_predictions(app, fixture_warehou
     assert not at.get("image")
 
 
+def test_runs_page_says_which_model_it_would_predict_with(app, fixture_warehouse):
+    # Uploading an image is driven in the browser test (test_browser.py); here the states without one.
+    at = app("views/runs.py")
+    name = "deeplabv3plus_mobilenetv2_imagenet"
+    at.selectbox(key="runs_run").set_value(fixture_warehouse.run(name, "plain")["run_id"]).run()
+    models = fixture_warehouse.warehouse.parent / "models"
+    assert f"No trained model for {name} at `{models / name}`" in texts(at.info)
+    assert f"dvc repro train@{name}" in texts(at.info)
+    ensemble = next(r for r in fixture_warehouse.runs if r["variant"] == "ensemble")
+    at.selectbox(key="runs_run").set_value(ensemble["run_id"]).run()
+    assert "An ensemble has no single trained model to predict with" in texts(at.info)
+    assert not at.exception
+
+
 # ---- GAN -----------------------------------------------------------------------------------------
 
 
@@ -341,14 +356,19 @@ def test_settings_come_from_arguments_then_environment_then_params(tmp_path):
     defaults = support.load_settings(argv=[], environ={})
     assert defaults.warehouse == repo / "data" / "warehouse.duckdb"
     assert defaults.eval_dir == repo / "data" / "eval" and defaults.gan_dir == repo / "data" / "gan"
+    assert defaults.models_dir == repo / "data" / "models"
 
     env = {"SEGLAB_WAREHOUSE": str(tmp_path / "env.duckdb"), "SEGLAB_GAN_DIR": str(tmp_path / "g")}
     from_env = support.load_settings(argv=["-q", "tests/"], environ=env)  # foreign args ignored
     assert from_env.warehouse == tmp_path / "env.duckdb" and from_env.gan_dir == tmp_path / "g"
 
     from_args = support.load_settings(argv=["--warehouse", str(tmp_path / "arg.duckdb"),
-                                            "--eval-dir", str(tmp_path / "e")], environ=env)
+                                            "--eval-dir", str(tmp_path / "e"), "--models-dir", str(tmp_path / "m")],
+                                      environ={**env, "SEGLAB_MODELS_DIR": str(tmp_path / "env-m")})
     assert from_args.warehouse == tmp_path / "arg.duckdb" and from_args.eval_dir == tmp_path / "e"
+    assert from_args.models_dir == tmp_path / "m"
+    assert support.load_settings(argv=[], environ={"SEGLAB_MODELS_DIR": str(tmp_path / "env-m")}).models_dir == \
+        tmp_path / "env-m"
     assert from_args.gan_dir == tmp_path / "g"
     # No prefix matching: an abbreviation is not taken for --warehouse.
     assert support.load_settings(argv=["--ware", "x"], environ={}).warehouse == defaults.warehouse

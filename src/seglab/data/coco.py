@@ -556,9 +556,12 @@ def label_map(
     return label
 
 
-def decode_image(path: Path, expected_hw: tuple[int, int], record: str, expected_from: str = "record") -> np.ndarray:
+def decode_image(path: Path, expected_hw: tuple[int, int] | None, record: str,
+                 expected_from: str = "record") -> np.ndarray:
     """Read an image file as uint8 RGB (H, W, 3) in the orientation the size `expected_hw` describes;
-    `expected_from` names where that size comes from (the annotation record, a label map)."""
+    `expected_from` names where that size comes from (the annotation record, a label map). Without
+    an expected size (an image to predict on) the image is turned upright by its EXIF orientation,
+    as image viewers show it."""
     try:
         with Image.open(path) as im:  # reads the header only
             if im.width * im.height > MAX_IMAGE_PIXELS:
@@ -567,7 +570,7 @@ def decode_image(path: Path, expected_hw: tuple[int, int], record: str, expected
                     "limit (seglab.data.coco.MAX_IMAGE_PIXELS)", rule="image too large")
             im.load()
             upright = ImageOps.exif_transpose(im)
-            if (upright.height, upright.width) == expected_hw:
+            if expected_hw is None or (upright.height, upright.width) == expected_hw:
                 im = upright
             elif (im.height, im.width) != expected_hw:
                 raise DataError(

@@ -52,6 +52,7 @@ from seglab.records import TrainRecord
 
 __all__ = [
     "GRID_IMAGES",
+    "IMAGE_SUFFIXES",
     "EvalTarget",
     "EvaluationPass",
     "TracedPredictor",
@@ -164,7 +165,8 @@ class EvalTarget:
         return f"the '{self.split}' shards in {self.data} (dataset {self.dataset})"
 
 
-_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+# The file endings taken for images where a folder is searched (here, and by `seglab predict`).
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
 
 
 def _looks_like_a_dataset(folder: Path) -> bool:
@@ -172,7 +174,7 @@ def _looks_like_a_dataset(folder: Path) -> bool:
     if (folder / "annotations").is_dir():
         return True
     for level in (folder, *(d for d in folder.iterdir() if d.is_dir())):
-        if any(f.suffix.lower() in _IMAGE_SUFFIXES for f in level.iterdir() if f.is_file()):
+        if any(f.suffix.lower() in IMAGE_SUFFIXES for f in level.iterdir() if f.is_file()):
             return True
     return False
 

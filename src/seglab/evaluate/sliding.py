@@ -21,14 +21,15 @@ predicted window by window (`evaluate.protocol: full`; README, "Evaluation proto
    antialiased when shrinking); their argmax is compared with the stored label map pixel for pixel,
    and pixels labelled 255 (void, ignore) are not counted.
 
-Windows go through the model `batch_size` at a time (one image's windows per call or calls); a
-traced predictor takes any batch size, so this never retraces.
+Windows go through the model `batch_size` at a time (one image's windows per call or calls; with
+`predict_many` the windows of several images share the calls); a traced predictor takes any batch
+size, so this never retraces.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,39 +103,53 @@ class SlidingWindow:
     def predict(self, predict: Predict, image: np.ndarray) -> np.ndarray:
         """Mean probabilities (H, W, C) float32 of `predict` (window batch (B, h, w, 3) ->
         probabilities (B, h, w, C)) over the windows of `image` (H, W, 3) at its stored size."""
-        image = np.asarray(image, np.float32)
-        if image.ndim != 3:
-            raise ValueError(f"SlidingWindow.predict takes one (H, W, 3) image, got shape {image.shape}")
-        height, width = image.shape[:2]
-        scaled_h, scaled_w = self.scaled_size(height, width)
-        scaled = image if (scaled_h, scaled_w) == (height, width) else np.clip(
-            _resize(image, (scaled_h, scaled_w)), 0.0, 255.0)  # float rounding may overshoot 255
+        return self.predict_many(predict, [image])[0]
+
+    def predict_many(self, predict: Predict, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """`predict` for several images of any sizes: their windows (all of the model's input size)
+        go through `predict` together, `batch_size` at a time, so small images that make one or two
+        windows each still fill a batch. Each image gets the same windows and merge as alone, and a
+        single image is called in exactly the chunks `predict` used before."""
         window_h, window_w = self.window
-        padded_h, padded_w = max(scaled_h, window_h), max(scaled_w, window_w)
-        if (padded_h, padded_w) != (scaled_h, scaled_w):
-            canvas = np.zeros((padded_h, padded_w, image.shape[2]), np.float32)
-            canvas[:scaled_h, :scaled_w] = scaled
-            scaled = canvas
-        corners = self.corners(scaled_h, scaled_w)
-        total: np.ndarray | None = None
-        counts = np.zeros((padded_h, padded_w, 1), np.float32)
-        for first in range(0, len(corners), self.batch_size):
-            chunk = corners[first:first + self.batch_size]
-            windows = np.stack([scaled[top:top + window_h, left:left + window_w] for top, left in chunk])
+        canvases, sizes, jobs = [], [], []
+        for index, image in enumerate(images):
+            image = np.asarray(image, np.float32)
+            if image.ndim != 3:
+                raise ValueError(f"SlidingWindow.predict takes (H, W, 3) images, got shape {image.shape}")
+            height, width = image.shape[:2]
+            scaled_h, scaled_w = self.scaled_size(height, width)
+            scaled = image if (scaled_h, scaled_w) == (height, width) else np.clip(
+                _resize(image, (scaled_h, scaled_w)), 0.0, 255.0)  # float rounding may overshoot 255
+            padded_h, padded_w = max(scaled_h, window_h), max(scaled_w, window_w)
+            if (padded_h, padded_w) != (scaled_h, scaled_w):
+                canvas = np.zeros((padded_h, padded_w, image.shape[2]), np.float32)
+                canvas[:scaled_h, :scaled_w] = scaled
+                scaled = canvas
+            canvases.append(scaled)
+            sizes.append(((height, width), (scaled_h, scaled_w)))
+            jobs += [(index, top, left) for top, left in self.corners(scaled_h, scaled_w)]
+        totals: list[np.ndarray | None] = [None] * len(canvases)
+        counts = [np.zeros((*canvas.shape[:2], 1), np.float32) for canvas in canvases]
+        for first in range(0, len(jobs), self.batch_size):
+            chunk = jobs[first:first + self.batch_size]
+            windows = np.stack([canvases[i][top:top + window_h, left:left + window_w] for i, top, left in chunk])
             probabilities = np.asarray(predict(windows), np.float32)
             if probabilities.shape[:3] != (len(chunk), window_h, window_w):
                 raise ValueError(f"the predictor returned {probabilities.shape} for windows {windows.shape}; "
                                  "expected per-pixel probabilities (B, h, w, C)")
-            if total is None:
-                total = np.zeros((padded_h, padded_w, probabilities.shape[-1]), np.float32)
-            for (top, left), window in zip(chunk, probabilities):
-                total[top:top + window_h, left:left + window_w] += window
-                counts[top:top + window_h, left:left + window_w] += 1.0
-        assert total is not None  # at least one window
-        mean = total[:scaled_h, :scaled_w] / counts[:scaled_h, :scaled_w]
-        if (scaled_h, scaled_w) != (height, width):
-            mean = _resize(mean, (height, width))
-        return mean
+            for (i, top, left), window in zip(chunk, probabilities):
+                if totals[i] is None:
+                    totals[i] = np.zeros((*canvases[i].shape[:2], probabilities.shape[-1]), np.float32)
+                totals[i][top:top + window_h, left:left + window_w] += window
+                counts[i][top:top + window_h, left:left + window_w] += 1.0
+        means = []
+        for total, count, ((height, width), (scaled_h, scaled_w)) in zip(totals, counts, sizes):
+            assert total is not None  # every image has at least one window
+            mean = total[:scaled_h, :scaled_w] / count[:scaled_h, :scaled_w]
+            if (scaled_h, scaled_w) != (height, width):
+                mean = _resize(mean, (height, width))
+            means.append(mean)
+        return means
 
     def describe(self) -> dict[str, object]:
         """The protocol's settings, as eval.json records them."""
