@@ -15,18 +15,16 @@
   reads a private copy instead, made while a read-only connection guarantees no writer is
   mid-transaction, and remade when the file changes: the warehouse is held for a file copy, not
   for a query.
-
 - Process (`SqlWorkers`): DuckDB's memory limit covers its buffer manager (hash tables, sorts,
   materialised results), not a single huge value built by a scalar function, which it allocates
-  directly and does not interrupt until the function returns (``SELECT len(range(0, 100000000))``
-  grew the process to 7 GB under a 512 MiB limit; ``list_resize``, ``printf`` widths, the list
-  forms of ``generate_series`` likewise), and DuckDB has no setting that caps a value. So each
-  page query runs in a worker process of its own whose address space the OS caps
-  (``RLIMIT_AS``, `SqlLimits.process_memory_mib` above the worker's idle size): an allocation
-  past it fails inside DuckDB, and the query ends with `SqlOutOfMemory` whatever function made
-  it; a worker that dies or overruns its time is killed and replaced, and the dashboard's own
-  process only ever holds a capped result. Workers are started once and reused (start-up is
-  about a second), at most `SqlWorkers.max_running` at a time.
+  directly and does not interrupt until the function returns (``SELECT len(range(0, 100000000))``,
+  ``list_resize``, ``printf`` widths, the list forms of ``generate_series``), and DuckDB has no
+  setting that caps a value. So each page query runs in a worker process whose address space the
+  OS caps (``RLIMIT_AS``, `SqlLimits.process_memory_mib` above the worker's idle size): an
+  allocation past it fails inside DuckDB, and the query ends with `SqlOutOfMemory` whatever
+  function made it; a worker that dies or overruns its time is killed and replaced, and the
+  dashboard's own process only ever holds a capped result. Workers are started ahead and reused
+  (a start imports DuckDB, pandas and pyarrow), at most `SqlWorkers.max_running` at a time.
 - Values: the string amplifiers ``repeat``, ``lpad``, ``rpad`` (`CAPPED_FUNCTIONS`) are also
   shadowed on the page's connections by temporary macros that refuse, before building it, a value
   over the result limit (`SqlValueTooLarge`, a clearer message than the worker's memory error);
