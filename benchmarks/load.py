@@ -97,7 +97,7 @@ def write_params(work: Path, part: str, **sections) -> Path:
     """`<work>/params-<part>.yaml`: params.yaml with `sections` merged in (paths absolute, under `work`)."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     if "out" in sections.get("shard", {}):  # the models' train_data aliases shard.out (&real_shards)
-        for model in params.get("models", {}).values():
+        for model in (*params.get("models", {}).values(), *params.get("more_models", {}).values()):
             if model.get("train_data") == params["shard"]["out"]:
                 model["train_data"] = sections["shard"]["out"]
     for name, values in sections.items():

@@ -46,6 +46,9 @@ SQL_CACHE_TTL_S = 120
 # What one chart draws at most, whatever the warehouse holds (the tables list everything): a
 # Vega chart of thousands of rows takes the browser tens of seconds and the page a screen per run.
 CHART_RUNS = 30
+# What one run picker offers at most (the best by mIoU that match its filter): a selectbox of
+# thousands of runs takes the browser seconds per view and no one scrolls it.
+PICKER_RUNS = 50
 
 BUILD_HINT = (
     "Build it from the repo root with `dvc repro` (trains and evaluates every model in "
@@ -157,6 +160,16 @@ def load_run_count(path: str, stamp: tuple[int, ...]) -> int:
 def load_leaderboard(path: str, stamp: tuple[int, ...]) -> pd.DataFrame:
     with read_only(path) as con:
         return queries.leaderboard(con)
+
+
+@_cache
+def load_board_rows(path: str, stamp: tuple[int, ...], *, search: str | None = None, limit: int | None = None,
+                    name: str | None = None, run_id: str | None = None, variant: str | None = None,
+                    latest_only: bool = True) -> pd.DataFrame:
+    """Some of the leaderboard's rows, chosen and limited in DuckDB (`queries.leaderboard`)."""
+    with read_only(path) as con:
+        return queries.leaderboard(con, variant=variant, latest_only=latest_only, name=name, run_id=run_id,
+                                   search=search, limit=limit)
 
 
 @_cache

@@ -15,18 +15,34 @@ from seglab.warehouse.schema import WarehouseError
 st.title("Runs")
 cfg = ds.settings()
 wh = ds.require_warehouse(cfg)
-board = ds.load_leaderboard(wh.path, wh.stamp)
-labels = ds.run_labels(board)
-ids = list(board["run_id"])
 
-# ?run=<run_id> preselects a run, so a run's view can be linked; otherwise the best plain model
-# (it has training curves, unlike TTA and ensemble runs).
+# The picker offers the best `PICKER_RUNS` runs that match the filter, chosen in DuckDB.
+# ?run=<run_id> preselects a run (so a run's view can be linked, and the run shown stays offered
+# while the filter changes); otherwise the best plain run (it has training curves, unlike TTA and
+# ensemble runs).
+search = st.text_input("Find a run", key="runs_filter",
+                       placeholder="part of a name, variant, dataset, split or run id").strip()
+choices = ds.load_board_rows(wh.path, wh.stamp, search=search or None, limit=ds.PICKER_RUNS + 1)
+more = len(choices) > ds.PICKER_RUNS
+choices = choices.head(ds.PICKER_RUNS)
+matches = len(choices)
 requested = st.query_params.get("run")
-plain = board.index[board["variant"] == "plain"]
+if requested is not None and requested not in set(choices["run_id"]):
+    choices = pd.concat([ds.load_board_rows(wh.path, wh.stamp, run_id=requested, latest_only=False), choices],
+                        ignore_index=True)
+if choices.empty:
+    st.info(f"No run's name, variant, dataset, split or run id contains “{search}”.")
+    st.stop()
+labels = ds.run_labels(choices)
+ids = list(choices["run_id"])
+plain = choices.index[choices["variant"] == "plain"]
 default = ids.index(requested) if requested in ids else (int(plain[0]) if len(plain) else 0)
 run_id = st.selectbox("Run", ids, index=default, format_func=labels.get, key="runs_run")
+matching = f" matching “{search}”" if search else ""
+st.caption(f"The best {ds.PICKER_RUNS} runs{matching} by mIoU; more match: type in the filter to find them."
+           if more else f"{matches} runs{matching}, best mIoU first.")
 st.query_params["run"] = run_id
-row = board.set_index("run_id").loc[run_id]
+row = choices.set_index("run_id").loc[run_id]
 try:
     details = ds.load_run_details(wh.path, wh.stamp, run_id)
 except WarehouseError as e:
@@ -73,8 +89,8 @@ with st.expander("Run details", expanded=False):
 st.subheader("Training curves")
 history = ds.load_history(wh.path, wh.stamp, run_id)
 if len(history) == 0:
-    plain = board[(board["name"] == row["name"]) & (board["variant"] == "plain")]
-    hint = (f" The training history is stored with the plain run: {labels[plain['run_id'].iloc[0]]}."
+    plain = ds.load_board_rows(wh.path, wh.stamp, name=row["name"], variant="plain", limit=1)
+    hint = (f" The training history is stored with the plain run: {ds.run_labels(plain)[plain['run_id'].iloc[0]]}."
             if len(plain) and row["variant"] != "plain" else
             f" It comes from `data/metrics/{row['name']}/history.csv`; rerun "
             f"`dvc repro {ds.eval_stage(row['name'], row['variant'])}` and `seglab ingest`.")

@@ -52,10 +52,12 @@ ORDER BY r.name, h.epoch""",
 st.title("SQL")
 cfg = ds.settings()
 wh = ds.require_warehouse(cfg)
+dq.WORKERS.prepare(LIMITS)  # the process the first query runs in starts while the page is read
 st.caption(f"One `SELECT` (or `WITH … SELECT`, `SHOW`, `DESCRIBE`, `SUMMARIZE`) over the warehouse, "
-           f"read-only; files and network are off. A query may use {LIMITS.memory_mib} MiB of memory and "
-           f"{LIMITS.timeout_s:g} s, and return {LIMITS.max_result_mib:g} MiB (`repeat`, `lpad` and `rpad` "
-           "refuse to build a larger value). Tables: "
+           f"read-only; files and network are off. A query may use {LIMITS.memory_mib} MiB of working "
+           f"memory ({LIMITS.process_memory_mib} MiB for its whole process) and {LIMITS.timeout_s:g} s, "
+           f"and return {LIMITS.max_result_mib:g} MiB (`repeat`, `lpad` and `rpad` refuse to build a "
+           "larger value). Tables: "
            "`runs`, `metrics`, `per_class`, `confusion`, `history`; views: `leaderboard`, "
            "`class_scores`.")
 

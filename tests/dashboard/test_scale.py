@@ -20,6 +20,7 @@ from .test_app import APP, TIMEOUT_S
 CLASSES = ["background", "person", "car", "dog", "cat"]
 SEEDS = 20  # x {real only, +dcgan} x {plain, tta} = 80 runs, 40 augmenter pairs
 CHART_RUNS = 30  # dashboard_support.CHART_RUNS
+PICKER_RUNS = 50  # dashboard_support.PICKER_RUNS
 
 
 @pytest.fixture(scope="module")
@@ -96,3 +97,47 @@ def test_gan_heatmap_draws_the_first_pairs_and_tables_every_pair(monkeypatch, bi
     summary = at.dataframe[-1].value
     assert len(summary) == pairs and set(summary["baseline_name"]) == {f"unet_s{s}" for s in range(SEEDS)}
     assert f"The first {CHART_RUNS} of {pairs} pairs" in captions(at)
+
+
+def test_the_runs_picker_offers_the_best_runs_and_finds_the_others(monkeypatch, big_warehouse):
+    # It listed every run (3,000 options in benchmarks/load.py); now the best PICKER_RUNS that
+    # match a text filter, chosen in DuckDB.
+    at = _page(monkeypatch, big_warehouse, "views/runs.py")
+    picker = at.selectbox(key="runs_run")
+    assert len(picker.options) == PICKER_RUNS
+    assert f"The best {PICKER_RUNS} runs by mIoU; more match" in captions(at)
+    best = warehouse_rows(big_warehouse, "SELECT run_id FROM leaderboard WHERE variant = 'plain' "
+                                         "ORDER BY miou DESC NULLS LAST, name, variant, run_id LIMIT 1")
+    assert at.query_params["run"] == best[0]  # the best plain run by default
+
+    at.text_input(key="runs_filter").set_value("UNET_S7").run()  # any case
+    wanted = {"unet_s7 · plain", "unet_s7 · tta", "unet_s7+dcgan · plain", "unet_s7+dcgan · tta"}
+    picker = at.selectbox(key="runs_run")
+    assert wanted <= set(picker.options) and len(picker.options) <= len(wanted) + 1  # + the run shown
+    assert "4 runs matching “UNET_S7”, best mIoU first." in captions(at)
+    chosen = warehouse_rows(big_warehouse, "SELECT run_id FROM runs WHERE name = 'unet_s7+dcgan' AND variant = 'tta'")[0]
+    picker.set_value(chosen).run()
+    assert at.query_params["run"] == chosen and "No training history for this run (tta)" in "\n".join(
+        str(i.value) for i in at.info)
+
+    # A linked run is offered (and shown) even outside the best and the filter.
+    worst = warehouse_rows(big_warehouse, "SELECT run_id FROM leaderboard "
+                                          "ORDER BY miou ASC NULLS FIRST, name, variant, run_id LIMIT 1")[0]
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT_S)
+    at.query_params["run"] = worst
+    at.run()
+    at.switch_page("views/runs.py").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.query_params["run"] == worst and len(at.selectbox(key="runs_run").options) == PICKER_RUNS + 1
+
+    at.text_input(key="runs_filter").set_value("no such run").run()
+    picker = at.selectbox(key="runs_run")
+    assert len(picker.options) == 1 and picker.value == worst  # only the run shown
+    assert "0 runs matching “no such run”" in captions(at)
+
+
+def warehouse_rows(root, sql: str) -> list:
+    import duckdb
+
+    with duckdb.connect(str(root / "warehouse.duckdb"), read_only=True) as con:
+        return [row[0] for row in con.execute(sql).fetchall()]

@@ -1,8 +1,10 @@
-"""The SQL page's limits on a real DuckDB warehouse: memory, result size, time, locked settings,
-and `seglab ingest` writing while a page query runs."""
+"""The SQL page's limits on a real DuckDB warehouse: memory (DuckDB's and the worker process's),
+result size, time, locked settings, and `seglab ingest` writing while a page query runs."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -15,7 +17,7 @@ import pytest
 from seglab.config import Config
 from seglab.warehouse import dashboard_queries as dq
 from seglab.warehouse.ingest import open_warehouse, run_ingest
-from seglab.warehouse.sql_sandbox import SNAPSHOTS, WarehouseSnapshots
+from seglab.warehouse.sql_sandbox import SNAPSHOTS, SqlWorkers, WarehouseSnapshots
 
 from .conftest import build_fixture_warehouse
 
@@ -231,3 +233,80 @@ def test_ingest_writes_while_a_page_query_runs_in_another_thread(tmp_path, own_w
     finally:
         query.join(30)
     assert len(outcome) == 1 and isinstance(outcome[0], dq.SqlTimeout), outcome
+
+
+def test_one_huge_value_from_any_function_ends_at_the_process_memory_limit(fixture_warehouse):
+    # DuckDB's memory_limit does not cover one value a scalar function builds: `len(range(0, 10^8))`
+    # grew the dashboard's process to 7 GB under a 512 MiB limit. The page's queries now run in a
+    # worker process under an OS limit. The dashboard's side runs in a fresh process, whose peak
+    # RSS is then its own alone.
+    child = _python("""
+        import sys, time
+        from seglab.warehouse import dashboard_queries as dq
+
+        def peak_mib():
+            with open("/proc/self/status") as status:
+                return next(int(line.split()[1]) // 1024 for line in status if line.startswith("VmHWM"))
+
+        limits = dq.SqlLimits(process_memory_mib=256)
+        dq.run_sql(sys.argv[1], "SELECT 1", limits)  # imports, snapshot, a worker
+        before = peak_mib()
+        for sql in ("SELECT len(range(0, 100000000)) AS n",
+                    "SELECT len(list_resize([1], 1000000000)) AS n",
+                    "SELECT length(printf('%1000000000d', 1)) AS n",
+                    "SELECT max(x) FROM unnest(generate_series(0, 1000000000)) AS t(x)",
+                    "SELECT sum(len(generate_series(0, range * 100000000))) FROM range(1, 4)",
+                    "SELECT length(repeat('x', 1000000000)) AS n"):
+            start = time.monotonic()
+            try:
+                dq.run_sql(sys.argv[1], sql, limits)
+                print("RESULT no error")
+            except (dq.SqlOutOfMemory, dq.SqlValueTooLarge) as e:
+                print("RESULT", type(e).__name__, round(time.monotonic() - start, 1), e)
+        print("AFTER", dq.run_sql(sys.argv[1], "SELECT count(*) AS n FROM runs", limits).frame["n"][0])
+        print("GROWTH", peak_mib() - before)
+    """, str(fixture_warehouse.warehouse))
+    out, _ = child.communicate(timeout=300)
+    assert child.returncode == 0, out
+    results = [line.split(" ", 3)[1:] for line in out.splitlines() if line.startswith("RESULT")]
+    assert len(results) == 6, out
+    for kind, seconds, message in results[:5]:
+        assert kind == "SqlOutOfMemory" and "exceeded the SQL page's memory limit of 256 MiB" in message, out
+        assert float(seconds) < 15, out  # a new worker may be starting; the query itself fails at once
+    assert results[5][0] == "SqlValueTooLarge", out  # repeat's macro refuses before building
+    runs = len(fixture_warehouse.runs)
+    assert f"AFTER {runs}" in out
+    growth = int(next(line.split()[1] for line in out.splitlines() if line.startswith("GROWTH")))
+    assert growth < 100, out
+
+
+def test_a_killed_worker_fails_its_query_clearly_and_is_replaced(own_warehouse):
+    workers = SqlWorkers()
+    try:
+        outcome: list[BaseException] = []
+
+        def page_query() -> None:
+            try:
+                dq.run_sql(own_warehouse.warehouse, ENDLESS, dq.SqlLimits(timeout_s=60), workers=workers)
+            except BaseException as e:  # noqa: BLE001 - handed to the test thread
+                outcome.append(e)
+
+        query = threading.Thread(target=page_query)
+        query.start()
+        deadline = time.monotonic() + 60
+        while not workers.busy_pids() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(1.0)  # the query is running
+        (pid,) = workers.busy_pids()
+        start = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        query.join(30)
+        assert time.monotonic() - start < 5
+        assert len(outcome) == 1 and isinstance(outcome[0], dq.SqlOutOfMemory), outcome
+        assert "its process ended: signal SIGKILL" in str(outcome[0])
+        again = dq.run_sql(own_warehouse.warehouse, "SELECT 42 AS x", workers=workers)
+        assert again.frame["x"][0] == 42
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # gone, not a zombie: the pool waited for it
+    finally:
+        workers.close()

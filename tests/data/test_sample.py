@@ -310,6 +310,26 @@ def test_deterministic_and_seed_sensitive(small_sample, tmp_path):
     assert train.read_bytes() != val.read_bytes()
 
 
+# The small sample's annotation files as the generator wrote them when it built each split's whole
+# document in memory and json.dumps'ed it (3560a18); it now streams the records to the file.
+# (These hashes depend on numpy, scikit-image and pycocotools: a new version may redraw a contour.)
+SMALL_ANNOTATION_SHA256 = {
+    "annotations/instances_train2017.json": "b3b3ee1df6907565dfbbc7b36307652990f36e3eeaff6b146e1341e049a6fb6c",
+    "annotations/instances_val2017.json": "5490798f6f8fa064a99a649a2ad5bcb7fecd9d17873206c9a55c8a61e62e7b5c",
+}
+
+
+def test_streamed_annotation_files_are_the_in_memory_documents_bytes(small_sample):
+    root, _ = small_sample
+    digest = _tree_digest(root)
+    for split in SPLITS:
+        path = root / "annotations" / f"instances_{split}.json"
+        text = path.read_text(encoding="ascii")
+        assert text == json.dumps(json.loads(text), separators=(",", ":")), path  # compact, one document
+    assert {k: digest[k] for k in SMALL_ANNOTATION_SHA256} == SMALL_ANNOTATION_SHA256
+    assert not [p for p in (root / "annotations").iterdir() if p.name.startswith(".")]  # side files gone
+
+
 def test_failure_leaves_previous_output_intact(tmp_path, monkeypatch):
     out = tmp_path / "sample"
     generate_sample(out, train_images=2, val_images=1, min_side=64, max_side=80, seed=0)

@@ -705,3 +705,22 @@ def test_the_sql_in_docs_runs_on_a_warehouse(warehouse):
     for sql in blocks:
         assert con.execute(sql).fetchall(), sql
     con.close()
+
+
+def test_the_leaderboard_finds_and_limits_runs_in_duckdb(warehouse):
+    con = connect_read_only(warehouse)
+    try:
+        board = leaderboard(con)
+        assert list(leaderboard(con, limit=3)["run_id"]) == list(board["run_id"][:3])  # the best, in order
+        found = leaderboard(con, search="DeepLabV3plus_M")  # a substring, any case
+        assert set(found["name"]) == {"deeplabv3plus_mobilenetv2_imagenet"} and len(found) == 2
+        assert set(leaderboard(con, search="coco-mini")["name"]) == {"deeplabv3plus_xception"}  # the dataset
+        run_id = board["run_id"].iloc[-1]
+        assert list(leaderboard(con, search=run_id[3:10])["run_id"]) == [run_id]
+        assert list(leaderboard(con, run_id=run_id)["run_id"]) == [run_id]
+        assert list(leaderboard(con, name="unet", variant="plain")["name"]) == ["unet"]
+        assert leaderboard(con, search="no such run").empty and leaderboard(con, limit=0).empty
+        with pytest.raises(ValueError, match="limit must be a non-negative integer"):
+            leaderboard(con, limit=-1)
+    finally:
+        con.close()

@@ -81,10 +81,11 @@ class LabelRules:
 class ImageTask:
     """Everything a worker needs to turn one image record into an (image, label) pair.
 
-    The image's annotations are kept as their JSON text (a JSON array, in annotation id order) and
-    decoded where they are used (`annotations`, in the worker): a split's tasks then hold about
-    the annotation file's size, not the ~10x that decoded Python objects take, and are cheap to
-    send to the pool.
+    The image's annotations, in annotation id order, are decoded where they are used
+    (`annotations`, in the worker) from where they lie in the annotation file (`source`): a split's
+    tasks then hold a few bytes per annotation, not the file's text or
+    the ~10x that decoded Python objects take. A file whose offsets are not its characters' (not
+    ASCII UTF-8) has them kept as their JSON text (`annotations_json`) instead.
     """
 
     image_id: int
@@ -93,12 +94,15 @@ class ImageTask:
     split: str
     height: int
     width: int
-    annotations_json: str
+    annotations_json: str  # a JSON array; "" when `source` holds the annotations
     record: str  # human-readable location of the image record, for error messages
+    source: AnnotationSpans | None = None
 
     @property
     def annotations(self) -> list[dict]:
-        return json.loads(self.annotations_json)
+        if self.source is None:
+            return json.loads(self.annotations_json)
+        return json.loads(self.source.read(self.record))
 
     def image_and_label(self, class_set: ClassSet, rules: LabelRules) -> tuple[np.ndarray, np.ndarray]:
         """The RGB image and its label map (rasterised from the annotations). Runs in shard workers."""
@@ -137,6 +141,33 @@ class _NotStreamable(Exception):
     """The text is not a JSON object this reader walks member by member; `json.loads` says why."""
 
 
+@dataclass(frozen=True)
+class AnnotationSpans:
+    """Where one image's annotations lie in an annotation file: byte offsets, as a flat
+    [start, end, start, end, ...] array, and the file's (inode, size, mtime_ns) when it was read."""
+
+    path: Path
+    stamp: tuple[int, int, int]
+    offsets: array
+
+    def read(self, record: str) -> str:
+        """The annotations as a JSON array's text, checked to come from the file that was read."""
+        with self.path.open("rb") as f:
+            st = os.fstat(f.fileno())
+            if (st.st_ino, st.st_size, st.st_mtime_ns) != self.stamp:
+                raise DataError(f"{self.path}: changed while its split was being sharded ({record}); "
+                                "run `seglab shard` again")
+            parts = []
+            for start, end in zip(self.offsets[::2], self.offsets[1::2]):
+                f.seek(start)
+                parts.append(f.read(end - start).decode("ascii"))
+        return "[" + ",".join(parts) + "]"
+
+
+def _file_stamp(st: os.stat_result) -> tuple[int, int, int]:
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 @dataclass
 class AnnotationFile:
     """An instances_*.json file as `load_split` reads it: everything but the annotations decoded;
@@ -148,6 +179,9 @@ class AnnotationFile:
     _text: str = ""
     _spans: tuple[array, array] | None = None  # (start, end) of each annotation in _text
     _decoded: list | None = None  # the annotations, when the file was read by `json.loads`
+    # (inode, size, mtime_ns) when the file was read, where character offsets in _text are byte
+    # offsets in the file (ASCII UTF-8: COCO's files, written with json's ensure_ascii); else None
+    byte_stamp: tuple[int, int, int] | None = None
 
     @property
     def images(self) -> list:
@@ -167,6 +201,10 @@ class AnnotationFile:
             return
         for i, start in enumerate(self._spans[0]):
             yield i, _DECODER.raw_decode(self._text, start)[0]
+
+    def annotation_span(self, index: int) -> tuple[int, int]:
+        """The annotation's (start, end) offset in the file's text."""
+        return self._spans[0][index], self._spans[1][index]
 
     def annotation_text(self, index: int) -> str:
         """The annotation's JSON text as the file has it."""
@@ -249,14 +287,19 @@ def read_annotation_file(path: Path) -> AnnotationFile:
     """
     if not path.is_file():
         raise DataError(f"{path}: annotation file not found (expected a COCO root with annotations/instances_<split>.json)")
-    decoded = None
+    decoded = byte_stamp = None
     try:
-        raw = path.read_bytes()
+        with path.open("rb") as f:
+            stamp = _file_stamp(os.fstat(f.fileno()))
+            raw = f.read()
         # As json.load does: UTF-8, -16 or -32 (a UTF-8 BOM is refused by the decoder).
-        text = raw.decode(json.detect_encoding(raw), "surrogatepass")
+        encoding = json.detect_encoding(raw)
+        text = raw.decode(encoding, "surrogatepass")
         del raw
         try:
             members, spans = _scan_object(text)
+            if encoding == "utf-8" and text.isascii():
+                byte_stamp = stamp
         except _NotStreamable:
             decoded, members, spans, text = json.loads(text), {}, None, ""
     except json.JSONDecodeError as e:
@@ -276,7 +319,7 @@ def read_annotation_file(path: Path) -> AnnotationFile:
     for i, cat in enumerate(members["categories"]):
         if not isinstance(cat, dict) or not isinstance(cat.get("id"), int) or not isinstance(cat.get("name"), str):
             raise DataError(f"{path}: categories[{i}]: expected an object with integer 'id' and string 'name', got {cat!r}")
-    return AnnotationFile(path, members, text, spans, decoded)
+    return AnnotationFile(path, members, text, spans, decoded, byte_stamp)
 
 
 def _is_int(v: Any) -> bool:
@@ -450,8 +493,10 @@ def load_split(
         images[rec["id"]] = rec
         locations[rec["id"]] = where
 
-    # Per image: (sort key, JSON text) of its annotations; the decoded annotation is dropped.
-    by_image: dict[int, list[tuple[tuple[bool, int], str]]] = {i: [] for i in images}
+    # Per image: (sort key, (start, end) in the file, or the JSON text) of its annotations; the
+    # decoded annotation is dropped.
+    by_image: dict[int, list[tuple[tuple[bool, int], Any]]] = {i: [] for i in images}
+    stamp = data.byte_stamp
     dropped: set[int] = set()
     seen_ann_ids: set[int] = set()
     for i, ann in data.annotations():
@@ -486,15 +531,18 @@ def load_split(
             continue
         seen_ann_ids.add(ann.get("id"))
         # Annotation order decides "last" overlaps; sorted by id below, so file order never matters.
-        by_image[image_id].append(((ann.get("id") is None, ann.get("id") or 0), data.annotation_text(i)))
+        by_image[image_id].append(((ann.get("id") is None, ann.get("id") or 0),
+                                   data.annotation_span(i) if stamp else data.annotation_text(i)))
     image_count = len(data.images)
-    del data  # the file's text: the tasks keep each image's annotations as their own text
+    del data  # the file's text: the tasks keep where each annotation is (or its own text)
 
     tasks = []
     for image_id, rec in images.items():
         if image_id in dropped:
             continue
-        anns = sorted(by_image.pop(image_id), key=lambda a: a[0])
+        anns = [where for _, where in sorted(by_image.pop(image_id), key=lambda a: a[0])]
+        source = (AnnotationSpans(ann_file, stamp, array("q", (offset for span in anns for offset in span)))
+                  if stamp else None)
         tasks.append(
             ImageTask(
                 image_id=image_id,
@@ -503,8 +551,9 @@ def load_split(
                 split=split,
                 height=rec["height"],
                 width=rec["width"],
-                annotations_json="[" + ",".join(text for _, text in anns) + "]",
+                annotations_json="" if stamp else "[" + ",".join(anns) + "]",
                 record=f"{ann_file.name}: {locations[image_id]} file {rec['file_name']!r}",
+                source=source,
             )
         )
     if not tasks:

@@ -1,6 +1,6 @@
 """Read-side helpers the dashboard needs beyond `seglab.warehouse.queries`.
 
-- The SQL page's sandbox (`run_sql`, `SqlLimits`, the guard `check_read_only_sql`, `harden`) lives
+- The SQL page's sandbox (`run_sql`, `SqlLimits`, `WORKERS`, the guard `check_read_only_sql`, `harden`) lives
   in `seglab.warehouse.sql_sandbox` and is re-exported here.
 - ``synthetic_validation`` is read only if present: a warehouse from before schema version 4,
   opened read-only, is never migrated.
@@ -18,6 +18,7 @@ import pandas as pd
 from seglab.warehouse.queries import PER_CLASS_METRICS, require_view
 from seglab.warehouse.schema import SYNTHETIC_VALIDATION_TABLE, WarehouseError, table_exists
 from seglab.warehouse.sql_sandbox import (
+    WORKERS,
     SqlLimits,
     SqlOutOfMemory,
     SqlRefused,
@@ -32,6 +33,7 @@ from seglab.warehouse.sql_sandbox import (
 
 __all__ = [
     "SYNTHETIC_VALIDATION_TABLE",
+    "WORKERS",
     "SqlLimits",
     "SqlOutOfMemory",
     "SqlRefused",

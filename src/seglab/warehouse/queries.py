@@ -103,16 +103,25 @@ def require_protocol(con: duckdb.DuckDBPyConnection) -> None:
 def leaderboard(con: duckdb.DuckDBPyConnection, dataset: str | None = None,
                 class_set: str | None = None, variant: str | None = None, *,
                 split: str | None = None, protocol: str | None = None,
-                latest_only: bool = True) -> pd.DataFrame:
+                latest_only: bool = True, name: str | None = None, run_id: str | None = None,
+                search: str | None = None, limit: int | None = None) -> pd.DataFrame:
     """One row per run (name, variant, scores, size, speed), best mIoU first.
 
     dataset / split: the evaluated shards'; protocol: full | letterbox (`eval_protocol`).
     latest_only: only the newest run of each model and variant per dataset, class set, split and
-    protocol; False adds the runs of earlier settings.
+    protocol; False adds the runs of earlier settings. name / run_id: that model's / that run's
+    rows; search: runs whose name, variant, dataset, split or run id contains it (any case);
+    limit: the first `limit` rows only.
     """
-    return _df(con, f"SELECT * FROM leaderboard WHERE {_filters(con, protocol)} "
-                    "ORDER BY miou DESC NULLS LAST, name, variant, run_id",
-               _filter_params(dataset, class_set, variant, latest_only, split, protocol))
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit must be a non-negative integer or None; got {limit!r}")
+    return _df(con, f"""SELECT * FROM leaderboard WHERE {_filters(con, protocol)}
+                    AND ($name IS NULL OR name = $name) AND ($run_id IS NULL OR run_id = $run_id)
+                    AND ($search IS NULL OR contains(lower(concat_ws(' ', name, variant, dataset, split, run_id)),
+                                                     lower($search)))
+                    ORDER BY miou DESC NULLS LAST, name, variant, run_id LIMIT $limit""",
+               _filter_params(dataset, class_set, variant, latest_only, split, protocol)
+               | {"name": name, "run_id": run_id, "search": search or None, "limit": limit})
 
 
 def per_class_matrix(con: duckdb.DuckDBPyConnection, metric: str = "iou", *,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -21,6 +22,7 @@ GENERATOR_VERSION = "1"
 
 _IDS_PER_SPLIT = 1_000_000       # image ids: split index * this + 1-based image index
 _IDS_PER_IMAGE = 100             # annotation ids: image id * this + 1-based depth rank
+_SEPARATORS = (",", ":")         # compact JSON, as COCO's own files
 
 
 def _save_jpeg(pixels: np.ndarray, path: Path) -> None:
@@ -34,39 +36,49 @@ def _share(count: int, fraction: float, *, at_least_one: bool) -> int:
 
 def _generate_split(root: Path, split: str, split_index: int, count: int, *, min_side: int, max_side: int,
                     crowd_fraction: float, amodal_fraction: float, greyscale_fraction: float,
-                    seed: int) -> tuple[dict, dict]:
+                    seed: int, annotation_file: Path) -> dict:
+    """Draw and save a split's images, write its COCO document to `annotation_file`; its summary.
+
+    The annotation records (most of the document) go to a side file as they are drawn, and are
+    copied in after the image records, which COCO's key order puts first: the split's document is
+    never held in memory. The bytes are `json.dumps(document, separators=(",", ":"))`'s.
+    """
     (root / split).mkdir()
     split_rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(split_index,)))
     crowd_images = set(split_rng.choice(count, _share(count, crowd_fraction, at_least_one=True), replace=False).tolist())
     grey_images = set(split_rng.choice(count, _share(count, greyscale_fraction, at_least_one=False), replace=False).tolist())
-    images, annotations = [], []
+    images = []
     stats = Counter()
     per_category: Counter = Counter()
-    for index in range(count):
-        # One stream per image, so a change in how one image is drawn does not ripple into the rest.
-        rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(split_index, index)))
-        height, width = (int(s) for s in rng.integers(min_side, max_side + 1, size=2))
-        scene = render_scene(rng, height, width, with_crowd=index in crowd_images, greyscale=index in grey_images,
-                              amodal_fraction=amodal_fraction)
-        image_id = split_index * _IDS_PER_SPLIT + index + 1
-        file_name = f"{image_id:012d}.jpg"
-        _save_jpeg(scene.pixels, root / split / file_name)
-        images.append({"id": image_id, "file_name": file_name, "height": height, "width": width, "license": 1})
-        stats["greyscale"] += scene.pixels.ndim == 2
-        for depth, ann in enumerate(scene.annotations, start=1):
-            record = coco_annotation(ann, image_id, image_id * _IDS_PER_IMAGE + depth, height, width)
-            if record is None:
-                continue
-            annotations.append(record)
-            if ann.iscrowd:
-                stats["crowd"] += 1
-                continue
-            stats["instances"] += 1
-            stats["occluded"] += ann.occluded
-            stats["amodal"] += ann.amodal
-            stats["polygons"] += len(record["segmentation"])
-            per_category[ann.category] += 1
-    coco = {
+    records = annotation_file.with_name(f".{annotation_file.name}.annotations")
+    with records.open("w", encoding="ascii") as record_out:
+        separator = ""
+        for index in range(count):
+            # One stream per image, so a change in how one image is drawn does not ripple into the rest.
+            rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(split_index, index)))
+            height, width = (int(s) for s in rng.integers(min_side, max_side + 1, size=2))
+            scene = render_scene(rng, height, width, with_crowd=index in crowd_images,
+                                 greyscale=index in grey_images, amodal_fraction=amodal_fraction)
+            image_id = split_index * _IDS_PER_SPLIT + index + 1
+            file_name = f"{image_id:012d}.jpg"
+            _save_jpeg(scene.pixels, root / split / file_name)
+            images.append({"id": image_id, "file_name": file_name, "height": height, "width": width, "license": 1})
+            stats["greyscale"] += scene.pixels.ndim == 2
+            for depth, ann in enumerate(scene.annotations, start=1):
+                record = coco_annotation(ann, image_id, image_id * _IDS_PER_IMAGE + depth, height, width)
+                if record is None:
+                    continue
+                record_out.write(separator + json.dumps(record, separators=_SEPARATORS))
+                separator = ","
+                if ann.iscrowd:
+                    stats["crowd"] += 1
+                    continue
+                stats["instances"] += 1
+                stats["occluded"] += ann.occluded
+                stats["amodal"] += ann.amodal
+                stats["polygons"] += len(record["segmentation"])
+                per_category[ann.category] += 1
+    head = {
         "info": {
             "description": f"seglab embedded sample: procedurally generated scenes in COCO 2017 format "
                            f"({split}, seed {seed}, sides {min_side}-{max_side})",
@@ -76,12 +88,16 @@ def _generate_split(root: Path, split: str, split_index: int, count: int, *, min
         },
         "licenses": [{"id": 1, "name": "Apache-2.0 (generated by seglab)", "url": "https://www.apache.org/licenses/LICENSE-2.0"}],
         "images": images,
-        "annotations": annotations,
-        "categories": [{"supercategory": sup, "id": cid, "name": name} for cid, name, sup in COCO_CATEGORIES],
     }
-    summary = {"images": count, **{k: int(stats[k]) for k in ("instances", "crowd", "occluded", "amodal", "polygons", "greyscale")},
-               "per_category": {name: int(per_category[name]) for name in SAMPLE_CATEGORIES}}
-    return coco, summary
+    categories = [{"supercategory": sup, "id": cid, "name": name} for cid, name, sup in COCO_CATEGORIES]
+    # The document is {head..., "annotations": [records], "categories": [...]}, in that key order.
+    with annotation_file.open("w", encoding="ascii") as out, records.open(encoding="ascii") as record_in:
+        out.write(json.dumps(head, separators=_SEPARATORS)[:-1] + ',"annotations":[')
+        shutil.copyfileobj(record_in, out)
+        out.write('],"categories":' + json.dumps(categories, separators=_SEPARATORS) + "}")
+    records.unlink()
+    return {"images": count, **{k: int(stats[k]) for k in ("instances", "crowd", "occluded", "amodal", "polygons", "greyscale")},
+            "per_category": {name: int(per_category[name]) for name in SAMPLE_CATEGORIES}}
 
 
 def generate_sample(
@@ -126,13 +142,12 @@ def generate_sample(
     with atomic_dir(out_dir) as tmp:
         (tmp / "annotations").mkdir()
         for split_index, (split, count) in enumerate(zip(SPLITS, (train_images, val_images))):
-            coco, split_summary = _generate_split(
+            summary["splits"][split] = _generate_split(
                 tmp, split, split_index, int(count), min_side=int(min_side), max_side=int(max_side),
                 crowd_fraction=float(crowd_fraction), amodal_fraction=float(amodal_fraction),
                 greyscale_fraction=float(greyscale_fraction), seed=int(seed),
+                annotation_file=tmp / "annotations" / f"instances_{split}.json",
             )
-            (tmp / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco, separators=(",", ":")))
-            summary["splits"][split] = split_summary
     return summary
 
 
