@@ -1,18 +1,23 @@
 """The one place tests build run records: train.json and eval.json, checked by `seglab.records`.
 
 Every record a test writes goes through `TrainRecord` / `EvalRecord`, so a fixture cannot drift from
-what the stages write and ingest reads.
+what the stages write and ingest reads. Also: a shard split holding given label maps.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
+from seglab.data.classes import ClassSet
+from seglab.data.coco import LabelRules, encode_png
+from seglab.data.shards import shard_metadata, write_shards
 from seglab.records import EvalEntry, EvalRecord, TrainRecord
 
 SCORES = ("iou", "dice", "precision", "recall", "accuracy")
@@ -37,7 +42,7 @@ def train_record(name: str = "model", *, classes: Sequence[str] = ("background",
         "strategy": "OneDeviceStrategy", "replicas": 1, "git_rev": None,
         "created_at": "2025-01-02T03:04:05+00:00", "resumed_from_epoch": 0, "stopped_early": False,
         "output_stride": None, "optimizer": "adam", "loss": "focal_dice", "freeze_encoder_epochs": 0,
-        "encoder_lr_multiplier": 1.0, "encoder_batchnorm": "train",
+        "encoder_lr_multiplier": 1.0, "encoder_batchnorm": "train", "class_weights": None,
     }
     unknown = set(fields) - set(info)
     if unknown:
@@ -121,3 +126,25 @@ def eval_entry(run: dict[str, Any], confusion: Any = None, *, ious: Sequence[flo
 def write_eval(path: Path, entries: Sequence[dict[str, Any]]) -> Path:
     """``path`` (an eval.json) holding `entries`, written by `EvalRecord` as the evaluate stage does."""
     return EvalRecord.of({"runs": list(entries)}, source=path).write(path)
+
+
+def write_label_split(shard_dir: Path, split: str, labels: list[np.ndarray], classes: Sequence[str], *,
+                      source: str = "tiny", seed: int = 0) -> list[np.ndarray]:
+    """One shard split of noise JPEGs with the given label maps; returns the labels."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for index, label in enumerate(labels):
+        image = rng.integers(0, 256, (*label.shape, 3), dtype=np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="JPEG", quality=95)
+        counts = np.bincount(label.ravel(), minlength=256)
+        rows.append({
+            "image_id": 1000 * seed + index, "file_name": f"{split}_{index:03d}.jpg", "split": split,
+            "source": source, "height": label.shape[0], "width": label.shape[1],
+            "orig_height": label.shape[0], "orig_width": label.shape[1],
+            "image": buffer.getvalue(), "label": encode_png(label),
+            "class_pixels": [int(c) for c in counts[: len(classes)]], "ignore_pixels": int(counts[255]),
+        })
+    class_set = ClassSet("custom", tuple(classes), tuple(range(len(classes))))
+    write_shards(rows, shard_dir / split, shard_metadata(class_set, split, LabelRules()), max_shard_mb=16)
+    return labels

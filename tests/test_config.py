@@ -106,6 +106,21 @@ def test_a_replicate_entry_overrides_the_seed_and_nothing_else():
         config({"bad": {"arch": "unet", "seed": -1}})
 
 
+def test_train_class_weights_are_null_a_list_or_median_frequency_and_a_misspelt_mode_names_them(tmp_path):
+    for value in (None, [1.0, 2.5], "median_frequency"):
+        assert Config.model_validate({"train": {"class_weights": value}}).train.class_weights == value
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["train"]["class_weights"] = "median_freq"
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    lines = str(caught.value).splitlines()
+    assert len(lines) == 2 and lines[1].startswith("  train.class_weights: Value error, train.class_weights is "
+                                                   "'median_freq'; expected null, a list of one weight per class, "
+                                                   "or 'median_frequency'")
+
+
 # ---- defaults: params.yaml is their one source ----------------------------------------------------
 
 

@@ -22,12 +22,13 @@ def test_a_train_record_round_trips_byte_for_byte(tmp_path):
 
 
 def test_a_train_record_is_complete_when_written_but_older_files_still_load(tmp_path):
-    older = {k: v for k, v in train_record("unet").items() if k not in ("encoder_batchnorm", "augmenter")}
+    older = {k: v for k, v in train_record("unet").items()
+             if k not in ("encoder_batchnorm", "augmenter", "class_weights")}
     path = tmp_path / "old.json"
     path.write_text(json.dumps(older))
     record = TrainRecord.load(path)
     assert record.to_json() == older  # nothing added on reading
-    with pytest.raises(RecordError, match=r"lacks field\(s\) \['augmenter', 'encoder_batchnorm'\]"):
+    with pytest.raises(RecordError, match=r"lacks field\(s\) \['augmenter', 'encoder_batchnorm', 'class_weights'\]"):
         record.write(tmp_path / "new.json")
 
 
@@ -36,6 +37,8 @@ def test_a_train_record_is_complete_when_written_but_older_files_still_load(tmp_
     ({"classes": ["a", "a"]}, r"train.json: classes: class names must be unique"),
     ({"created_at": "yesterday"}, r"train.json: created_at: expected an ISO 8601"),
     ({"typo": 1}, r"train.json: typo: is not a field"),
+    ({"class_weights": [1.0]}, r"train.json: class_weights: expected one weight >= 0 per class \(2\)"),
+    ({"class_weights": [1.0, None]}, r"train.json: class_weights: holds a null"),
 ])
 def test_a_bad_train_json_names_file_and_field(tmp_path, change, message):
     path = tmp_path / "train.json"

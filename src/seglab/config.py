@@ -267,7 +267,9 @@ class TrainConfig(_Section):
     focal_gamma: float = Field(ge=0)
     focal_weight: float = Field(ge=0)
     dice_weight: float = Field(ge=0)
-    class_weights: list[float] | None
+    # null, one weight per class, or "median_frequency": computed from the run's training shards
+    # (`seglab.train.plan.plan_run`).
+    class_weights: list[float] | Literal["median_frequency"] | None
     mixed_precision: Literal["auto", "off", "mixed_float16", "mixed_bfloat16"]
     freeze_encoder_epochs: int = Field(ge=0)
     prior_init: bool  # classifier bias starts at the log class frequencies of the training pixels
@@ -278,6 +280,15 @@ class TrainConfig(_Section):
     reduce_lr_patience: int | None = Field(ge=1)
     commit_every_seconds: float = Field(ge=0)  # resume commits at most this often (0: every epoch)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+    @field_validator("class_weights", mode="before")
+    @classmethod
+    def _class_weight_mode(cls, v: Any) -> Any:
+        # One readable error for a misspelt mode, not one per member of the union.
+        if isinstance(v, str) and v != "median_frequency":
+            raise ValueError(f"train.class_weights is {v!r}; expected null, a list of one weight per class, "
+                             "or 'median_frequency'")
+        return v
 
 
 class EvaluateConfig(_Section):

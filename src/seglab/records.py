@@ -336,10 +336,21 @@ class TrainRecord(_Record):
     freeze_encoder_epochs: OptInt
     encoder_lr_multiplier: OptNumber
     encoder_batchnorm: OptText = None
+    # The loss's weight per class (train.class_weights as given, or as median_frequency computed
+    # them); null: unweighted. Files from before this field lack it.
+    class_weights: NumberList = None
 
     @model_validator(mode="after")
-    def _classes_named_once(self) -> TrainRecord:
+    def _classes_and_weights(self) -> TrainRecord:
         _check_classes(self.classes)
+        weights = self.class_weights
+        if weights is not None:
+            try:
+                _no_null_items(weights)
+            except ValueError as e:
+                raise _At("class_weights", str(e)) from None
+            if len(weights) != len(self.classes) or any(w < 0 for w in weights):
+                raise _At("class_weights", f"expected one weight >= 0 per class ({len(self.classes)}), got {weights}")
         return self
 
 

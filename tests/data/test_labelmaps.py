@@ -494,6 +494,8 @@ def test_the_documented_camvid_and_voc_settings_are_valid_and_mean_what_the_docs
                                                       if v is not None}
     assert yaml.safe_load(sets["data.splits"]) == blocks[0]["data"]["splits"]
     assert sets["data.root"] == blocks[0]["data"]["root"] and sets["data.format"] == "labelmaps"
+    assert sets["train.class_weights"] == blocks[0]["train"]["class_weights"] == "median_frequency"
+    assert yaml.safe_load(sets["evaluate.tta"]) == blocks[0]["evaluate"]["tta"] == ["identity", "hflip"]
 
 
 def test_the_default_params_keep_coco_and_need_no_labelmaps_block():

@@ -3,7 +3,6 @@ evaluation of a trained model on any dataset split (`seglab evaluate NAME --data
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from pathlib import Path
@@ -12,42 +11,21 @@ import keras
 import numpy as np
 import pytest
 import yaml
-from PIL import Image
 
-from seglab.data.classes import ClassSet
-from seglab.data.coco import LabelRules, encode_png
 from seglab.data.pipeline import stored_pairs
-from seglab.data.shards import shard_metadata, write_shards
 from seglab.evaluate.ensemble import run_ensemble
 from seglab.evaluate.evaluate import output_folder, run_evaluate
 from seglab.evaluate.inference import EvalTarget, plain_and_tta
 from seglab.evaluate.sliding import SlidingWindow, window_starts
 from tests.evaluate.test_evaluate import BATCH, CLASSES, _config, _pixel_model, _save_trained
-from tests.factories import run_id as factory_run_id
+from tests.factories import run_id as factory_run_id, write_label_split
 
 WIRE = ["background", "wire"]
 
 
 def _write_split(shard_dir: Path, split: str, labels: list[np.ndarray], classes=CLASSES, source="tiny",
                  seed=0) -> list[np.ndarray]:
-    """One shard split of noise JPEGs with the given label maps; returns the images as stored (RGB)."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for index, label in enumerate(labels):
-        image = rng.integers(0, 256, (*label.shape, 3), dtype=np.uint8)
-        buffer = io.BytesIO()
-        Image.fromarray(image).save(buffer, format="JPEG", quality=95)
-        counts = np.bincount(label.ravel(), minlength=256)
-        rows.append({
-            "image_id": 1000 * seed + index, "file_name": f"{split}_{index:03d}.jpg", "split": split,
-            "source": source, "height": label.shape[0], "width": label.shape[1],
-            "orig_height": label.shape[0], "orig_width": label.shape[1],
-            "image": buffer.getvalue(), "label": encode_png(label),
-            "class_pixels": [int(c) for c in counts[: len(classes)]], "ignore_pixels": int(counts[255]),
-        })
-    class_set = ClassSet("custom", tuple(classes), tuple(range(len(classes))))
-    write_shards(rows, shard_dir / split, shard_metadata(class_set, split, LabelRules()), max_shard_mb=16)
-    return labels
+    return write_label_split(shard_dir, split, labels, classes, source=source, seed=seed)
 
 
 def _boxes(count: int, shape=(40, 56)) -> list[np.ndarray]:

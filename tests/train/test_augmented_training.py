@@ -91,7 +91,8 @@ def data(tmp_path_factory) -> Path:
     return root
 
 
-def make_cfg(data: Path, out: Path, valid: str | Path = "accepted", *, gan: dict | None = None) -> Config:
+def make_cfg(data: Path, out: Path, valid: str | Path = "accepted", *, gan: dict | None = None,
+             train: dict | None = None) -> Config:
     """Models `tiny` (real data) and `tiny+pix2pix` (train_data `<valid>/pix2pix`; a str is under `data`)."""
     valid = valid if isinstance(valid, Path) else data / valid
     return Config.model_validate({
@@ -105,7 +106,7 @@ def make_cfg(data: Path, out: Path, valid: str | Path = "accepted", *, gan: dict
         "validate_synthetic": {"out": str(valid)},
         "gan": gan or {},
         "train": {"out": str(out / "models"), "metrics": str(out / "metrics"), "state": str(out / "state"),
-                  "mixed_precision": "off", "warmup_epochs": 0},
+                  "mixed_precision": "off", "warmup_epochs": 0, **(train or {})},
     })
 
 
@@ -133,6 +134,17 @@ def test_plan_counts_real_and_accepted_synthetic_images(data, tmp_path):
     assert augmented.train_dirs == [data / "shards", data / "accepted" / "pix2pix"]
     # A resume state is tied to the synthetic data as well.
     assert augmented.run_key["synthetic"] == augmented.synthetic.shards.fingerprint and "synthetic" not in real.run_key
+
+
+def test_median_frequency_weights_count_the_accepted_synthetic_pixels_too(data, tmp_path):
+    cfg = make_cfg(data, tmp_path, train={"class_weights": "median_frequency"})
+    real, augmented = plan_run(cfg, "tiny").settings, plan_run(cfg, "tiny+pix2pix").settings
+    # Real data: no `car` pixel, so no car weight. Background is half of every real image (freq 0.5),
+    # car all of every synthetic one (freq 1): with them, car weighs half what background weighs.
+    assert real.class_weights[SYNTHETIC_CLASS] == 0 and real.class_weights[0] > 0
+    assert augmented.class_weights[0] / augmented.class_weights[SYNTHETIC_CLASS] == pytest.approx(2.0)
+    assert augmented.loss_options["class_weights"] == list(augmented.class_weights)
+    assert params_hash(cfg, "tiny") != params_hash(make_cfg(data, tmp_path), "tiny")
 
 
 def test_an_epoch_mixes_every_real_and_synthetic_image_reproducibly(data, tmp_path):
@@ -197,12 +209,16 @@ def test_when_every_synthetic_sample_was_rejected_training_uses_real_data_only_a
 
 
 def test_accepted_synthetic_images_are_counted_in_train_json(data, tmp_path, caplog):
-    cfg = make_cfg(data, tmp_path)
+    cfg = make_cfg(data, tmp_path, train={"class_weights": "median_frequency"})
     with caplog.at_level(logging.INFO, logger="seglab.train"):
         run_train(cfg, "tiny+pix2pix", verbose=0)
     assert f"{REAL_TRAIN} real + {SYNTHETIC} synthetic images" in caplog.text
+    assert f"median-frequency class weights over {REAL_TRAIN + SYNTHETIC} training images" in caplog.text
     train_json = json.loads((tmp_path / "models" / "tiny+pix2pix" / "train.json").read_text())
     assert train_json["augmenter"] == "pix2pix" and train_json["synthetic_accepted"] is True
     assert train_json["synthetic_images_used"] == SYNTHETIC and train_json["train_images"] == REAL_TRAIN
     assert train_json["dataset"] == "tiny-test"  # the real data's name: what runs are compared on
     assert train_json["params_hash"] == params_hash(cfg, "tiny+pix2pix")
+    # The weights the loss used, over real and synthetic pixels (car weighs half of background).
+    assert train_json["class_weights"] == list(plan_run(cfg, "tiny+pix2pix").settings.class_weights)
+    assert train_json["class_weights"][0] == pytest.approx(2 * train_json["class_weights"][SYNTHETIC_CLASS])

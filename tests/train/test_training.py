@@ -136,6 +136,7 @@ def test_run_train_writes_the_contract_files(shards, tmp_path, caplog):
     assert train_json["params_hash"] == params_hash(cfg, "tiny")
     assert train_json["epochs_planned"] == 3 and train_json["resumed_from_epoch"] == 0
     assert train_json["param_count"] > train_json["trainable_param_count"] > 0  # BN moving stats
+    assert train_json["class_weights"] is None  # params.yaml's default: an unweighted loss
 
     metrics_dir = tmp_path / "metrics" / "tiny"
     history = read_history(metrics_dir / "history.csv")
@@ -187,6 +188,9 @@ def test_params_hash_tracks_the_run_settings(shards, tmp_path):
     assert base == params_hash(make_cfg(shards, tmp_path), "tiny")
     assert base != params_hash(make_cfg(shards, tmp_path, epochs=4), "tiny")
     assert base != params_hash(make_cfg(shards, tmp_path, train={"loss": "ce"}), "tiny")
+    weighting = [params_hash(make_cfg(shards, tmp_path, train={"class_weights": mode}), "tiny")
+                 for mode in (None, "median_frequency", [1.0, 2.0, 2.0, 2.0])]
+    assert weighting[0] == base and len(set(weighting)) == 3  # params.yaml's default: null
     assert base != params_hash(make_cfg(shards, tmp_path, model={"arch": "unet", "width": 0.25}), "tiny")
 
 

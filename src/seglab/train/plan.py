@@ -10,6 +10,10 @@ stored size, is cropped and augmented to the training size alike. An epoch is on
 combined rows; validation stays on the real val split. When the gate accepted no synthetic sample
 the variant trains on real data only, and says so.
 
+Class pixel counts over that training data (every folder, from the shards' `class_pixels`) set the
+classifier's initial bias (`train.prior_init`) and, with `train.class_weights: median_frequency`,
+the loss's class weights (`seglab.data.stats.median_frequency_weights`).
+
 A run is identified by its params hash and the shard files (synthetic ones included): its resume
 state is kept only for the same key (`RunPlan.run_key`).
 """
@@ -19,7 +23,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +35,7 @@ from seglab.config import Config, GanTrainingConfig, settings_snapshot
 from seglab.data.augment import Augmentation
 from seglab.data.pipeline import make_dataset
 from seglab.data.shards import SplitSummary, summarize_splits
-from seglab.data.stats import pixel_counts
+from seglab.data.stats import PixelCounts, median_frequency_weights, pixel_counts
 from seglab.data.synthetic import VALIDATION_FILE, accepted_synthetic_shards
 from seglab.digest import sha256_json
 from seglab.models import registry
@@ -98,7 +102,7 @@ class RunPlan:
     @property
     def train_dirs(self) -> list[Path]:
         """The shard folders whose `train` splits make the training data."""
-        return [self.shard_dir] + ([self.synthetic.shard_dir] if self.synthetic.shard_dir is not None else [])
+        return _train_dirs(self.shard_dir, self.synthetic)
 
     @property
     def train_rows(self) -> int:
@@ -129,7 +133,11 @@ def plan_run(cfg: Config, name: str) -> RunPlan:
             f" (+ {synthetic.rows} synthetic)" if synthetic.rows else "")
         raise ValueError(f"{held}, fewer than one batch of {batch} "
                          f"(profile {cfg.profile!r}, batch_size); lower the batch size or add images")
-    plan = RunPlan(
+    median_frequency = t.class_weights == "median_frequency"
+    counts = (pixel_counts(_train_dirs(shard_dir, synthetic), "train", len(shards.classes))
+              if t.prior_init or median_frequency else None)
+    class_weights = _median_frequency_weights(name, counts, shards.classes) if median_frequency else None
+    return RunPlan(
         name=name,
         arch=entry.arch,
         backbone=spec.backbone,
@@ -138,17 +146,33 @@ def plan_run(cfg: Config, name: str) -> RunPlan:
         image_size=profile.image_size,
         options={"output_stride": t.output_stride} if "output_stride" in spec.options else {},
         settings=TrainSettings(t, profile, num_classes=len(shards.classes), steps_per_epoch=steps_per_epoch,
-                               pretrained_encoder=entry.weights is not None and spec.backbone is not None),
+                               pretrained_encoder=entry.weights is not None and spec.backbone is not None,
+                               computed_class_weights=class_weights),
         policy=resolve_mixed_precision(t.mixed_precision),
         shard_dir=shard_dir,
         shards=shards,
         params_hash=params_hash(cfg, name),
         synthetic=synthetic,
+        class_pixels=tuple(int(c) for c in counts.classes) if t.prior_init else None,
     )
-    if not t.prior_init:
-        return plan
-    counts = pixel_counts(plan.train_dirs, "train", len(shards.classes)).classes
-    return replace(plan, class_pixels=tuple(int(c) for c in counts))
+
+
+def _train_dirs(shard_dir: Path, synthetic: SyntheticData) -> list[Path]:
+    return [shard_dir] + ([synthetic.shard_dir] if synthetic.shard_dir is not None else [])
+
+
+def _median_frequency_weights(name: str, counts: PixelCounts, classes: Sequence[str]) -> tuple[float, ...]:
+    """`train.class_weights: median_frequency` over the run's training pixels, logged (train.json records them)."""
+    try:
+        weights = median_frequency_weights(counts)
+    except ValueError as e:
+        raise ValueError(f"train@{name}: train.class_weights median_frequency: {e}") from None
+    log.info("train@%s: median-frequency class weights over %d training images: %s", name, counts.images,
+             ", ".join(f"{c} {w:.3g}" for c, w in zip(classes, weights)))
+    absent = [c for c, n in zip(classes, counts.classes) if n == 0]
+    if absent:
+        log.warning("train@%s: class(es) %s have no training pixel: weight 0", name, ", ".join(absent))
+    return tuple(float(w) for w in weights)
 
 
 def params_hash(cfg: Config, name: str) -> str:

@@ -133,6 +133,7 @@ def _train_record(cfg: Config, plan: RunPlan, result: TrainResult) -> TrainRecor
         "freeze_encoder_epochs": settings.freeze_encoder_epochs,
         "encoder_lr_multiplier": settings.encoder_lr_multiplier,
         "encoder_batchnorm": settings.encoder_batchnorm,
+        "class_weights": None if settings.class_weights is None else list(settings.class_weights),
     }, source=f"train@{plan.name}")
 
 
