@@ -29,9 +29,14 @@ $(STAMP): pyproject.toml Makefile
 repro: $(STAMP)
 	dvc repro
 
+# Two pytest workers, one test file each at a time (module fixtures are built once), the longest
+# files first (tests/conftest.py): many tests wait on subprocesses, TensorFlow's start-up or a
+# browser, so the second core has room. TEST_WORKERS=0 runs them in one process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP) browser
 	@# pytest exits 5 when a selection collects no tests: report it plainly rather than as a failure.
-	$(BIN)/python -m pytest $(PYTEST_ARGS); rc=$$?; \
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 0; fi; exit $$rc
 
 # The dashboard's browser test drives Debian's Chromium (never a downloaded browser).

@@ -71,6 +71,18 @@ OFFLINE_WEIGHTS_MODULES = {
 }
 
 
+# `make test` runs two workers, each taking whole test files in collection order (xdist's
+# `--dist loadfile --no-loadscope-reorder`): the files that take minutes start first, so that
+# neither worker is left alone with one of them at the end. Serial runs keep the same order.
+LONG_FILES_FIRST = ("tests/test_end_to_end.py", "tests/train/test_training.py", "tests/gan/test_validate_synthetic.py",
+                    "tests/flows/test_flows.py", "tests/test_dvc_pipeline.py", "tests/models/test_architectures.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {path: position for position, path in enumerate(LONG_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))  # stable: order kept within
+
+
 def pytest_sessionstart(session):
     # CI sets these so that real-data and real-weights tests can never pass by being skipped.
     if os.environ.get("SEGLAB_REQUIRE_COCO_MINI") == "1" and not COCO_MINI.is_dir():
