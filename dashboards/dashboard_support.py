@@ -165,11 +165,12 @@ def load_leaderboard(path: str, stamp: tuple[int, ...]) -> pd.DataFrame:
 @_cache
 def load_board_rows(path: str, stamp: tuple[int, ...], *, search: str | None = None, limit: int | None = None,
                     name: str | None = None, run_id: str | None = None, variant: str | None = None,
-                    latest_only: bool = True) -> pd.DataFrame:
+                    latest_only: bool = True, dataset: str | None = None, class_set: str | None = None,
+                    split: str | None = None, protocol: str | None = None) -> pd.DataFrame:
     """Some of the leaderboard's rows, chosen and limited in DuckDB (`queries.leaderboard`)."""
     with read_only(path) as con:
-        return queries.leaderboard(con, variant=variant, latest_only=latest_only, name=name, run_id=run_id,
-                                   search=search, limit=limit)
+        return queries.leaderboard(con, dataset, class_set, variant, split=split, protocol=protocol,
+                                   latest_only=latest_only, name=name, run_id=run_id, search=search, limit=limit)
 
 
 @_cache

@@ -74,15 +74,28 @@ else:
                                            for c in classes})
 
 st.subheader("Compare two runs")
-candidates = scope
-if len(candidates) < 2:
+if len(scope) < 2:
     st.info("Comparing needs two runs on the same dataset, class set, split and protocol; this selection "
-            f"has {len(candidates)}.")
+            f"has {len(scope)}.")
+    st.stop()
+# As on the runs page: the pickers offer the best `PICKER_RUNS` runs of the selection that match
+# the filter, chosen in DuckDB; the filter finds the others.
+search = st.text_input("Find runs to compare", key="pc_filter",
+                       placeholder="part of a name, variant or run id").strip()
+candidates = ds.load_board_rows(wh.path, wh.stamp, search=search or None, limit=ds.PICKER_RUNS + 1,
+                                dataset=dataset, class_set=class_set, split=split, protocol=protocol)
+more = len(candidates) > ds.PICKER_RUNS
+candidates = candidates.head(ds.PICKER_RUNS)
+matching = f" matching “{search}”" if search else ""
+if len(candidates) < 2:
+    st.info(f"Comparing needs two runs; {len(candidates)} of this selection{matching}.")
     st.stop()
 ids = list(candidates["run_id"])
 pick = st.columns(2)
 run_a = pick[0].selectbox("Run A (baseline)", ids, index=1, format_func=labels.get, key="pc_run_a")
 run_b = pick[1].selectbox("Run B", ids, index=0, format_func=labels.get, key="pc_run_b")
+st.caption(f"The best {ds.PICKER_RUNS} runs{matching} of this selection by mIoU; more match: type in the "
+           "filter to find them." if more else f"{len(candidates)} runs{matching} of this selection, best mIoU first.")
 if run_a == run_b:
     st.info("Pick two different runs.")
     st.stop()

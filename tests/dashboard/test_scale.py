@@ -136,6 +136,26 @@ def test_the_runs_picker_offers_the_best_runs_and_finds_the_others(monkeypatch, 
     assert "0 runs matching “no such run”" in captions(at)
 
 
+def test_the_per_class_comparison_pickers_offer_the_best_runs_and_find_the_others(monkeypatch, big_warehouse):
+    # They listed every run of the selection; now the best PICKER_RUNS that match a filter.
+    at = _page(monkeypatch, big_warehouse, "views/per_class.py")
+    best = warehouse_rows(big_warehouse, "SELECT run_id FROM leaderboard "
+                                         "ORDER BY miou DESC NULLS LAST, name, variant, run_id LIMIT 2")
+    for key in ("pc_run_a", "pc_run_b"):
+        assert len(at.selectbox(key=key).options) == PICKER_RUNS
+    assert (at.selectbox(key="pc_run_b").value, at.selectbox(key="pc_run_a").value) == tuple(best)
+    assert f"The best {PICKER_RUNS} runs of this selection by mIoU; more match" in captions(at)
+
+    at.text_input(key="pc_filter").set_value("Unet_S7+").run()
+    wanted = {"unet_s7+dcgan · plain", "unet_s7+dcgan · tta"}  # the pickers' labels
+    assert set(at.selectbox(key="pc_run_a").options) == wanted == set(at.selectbox(key="pc_run_b").options)
+    assert "2 runs matching “Unet_S7+” of this selection, best mIoU first." in captions(at)
+    assert not at.exception, [e.value for e in at.exception]
+
+    at.text_input(key="pc_filter").set_value("unet_s7+dcgan · tta").run()  # a label, not a name: no match
+    assert "Comparing needs two runs; 0 of this selection matching" in "\n".join(str(i.value) for i in at.info)
+
+
 def warehouse_rows(root, sql: str) -> list:
     import duckdb
 

@@ -103,7 +103,7 @@ def test_the_pool_is_fed_a_bounded_window_ahead_of_the_writer(monkeypatch):
 
 def test_the_sample_generator_streams_its_annotation_file(tmp_path):
     # It built each split's whole COCO document in memory (1.3 GB for 16,000 images): its peak grew
-    # with the images (~15x the file). Streamed, a larger split costs no more than a smaller one.
+    # with the images (~20x the file). Streamed, only the small image records grow with the split.
     def peak_and_size(images: int) -> tuple[int, int]:
         out = tmp_path / f"sample{images}"
         tracemalloc.start()
@@ -114,8 +114,12 @@ def test_the_sample_generator_streams_its_annotation_file(tmp_path):
             tracemalloc.stop()
         return peak, Path(out, "annotations", "instances_train2017.json").stat().st_size
 
-    small_peak, small_size = peak_and_size(10)
-    large_peak, large_size = peak_and_size(80)
-    assert large_size - small_size > 100_000
-    assert large_peak - small_peak < 0.5 * (large_size - small_size), (
+    peak_and_size(5)  # first-use allocations (lazy imports, caches) belong to neither measurement
+    small_peak, small_size = peak_and_size(20)
+    large_peak, large_size = peak_and_size(120)
+    assert large_size - small_size > 200_000
+    # The image records stay in memory (COCO's key order puts them before the annotations): measured
+    # 0.5-1x the file's growth at these sizes, under whatever else runs in the process. The whole
+    # document in memory was ~20x it.
+    assert large_peak - small_peak < 3.0 * (large_size - small_size), (
         f"peak grew {(large_peak - small_peak) / (large_size - small_size):.1f}x the file's growth")
