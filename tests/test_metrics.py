@@ -76,6 +76,19 @@ def test_hand_computed_confusion_matrix_and_scores():
     assert scores["class_names"] == ["0", "1", "2", "3", "4"]
 
 
+def test_foreground_means_leave_out_only_a_background_class():
+    cm = np.array([[5, 1, 0], [2, 3, 0], [0, 1, 4]])
+    iou = np.array([5 / 8, 3 / 7, 4 / 5])
+    unnamed = scores_from_confusion(cm)  # no names: class 0 is background, as in COCO class sets
+    named = scores_from_confusion(cm, ["background", "car", "dog"])
+    for scores in (unnamed, named):
+        assert scores["miou_fg"] == pytest.approx(iou[1:].mean(), rel=1e-15)
+    # CamVid-like: class 0 is a class like the others (sky), so nothing is left out.
+    camvid = scores_from_confusion(cm, ["sky", "building", "pole"])
+    assert camvid["miou_fg"] == camvid["miou"] == pytest.approx(iou.mean(), rel=1e-15)
+    assert camvid["mdice_fg"] == camvid["mdice"]
+
+
 def test_scores_accept_logits_probabilities_and_channel_axis():
     one_hot_logits = np.eye(5, dtype=np.float32)[HAND_PRED] * 3.0 - 1.0
     probabilities = keras.ops.convert_to_numpy(keras.ops.softmax(one_hot_logits))
@@ -90,7 +103,7 @@ def test_scores_accept_logits_probabilities_and_channel_axis():
 def test_matches_scikit_learn_on_random_data_with_ignore(seed):
     num_classes = 6
     truth, logits = random_case(seed, num_classes)
-    scores = segmentation_scores(truth, logits, num_classes, class_names=list("abcdef"))
+    scores = segmentation_scores(truth, logits, num_classes, class_names=["background", *"bcdef"])
 
     counted = truth != 255
     t, p = truth[counted].astype(int), logits.argmax(-1)[counted]

@@ -18,7 +18,9 @@ iou = dice = recall = 0.
 Averaging: ``miou``, ``mdice``, ``mprecision``, ``mrecall`` are macro means (every class counts
 the same, whatever its pixel count) over the *present* classes, those with at least one pixel in
 the truth or the prediction, skipping NaN values; background (class 0) is included. ``miou_fg``
-and ``mdice_fg`` are the same means without class 0. ``accuracy`` is the pixel accuracy
+and ``mdice_fg`` are the same means without the background class: class 0, unless class names are
+given and the first is not "background" (a label-map dataset such as CamVid, whose class 0 is sky,
+has no background class, so there they equal ``miou`` / ``mdice``). ``accuracy`` is the pixel accuracy
 trace(cm) / sum(cm), a micro average. Any of them is NaN when nothing was counted.
 """
 
@@ -30,6 +32,8 @@ from typing import Any
 import keras
 import numpy as np
 from keras import ops
+
+from seglab.data.classes import BACKGROUND
 
 __all__ = [
     "METRIC_NAMES",
@@ -195,7 +199,7 @@ def scores_from_confusion(cm: Any, class_names: Sequence[str] | None = None) -> 
     false_negative = support - true_positive
     present = (support + predicted) > 0
     foreground = present.copy()
-    foreground[0] = False
+    foreground[0] = class_names is not None and names[0] != BACKGROUND
 
     iou = _safe_ratio(true_positive, true_positive + false_positive + false_negative)
     dice = _safe_ratio(2 * true_positive, 2 * true_positive + false_positive + false_negative)
