@@ -173,6 +173,20 @@ def load_board_rows(path: str, stamp: tuple[int, ...], *, search: str | None = N
                                    latest_only=latest_only, name=name, run_id=run_id, search=search, limit=limit)
 
 
+def best_runs(wh: Any, search: str, **filters: Any) -> tuple[pd.DataFrame, bool]:
+    """What a run picker offers: the best `PICKER_RUNS` runs matching `search` and `filters`
+    (`load_board_rows`), chosen in DuckDB, and whether more match."""
+    rows = load_board_rows(wh.path, wh.stamp, search=search or None, limit=PICKER_RUNS + 1, **filters)
+    return rows.head(PICKER_RUNS), len(rows) > PICKER_RUNS
+
+
+def picker_caption(offered: int, more: bool, search: str, within: str = "") -> str:
+    """The caption under a run picker (`best_runs`); `within` names what it picks from."""
+    matching = f" matching “{search}”" if search else ""
+    return (f"The best {PICKER_RUNS} runs{matching}{within} by mIoU; more match: type in the filter to find them."
+            if more else f"{offered} runs{matching}{within}, best mIoU first.")
+
+
 @_cache
 def load_per_class_matrix(path: str, stamp: tuple[int, ...], metric: str, dataset: str | None,
                           class_set: str | None, split: str | None = None, protocol: str | None = None,

@@ -82,20 +82,16 @@ if len(scope) < 2:
 # the filter, chosen in DuckDB; the filter finds the others.
 search = st.text_input("Find runs to compare", key="pc_filter",
                        placeholder="part of a name, variant or run id").strip()
-candidates = ds.load_board_rows(wh.path, wh.stamp, search=search or None, limit=ds.PICKER_RUNS + 1,
-                                dataset=dataset, class_set=class_set, split=split, protocol=protocol)
-more = len(candidates) > ds.PICKER_RUNS
-candidates = candidates.head(ds.PICKER_RUNS)
-matching = f" matching “{search}”" if search else ""
+candidates, more = ds.best_runs(wh, search, dataset=dataset, class_set=class_set, split=split, protocol=protocol)
 if len(candidates) < 2:
+    matching = f" matching “{search}”" if search else ""
     st.info(f"Comparing needs two runs; {len(candidates)} of this selection{matching}.")
     st.stop()
 ids = list(candidates["run_id"])
 pick = st.columns(2)
 run_a = pick[0].selectbox("Run A (baseline)", ids, index=1, format_func=labels.get, key="pc_run_a")
 run_b = pick[1].selectbox("Run B", ids, index=0, format_func=labels.get, key="pc_run_b")
-st.caption(f"The best {ds.PICKER_RUNS} runs{matching} of this selection by mIoU; more match: type in the "
-           "filter to find them." if more else f"{len(candidates)} runs{matching} of this selection, best mIoU first.")
+st.caption(ds.picker_caption(len(candidates), more, search, " of this selection"))
 if run_a == run_b:
     st.info("Pick two different runs.")
     st.stop()

@@ -22,9 +22,7 @@ wh = ds.require_warehouse(cfg)
 # ensemble runs).
 search = st.text_input("Find a run", key="runs_filter",
                        placeholder="part of a name, variant, dataset, split or run id").strip()
-choices = ds.load_board_rows(wh.path, wh.stamp, search=search or None, limit=ds.PICKER_RUNS + 1)
-more = len(choices) > ds.PICKER_RUNS
-choices = choices.head(ds.PICKER_RUNS)
+choices, more = ds.best_runs(wh, search)
 matches = len(choices)
 requested = st.query_params.get("run")
 if requested is not None and requested not in set(choices["run_id"]):
@@ -38,9 +36,7 @@ ids = list(choices["run_id"])
 plain = choices.index[choices["variant"] == "plain"]
 default = ids.index(requested) if requested in ids else (int(plain[0]) if len(plain) else 0)
 run_id = st.selectbox("Run", ids, index=default, format_func=labels.get, key="runs_run")
-matching = f" matching “{search}”" if search else ""
-st.caption(f"The best {ds.PICKER_RUNS} runs{matching} by mIoU; more match: type in the filter to find them."
-           if more else f"{matches} runs{matching}, best mIoU first.")
+st.caption(ds.picker_caption(matches, more, search))
 st.query_params["run"] = run_id
 row = choices.set_index("run_id").loc[run_id]
 try:

@@ -153,8 +153,7 @@ class AnnotationSpans:
     def read(self, record: str) -> str:
         """The annotations as a JSON array's text, checked to come from the file that was read."""
         with self.path.open("rb") as f:
-            st = os.fstat(f.fileno())
-            if (st.st_ino, st.st_size, st.st_mtime_ns) != self.stamp:
+            if _file_stamp(os.fstat(f.fileno())) != self.stamp:
                 raise DataError(f"{self.path}: changed while its split was being sharded ({record}); "
                                 "run `seglab shard` again")
             parts = []
