@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# CamVid (11 classes, void ignored; ../shared/data/camvid) as DVC experiments, published in
+# docs/results/camvid.md next to ENet and SegNet.
+#
+#   experiments/camvid.sh [best|table] [CAMVID_ROOT] [REPORT.md]
+#
+# best (default): the headline model, the MobileNetV2 U-Net from ImageNet, at the long budget
+#   (BEST_EPOCHS, default 30, of the 367 training images as 256 px crops): `dvc exp run` of its
+#   train@/evaluate@ stages, then `seglab ingest` and `seglab report`.
+# table: every model of the comparison, ImageNet/scratch twins side by side, at one shorter budget
+#   (TABLE_EPOCHS, default 8), in one `dvc exp run`.
+#
+# The CamVid settings are those of docs/labelmaps.md: images + label maps, void (11) -> ignore,
+# stored at 480 px (CamVid's full 480x360), median-frequency class weights, TTA views identity and
+# hflip. Evaluation is the README's full-resolution protocol: whole val images at 480x360, each
+# scaled as training's crops were (the 256 px crop just covers the image) and predicted with
+# sliding windows, scored against the stored label maps.
+#
+# The experiment's params are written into params.yaml (round-trip YAML keeps comments and
+# anchors) so `dvc exp run` records them; run it in a clone you can spare, e.g.
+# `git clone . /tmp/camvid && cd /tmp/camvid && make install && experiments/camvid.sh best`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+mode=${1:-best}
+root=${2:-../shared/data/camvid}
+report=${3:-docs/results/camvid-$mode.md}
+case "$mode" in best|table) ;; *) echo "camvid.sh: mode must be best or table, got '$mode'" >&2; exit 2;; esac
+[ -d "$root/trainannot" ] && [ -d "$root/valannot" ] || {
+  echo "camvid.sh: $root is not a CamVid folder (expected train/, trainannot/, val/, valannot/)" >&2; exit 1; }
+epochs=$([ "$mode" = best ] && echo "${BEST_EPOCHS:-30}" || echo "${TABLE_EPOCHS:-8}")
+
+python - "$mode" "$root" "$epochs" <<'PY'
+import sys
+from ruamel.yaml import YAML
+
+mode, root, epochs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+yaml = YAML()
+with open("params.yaml") as f:
+    params = yaml.load(f)
+
+data = params["data"]
+data["format"] = "labelmaps"
+data["root"] = root
+data["splits"] = {"train": {"images": "train", "labels": "trainannot"},
+                  "val": {"images": "val", "labels": "valannot"}}
+data["labelmaps"] = {
+    "class_set": "camvid11",
+    "classes": ["sky", "building", "pole", "road", "pavement", "tree", "sign_symbol", "fence", "car",
+                "pedestrian", "bicyclist"],
+    "value_map": None,
+    "ignore": [11],
+}
+params["shard"]["max_side"] = 480          # CamVid's full resolution, which the papers score
+params["profiles"]["cpu"].update(image_size=256, batch_size=8, epochs=epochs, learning_rate=1.0e-3)
+params["train"]["class_weights"] = "median_frequency"
+params["train"]["freeze_encoder_epochs"] = 2
+params["evaluate"]["tta"] = ["identity", "hflip"]
+
+models = params["models"]
+real = models["unet_mobilenetv2_imagenet"]["train_data"]  # the shard.out alias
+if mode == "table":  # the ImageNet/scratch twins of every encoder that has ImageNet weights here
+    for name in ("deeplabv3plus_mobilenetv2_scratch", "unet_efficientnet_lite0_imagenet",
+                 "unet_efficientnet_lite0_scratch"):
+        models[name] = params["more_models"].pop(name)
+    for name in [n for n in models if "+" in n]:  # the GAN variants are the sample's question
+        del models[name]
+    params["ensemble"]["members"] = ["unet_mobilenetv2_imagenet", "deeplabv3plus_mobilenetv2_imagenet"]
+params["gan"]["names"] = [] if mode == "table" else params["gan"]["names"]
+with open("params.yaml", "w") as f:
+    yaml.dump(params, f)
+PY
+
+targets=()
+if [ "$mode" = best ]; then
+  targets=(evaluate@unet_mobilenetv2_imagenet)
+fi
+name="camvid-$mode-$(git rev-parse --short HEAD)"
+echo "+ dvc exp run -n $name ${targets[*]}"
+dvc exp run -n "$name" "${targets[@]}"
+[ "$mode" = best ] && seglab ingest  # the target above stops before the ingest stage
+mkdir -p "$(dirname "$report")"
+seglab report --dataset "$(basename "$(realpath "$root")")" --out "$report"  # runs.dataset: the root folder name
+echo "report: $report"
