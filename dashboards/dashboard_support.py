@@ -33,7 +33,7 @@ import streamlit as st
 from seglab.config import ConfigError, load_config
 from seglab.warehouse import dashboard_queries as dq
 from seglab.warehouse import queries
-from seglab.warehouse.schema import WarehouseError
+from seglab.warehouse.schema import SchemaError, WarehouseError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WAREHOUSE = Path("data/warehouse.duckdb")
@@ -160,6 +160,32 @@ def load_run_count(path: str, stamp: tuple[int, ...]) -> int:
 def load_leaderboard(path: str, stamp: tuple[int, ...]) -> pd.DataFrame:
     with read_only(path) as con:
         return queries.leaderboard(con)
+
+
+@_cache
+def load_constant_prediction(path: str, stamp: tuple[int, ...]) -> pd.DataFrame:
+    with read_only(path) as con:
+        try:
+            return queries.constant_prediction(con)
+        except SchemaError:  # a warehouse from before schema 5, never migrated by a reader: no floor line
+            return pd.DataFrame()
+
+
+def constant_prediction_caption(floors: pd.DataFrame, scopes: pd.DataFrame) -> str | None:
+    """The floor line under a table of runs scored on `scopes` (dataset, split and, where known,
+    eval_protocol): what predicting the most frequent class everywhere scores there."""
+    keys = [c for c in ("dataset", "split", "eval_protocol") if c in scopes.columns and c in floors.columns]
+    shown = floors.merge(scopes[keys].drop_duplicates(), on=keys) if keys else floors.iloc[0:0]
+    if shown.empty:
+        return None
+    parts = []
+    for row in shown.head(6).itertuples(index=False):
+        where = " / ".join(str(getattr(row, k)) for k in keys)
+        size = "" if pd.isna(row.image_size) else f" at {int(row.image_size)} px"
+        parts.append(f"{where}{size}: “{row.class_name}” everywhere, mIoU {row.miou:.3f}")
+    more = f"; {len(shown) - 6} more" if len(shown) > 6 else ""
+    return ("Floor, the most frequent class predicted everywhere (a model at it learnt only the class "
+            "frequencies): " + "; ".join(parts) + more + ".")
 
 
 @_cache

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The published comparison on real COCO (../shared/data/coco-mini, class set voc20), as one DVC
-# experiment: every model of params.yaml, plus seed replicates for the transfer-learning pair and
-# for the GAN-effect study, then `seglab report` over the warehouse.
+# experiment: every model of params.yaml, the ImageNet/scratch twins and DeepLabV3+/Xception from
+# ImageNet out of more_models, the three GAN augmenters, plus seed replicates (SEEDS, default "1 2")
+# for the transfer-learning pair and for the GAN-effect study, then `seglab report` over the
+# warehouse.
 #
 #   experiments/coco-mini.sh [table|transfer] [COCO_ROOT] [REPORT.md]
 #
@@ -46,6 +48,13 @@ def entry(name, weights, train_data, seed):
 for seed in seeds:  # the transfer-learning pair, mean +- std over seeds 0 (params.yaml) and these
     entry(f"unet_mobilenetv2_imagenet_s{seed}", "imagenet-offline", "data/shards", seed)
     entry(f"unet_mobilenetv2_scratch_s{seed}", None, "data/shards", seed)
+# The ImageNet/scratch twins and the seed's headline DeepLabV3+/Xception (ImageNet weights offline),
+# which the default comparison leaves in more_models for time.
+for name in ("unet_efficientnet_lite0_imagenet", "unet_efficientnet_lite0_scratch",
+             "deeplabv3plus_mobilenetv2_scratch", "deeplabv3plus_xception_imagenet"):
+    if name in params["more_models"]:
+        models[name] = params["more_models"].pop(name)
+params["gan"]["names"] = ["dcgan", "sagan", "pix2pix"]
 for gan in ("dcgan", "sagan", "pix2pix"):  # the GAN effect, paired by seed with the runs above
     for seed in [0, *seeds]:
         name = f"unet_mobilenetv2_imagenet+{gan}" if seed == 0 else f"unet_mobilenetv2_imagenet_s{seed}+{gan}"

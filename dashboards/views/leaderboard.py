@@ -99,6 +99,9 @@ st.dataframe(
         "train_dataset": st.column_config.TextColumn("trained on"),
     },
 )
+floor = ds.constant_prediction_caption(ds.load_constant_prediction(wh.path, wh.stamp), scopes)
+if floor:
+    st.caption(floor)
 # Plain text twin of the ranking (the first runs of the table), for screen readers, copy-paste
 # and text search.
 ranked = shown.head(ds.CHART_RUNS)

@@ -117,6 +117,8 @@ def test_leaderboard_filters_by_split_and_protocol(monkeypatch, fixture_warehous
     at.multiselect(key="lb_split").set_value(["test"]).run()
     table = at.dataframe[0].value
     assert list(table["run_id"]) == ["unet-test-full"] and list(table["eval_protocol"]) == ["full"]
+    # The floor under it: class 0 holds 500 + 8 x 3 of the 1,112 truth pixels, 8 classes present.
+    assert f"{DATASET} / test / full: “{CLASSES[0]}” everywhere, mIoU {524 / 1112 / 8:.3f}" in texts(at.caption)
     at.multiselect(key="lb_split").set_value([])
     at.multiselect(key="lb_protocol").set_value(["letterbox"]).run()
     table = at.dataframe[0].value

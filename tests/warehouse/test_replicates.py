@@ -249,12 +249,21 @@ def test_a_version_2_warehouse_gains_the_views(tmp_path, monkeypatch):
 
 # ---- seglab report --------------------------------------------------------------------------------
 
-def test_report_prints_the_four_sections(warehouse, capsys):
+def test_report_prints_the_six_sections(warehouse, capsys):
     assert main(["report", "--warehouse", str(warehouse), "--variant", "plain"]) == 0
     out = capsys.readouterr().out
     sections = re.findall(r"^## (.+)$", out, flags=re.MULTILINE)
-    assert sections == ["Latest runs", "Seed replicates", "Augmenter effect on mIoU",
-                        "Augmenter effect per class (IoU)"]
+    assert sections == ["Latest runs", "Constant-prediction reference", "IoU per class", "Seed replicates",
+                        "Augmenter effect on mIoU", "Augmenter effect per class (IoU)"]
+    # Each fixture class with an IoU has 100 pixels: the constant prediction (ties: the lowest
+    # index, background) scores 100/300 / 3 with dog present and 100/200 / 2 without it.
+    constant = out.split("## Constant-prediction reference")[1].split("##")[0]
+    assert "| sample | voc20 | val | letterbox | 128 | background | 0.333 | 3 | 0.1111 |" in constant
+    assert "| sample | voc20 | val | letterbox | 128 | background | 0.500 | 2 | 0.2500 |" in constant
+    per_class_iou = out.split("## IoU per class")[1].split("## Seed")[0]
+    assert "| name | variant | background | person | car | dog |" in per_class_iou
+    assert f"| {BASE}_s1 | plain | 0.920 | 0.400 | — | — |" in per_class_iou
+    assert "| deeplabv3plus_mobilenetv2_imagenet | plain | 0.900 | 0.600 | — | 0.500 |" in per_class_iou
     latest = out.split("## Latest runs")[1].split("##")[0]
     rows = [line for line in latest.splitlines() if line.startswith(f"| {BASE}")]
     # Best mIoU first: s2+pix2pix 0.50, +pix2pix 0.45, s2 0.44, s1+pix2pix 0.43, s1 0.42, ...

@@ -23,6 +23,7 @@ __all__ = [
     "compare_runs",
     "confusion",
     "connect_read_only",
+    "constant_prediction",
     "deeplab_beats_unet",
     "family_beats",
     "history",
@@ -310,6 +311,37 @@ def latest_runs(con: duckdb.DuckDBPyConnection, dataset: str | None = None,
           AND ($class_set IS NULL OR l.class_set = $class_set)
           AND ($variant IS NULL OR l.variant = $variant)
         ORDER BY l.dataset, l.class_set, l.split, l.miou DESC NULLS LAST, l.name, l.variant
+    """, {"dataset": dataset, "class_set": class_set, "variant": variant})
+
+
+def constant_prediction(con: duckdb.DuckDBPyConnection, dataset: str | None = None,
+                        class_set: str | None = None, variant: str | None = None) -> pd.DataFrame:
+    """The floor every model must beat: per evaluated data (dataset, class set, split, protocol and,
+    for letterboxed runs, the input size), the mIoU of predicting the most frequent truth class
+    everywhere. That class's IoU is its share of the labelled pixels, every other class present in
+    truth scores 0, so mIoU = share / classes present (on the default sample: all-background).
+    From the latest runs' per-class support; one row per distinct result."""
+    require_protocol(con)
+    return _df(con, """
+        WITH ranked AS (  -- ties go to the lower class index, so the result is one row per run
+            SELECT c.run_id, c.dataset, c.class_set, c.split, c.eval_protocol, c.class_name, c.support,
+                   sum(c.support) OVER run AS total,
+                   sum(CASE WHEN c.support > 0 THEN 1 ELSE 0 END) OVER run AS classes_present,
+                   row_number() OVER (run ORDER BY c.support DESC, c.class_index) AS rank
+            FROM class_scores AS c
+            WHERE c.latest AND ($dataset IS NULL OR c.dataset = $dataset)
+              AND ($class_set IS NULL OR c.class_set = $class_set)
+              AND ($variant IS NULL OR c.variant = $variant)
+            WINDOW run AS (PARTITION BY c.run_id)
+        )
+        SELECT r.dataset, r.class_set, r.split, r.eval_protocol,
+               CASE WHEN r.eval_protocol = 'full' THEN NULL ELSE l.image_size END AS image_size,
+               r.class_name, r.support / r.total AS share, r.classes_present,
+               r.support / r.total / r.classes_present AS miou, count(*) AS runs
+        FROM ranked AS r JOIN leaderboard AS l USING (run_id)
+        WHERE r.rank = 1 AND r.total > 0
+        GROUP BY ALL
+        ORDER BY r.dataset, r.class_set, r.split, r.eval_protocol, image_size NULLS FIRST, miou
     """, {"dataset": dataset, "class_set": class_set, "variant": variant})
 
 

@@ -1,10 +1,11 @@
 """`seglab report`: the warehouse's results as Markdown tables.
 
-Four sections, each over the latest run of every model (filters: dataset, class set, variant):
-(a) every run, best mIoU first; (b) mean ± std over seed replicates (the ``seed_summary`` view);
-(c) what each GAN augmenter changes in mIoU against the real-only runs of the same seeds
-(``augmenter_effect``); (d) the same per class for IoU (``augmenter_effect_per_class``), classes
-as rows and one column per augmenter. The warehouse is opened read-only: the report never
+Six sections, each over the latest run of every model (filters: dataset, class set, variant):
+(a) every run, best mIoU first; (b) the floor they must beat, the constant prediction of the most
+frequent class; (c) IoU per class of every run; (d) mean ± std over seed replicates (the
+``seed_summary`` view); (e) what each GAN augmenter changes in mIoU against the real-only runs of
+the same seeds (``augmenter_effect``); (f) the same per class for IoU
+(``augmenter_effect_per_class``), classes as rows and one column per augmenter. The warehouse is opened read-only: the report never
 changes it (DVC tracks the file).
 """
 
@@ -132,6 +133,47 @@ def _latest_section(runs: pd.DataFrame, scope: list) -> str:
     ], runs)
 
 
+def _constant_section(constant: pd.DataFrame) -> str:
+    if constant.empty:
+        return "No per-class results to derive it from."
+    table = _table([
+        ("dataset", "l", lambda r: _text(r["dataset"])),
+        ("class set", "l", lambda r: _text(r["class_set"])),
+        ("split", "l", lambda r: _text(r["split"])),
+        ("protocol", "l", lambda r: _text(r["eval_protocol"])),
+        ("input", "r", lambda r: _integer(r["image_size"])),
+        ("class predicted", "l", lambda r: _text(r["class_name"])),
+        ("its pixel share", "r", lambda r: _number(r["share"])),
+        ("classes in truth", "r", lambda r: _integer(r["classes_present"])),
+        ("mIoU", "r", lambda r: _number(r["miou"], 4)),
+    ], constant)
+    return ("What predicting the most frequent truth class everywhere scores (its IoU is its pixel "
+            "share, every other class present scores 0): a model at this mIoU has learnt nothing "
+            "beyond the class frequencies. Input: the letterbox size the pixels were counted at "
+            "(full-resolution runs count at the stored size).\n\n" + table)
+
+
+def _per_class_iou_section(con, runs: pd.DataFrame, variant: str | None) -> str:
+    if runs.empty:
+        return "No runs in the warehouse for these filters."
+    blocks = []
+    for (dataset, class_set, split), _ in runs.groupby(["dataset", "class_set", "split"], sort=False):
+        matrix = queries.per_class_matrix(con, "iou", dataset=dataset, class_set=class_set,
+                                          split=split, variant=variant)
+        if matrix.empty:
+            continue
+        frame = matrix.reset_index()
+        classes = list(matrix.columns)
+        table = _table([("name", "l", lambda r: _text(r["name"])),
+                        ("variant", "l", lambda r: _text(r["variant"])),
+                        *[(_text(c), "r", lambda r, c=c: _number(r[c])) for c in classes]], frame)
+        blocks.append(f"### {_text(dataset)} / {_text(class_set)} ({_text(split)})\n\n{table}")
+    if not blocks:
+        return "No per-class results for these filters."
+    return ("IoU of each class (— : the class is in neither truth nor prediction), best mIoU "
+            "first.\n\n" + "\n\n".join(blocks))
+
+
 def _seed_section(summary: pd.DataFrame, scope: list) -> str:
     if summary.empty:
         return "No model runs for these filters."
@@ -229,6 +271,7 @@ def render_report(con, *, dataset: str | None = None, class_set: str | None = No
     summary = queries.seed_summary(con, **filters)
     effect = queries.augmenter_effect(con, **filters)
     per_class = queries.augmenter_effect_per_class(con, **filters)
+    constant = queries.constant_prediction(con, **filters)
     scope = _scope_columns([runs, summary, effect])
     shown = ", ".join(f"{label} {value if value is not None else 'all'}"
                       for label, value in (("dataset", dataset), ("class set", class_set),
@@ -240,6 +283,8 @@ def render_report(con, *, dataset: str | None = None, class_set: str | None = No
     sections = [
         header,
         "## Latest runs\n\n" + _latest_section(runs, scope),
+        "## Constant-prediction reference\n\n" + _constant_section(constant),
+        "## IoU per class\n\n" + _per_class_iou_section(con, runs, variant),
         "## Seed replicates\n\n" + _seed_section(summary, scope),
         "## Augmenter effect on mIoU\n\n" + _effect_section(effect, runs, scope),
         "## Augmenter effect per class (IoU)\n\n" + _per_class_section(per_class, runs),
