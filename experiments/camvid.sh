@@ -5,16 +5,17 @@
 #   experiments/camvid.sh [best|table] [CAMVID_ROOT] [REPORT.md]
 #
 # best (default): the headline model, the MobileNetV2 U-Net from ImageNet, at the long budget
-#   (BEST_EPOCHS, default 30, of the 367 training images as 256 px crops): `dvc exp run` of its
+#   (BEST_EPOCHS, default 30, of the 367 training images as BEST_SIZE px crops, default 256): `dvc exp run` of its
 #   train@/evaluate@ stages, then `seglab ingest` and `seglab report`.
-# table: every model of the comparison, ImageNet/scratch twins side by side, at one shorter budget
-#   (TABLE_EPOCHS, default 8), in one `dvc exp run`.
+# table: the ImageNet/scratch twins of every encoder with ImageNet weights here (U-Net and
+#   DeepLabV3+ on MobileNetV2, U-Net on EfficientNet-Lite0), at one shorter budget (TABLE_EPOCHS,
+#   default 5, of TABLE_SIZE px crops, default 192), in one `dvc exp run`.
 #
 # The CamVid settings are those of docs/labelmaps.md: images + label maps, void (11) -> ignore,
 # stored at 480 px (CamVid's full 480x360), median-frequency class weights, TTA views identity and
 # hflip. Evaluation is the README's full-resolution protocol: whole val images at 480x360, each
-# scaled as training's crops were (the 256 px crop just covers the image) and predicted with
-# sliding windows, scored against the stored label maps.
+# scaled as training's crops were (the crop just covers the image's height) and predicted with
+# sliding windows, scored against the stored 480x360 label maps.
 #
 # The experiment's params are written into params.yaml (round-trip YAML keeps comments and
 # anchors) so `dvc exp run` records them; run it in a clone you can spare, e.g.
@@ -28,13 +29,14 @@ report=${3:-docs/results/camvid-$mode.md}
 case "$mode" in best|table) ;; *) echo "camvid.sh: mode must be best or table, got '$mode'" >&2; exit 2;; esac
 [ -d "$root/trainannot" ] && [ -d "$root/valannot" ] || {
   echo "camvid.sh: $root is not a CamVid folder (expected train/, trainannot/, val/, valannot/)" >&2; exit 1; }
-epochs=$([ "$mode" = best ] && echo "${BEST_EPOCHS:-30}" || echo "${TABLE_EPOCHS:-8}")
+epochs=$([ "$mode" = best ] && echo "${BEST_EPOCHS:-30}" || echo "${TABLE_EPOCHS:-5}")
+size=$([ "$mode" = best ] && echo "${BEST_SIZE:-256}" || echo "${TABLE_SIZE:-192}")
 
-python - "$mode" "$root" "$epochs" <<'PY'
+python - "$mode" "$root" "$epochs" "$size" <<'PY'
 import sys
 from ruamel.yaml import YAML
 
-mode, root, epochs = sys.argv[1], sys.argv[2], int(sys.argv[3])
+mode, root, epochs, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 yaml = YAML()
 with open("params.yaml") as f:
     params = yaml.load(f)
@@ -52,7 +54,7 @@ data["labelmaps"] = {
     "ignore": [11],
 }
 params["shard"]["max_side"] = 480          # CamVid's full resolution, which the papers score
-params["profiles"]["cpu"].update(image_size=256, batch_size=8, epochs=epochs, learning_rate=1.0e-3)
+params["profiles"]["cpu"].update(image_size=size, batch_size=8, epochs=epochs, learning_rate=1.0e-3)
 params["train"]["class_weights"] = "median_frequency"
 params["train"]["freeze_encoder_epochs"] = 2
 params["evaluate"]["tta"] = ["identity", "hflip"]
