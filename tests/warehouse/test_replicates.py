@@ -249,12 +249,13 @@ def test_a_version_2_warehouse_gains_the_views(tmp_path, monkeypatch):
 
 # ---- seglab report --------------------------------------------------------------------------------
 
-def test_report_prints_the_six_sections(warehouse, capsys):
+def test_report_prints_the_seven_sections(warehouse, capsys):
     assert main(["report", "--warehouse", str(warehouse), "--variant", "plain"]) == 0
     out = capsys.readouterr().out
     sections = re.findall(r"^## (.+)$", out, flags=re.MULTILINE)
-    assert sections == ["Latest runs", "Constant-prediction reference", "IoU per class", "Seed replicates",
-                        "Augmenter effect on mIoU", "Augmenter effect per class (IoU)"]
+    assert sections == ["Latest runs", "Constant-prediction reference", "IoU per class", "Training curves",
+                        "Seed replicates", "Augmenter effect on mIoU", "Augmenter effect per class (IoU)"]
+    assert "No run with a training history for these filters." in out  # the fixture's runs have none
     # Each fixture class with an IoU has 100 pixels: the constant prediction (ties: the lowest
     # index, background) scores 100/300 / 3 with dog present and 100/200 / 2 without it.
     constant = out.split("## Constant-prediction reference")[1].split("##")[0]
@@ -285,6 +286,26 @@ def test_report_prints_the_six_sections(warehouse, capsys):
     assert "| car | — (n=0) | — (n=0) |" in per_class
     assert "| background | -0.050 (n=1) | +0.007 ± 0.025 (n=3) |" in per_class
     assert "dataset" not in latest.splitlines()[2]  # one dataset: no dataset column
+
+
+def test_report_lists_each_trained_runs_validation_curve(tmp_path, capsys):
+    db = tmp_path / "curves.duckdb"
+    con = open_warehouse(db)
+    curve = [0.10, 0.25, 0.2]
+    run = eval_run(BASE, "plain", arch="unet_mobilenetv2", classes=CLASSES, epochs_planned=3, epochs_run=3,
+                   best_epoch=2)
+    tta = eval_run(BASE, "tta", arch="unet_mobilenetv2", classes=CLASSES)
+    history = [{"epoch": i + 1, "loss": 1.0 - i / 10, "val_miou": v} for i, v in enumerate(curve)]
+    means = {"miou": 0.5, "mdice": 0.6, "accuracy": 0.8}
+    ingest_files(con, [write(tmp_path, BASE, [
+        eval_entry(run, ious=[0.9, 0.5, None, 0.2], metrics=means, history=history),
+        eval_entry(tta, ious=[0.9, 0.5, None, 0.3], metrics=means)])])
+    con.close()
+    assert main(["report", "--warehouse", str(db)]) == 0
+    curves = capsys.readouterr().out.split("## Training curves")[1].split("##")[0]
+    assert "| name | best epoch | epochs | val mIoU after each epoch |" in curves
+    assert f"| {BASE} | 2 | 3 | 0.100 0.250 0.200 |" in curves
+    assert curves.count(f"| {BASE} |") == 1  # the TTA run shares the plain run's training
 
 
 def test_report_reads_the_warehouse_path_from_params_and_writes_out_atomically(tmp_path, warehouse, capsys):

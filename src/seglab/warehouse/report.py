@@ -1,11 +1,11 @@
 """`seglab report`: the warehouse's results as Markdown tables.
 
-Six sections, each over the latest run of every model (filters: dataset, class set, variant):
+Seven sections, each over the latest run of every model (filters: dataset, class set, variant):
 (a) every run, best mIoU first; (b) the floor they must beat, the constant prediction of the most
-frequent class; (c) IoU per class of every run; (d) mean ± std over seed replicates (the
-``seed_summary`` view); (e) what each GAN augmenter changes in mIoU against the real-only runs of
-the same seeds (``augmenter_effect``); (f) the same per class for IoU
-(``augmenter_effect_per_class``), classes as rows and one column per augmenter. The warehouse is opened read-only: the report never
+frequent class; (c) IoU per class of every run; (d) each trained run's validation mIoU per epoch;
+(e) mean ± std over seed replicates (the ``seed_summary`` view); (f) what each GAN augmenter changes
+in mIoU against the real-only runs of the same seeds (``augmenter_effect``); (g) the same per class
+for IoU (``augmenter_effect_per_class``), classes as rows and one column per augmenter. The warehouse is opened read-only: the report never
 changes it (DVC tracks the file).
 """
 
@@ -174,6 +174,24 @@ def _per_class_iou_section(con, runs: pd.DataFrame, variant: str | None) -> str:
             "first.\n\n" + "\n\n".join(blocks))
 
 
+def _curves_section(con, runs: pd.DataFrame) -> str:
+    rows = []
+    for run in runs.itertuples(index=False):
+        curve = queries.history(con, run.run_id)
+        if "val_miou" not in curve or curve["val_miou"].isna().all():
+            continue  # TTA and ensemble rows share or have no training history
+        rows.append({"name": run.name, "best_epoch": run.best_epoch, "epochs": len(curve),
+                     "curve": " ".join(_number(v) for v in curve["val_miou"])})
+    if not rows:
+        return "No run with a training history for these filters."
+    table = _table([("name", "l", lambda r: _text(r["name"])),
+                    ("best epoch", "r", lambda r: _integer(r["best_epoch"])),
+                    ("epochs", "r", lambda r: _integer(r["epochs"])),
+                    ("val mIoU after each epoch", "l", lambda r: r["curve"])], pd.DataFrame(rows))
+    return ("The training's own validation after each epoch, which picks the best epoch (letterboxed "
+            "thumbnails of the model's input size; the scores above are the evaluation's).\n\n" + table)
+
+
 def _seed_section(summary: pd.DataFrame, scope: list) -> str:
     if summary.empty:
         return "No model runs for these filters."
@@ -285,6 +303,7 @@ def render_report(con, *, dataset: str | None = None, class_set: str | None = No
         "## Latest runs\n\n" + _latest_section(runs, scope),
         "## Constant-prediction reference\n\n" + _constant_section(constant),
         "## IoU per class\n\n" + _per_class_iou_section(con, runs, variant),
+        "## Training curves\n\n" + _curves_section(con, runs),
         "## Seed replicates\n\n" + _seed_section(summary, scope),
         "## Augmenter effect on mIoU\n\n" + _effect_section(effect, runs, scope),
         "## Augmenter effect per class (IoU)\n\n" + _per_class_section(per_class, runs),
