@@ -9,7 +9,7 @@
 #   train@/evaluate@ stages, then `seglab ingest` and `seglab report`.
 # table: the ImageNet/scratch twins of every encoder with ImageNet weights here (U-Net and
 #   DeepLabV3+ on MobileNetV2, U-Net on EfficientNet-Lite0), at one shorter budget (TABLE_EPOCHS,
-#   default 5, of TABLE_SIZE px crops, default 192), in one `dvc exp run`.
+#   default 4, of TABLE_SIZE px crops, default 192), in one `dvc exp run`.
 #
 # The CamVid settings are those of docs/labelmaps.md: images + label maps, void (11) -> ignore,
 # stored at 480 px (CamVid's full 480x360), median-frequency class weights, TTA views identity and
@@ -29,7 +29,7 @@ report=${3:-docs/results/camvid-$mode.md}
 case "$mode" in best|table) ;; *) echo "camvid.sh: mode must be best or table, got '$mode'" >&2; exit 2;; esac
 [ -d "$root/trainannot" ] && [ -d "$root/valannot" ] || {
   echo "camvid.sh: $root is not a CamVid folder (expected train/, trainannot/, val/, valannot/)" >&2; exit 1; }
-epochs=$([ "$mode" = best ] && echo "${BEST_EPOCHS:-30}" || echo "${TABLE_EPOCHS:-5}")
+epochs=$([ "$mode" = best ] && echo "${BEST_EPOCHS:-30}" || echo "${TABLE_EPOCHS:-4}")
 size=$([ "$mode" = best ] && echo "${BEST_SIZE:-256}" || echo "${TABLE_SIZE:-192}")
 
 python - "$mode" "$root" "$epochs" "$size" <<'PY'
