@@ -41,12 +41,13 @@ def test_camvid_writes_the_documented_camvid_settings(tmp_path, mode, epochs, si
     profile = cfg.profiles["cpu"]
     assert (profile.epochs, profile.image_size) == (epochs, size)
     # The whole pipeline is the experiment (no targets), so it holds only what is to be run.
-    assert cfg.gan.names == [] and set(cfg.ensemble.members) <= set(cfg.models)
+    assert set(cfg.ensemble.members) <= set(cfg.models)
+    assert cfg.gan.names  # ingest depends on the synthetic gate's report folder: one GAN runs
     if mode == "table":  # every pretrained encoder with its from-scratch twin, no GAN variant
         names = set(cfg.models)
         assert {n.replace("_scratch", "_imagenet") for n in names if n.endswith("_scratch")} == \
             {n for n in names if n.endswith("_imagenet")}
-        assert len(names) == 6 and not any("+" in n for n in names)
+        assert len(names) == 6 and not any("+" in n for n in names)  # no model trains on synthetic data
     else:
         assert list(cfg.models) == ["unet_mobilenetv2_imagenet"] == cfg.ensemble.members
 
