@@ -52,8 +52,14 @@ def test_camvid_writes_the_documented_camvid_settings(tmp_path, mode, epochs, si
         assert list(cfg.models) == ["unet_mobilenetv2_imagenet"] == cfg.ensemble.members
 
 
+def test_coco_mini_transfer_keeps_only_the_pair_and_its_replicates(tmp_path):
+    cfg = edit_params(tmp_path, "coco-mini.sh", "1 2", "transfer")
+    assert set(cfg.models) == {f"unet_mobilenetv2_{w}{s}" for w in ("imagenet", "scratch") for s in ("", "_s1", "_s2")}
+    assert cfg.gan.names == ["pix2pix"] and set(cfg.ensemble.members) <= set(cfg.models)
+
+
 def test_coco_mini_adds_the_twins_xception_replicates_and_every_gan(tmp_path):
-    cfg = edit_params(tmp_path, "coco-mini.sh", "1 2")
+    cfg = edit_params(tmp_path, "coco-mini.sh", "1 2", "table")
     names = set(cfg.models)
     for name in ("unet_efficientnet_lite0_imagenet", "unet_efficientnet_lite0_scratch",
                  "deeplabv3plus_mobilenetv2_scratch", "deeplabv3plus_xception_imagenet"):
