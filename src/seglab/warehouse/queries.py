@@ -24,6 +24,7 @@ __all__ = [
     "confusion",
     "connect_read_only",
     "constant_prediction",
+    "curves",
     "deeplab_beats_unet",
     "family_beats",
     "history",
@@ -199,6 +200,16 @@ def history(con: duckdb.DuckDBPyConnection, run_id: str) -> pd.DataFrame:
     wide = long.pivot(index="epoch", columns="metric", values="value")
     wide.columns.name = None
     return wide.reset_index()
+
+
+def curves(con: duckdb.DuckDBPyConnection, run_ids: Sequence[str], metric: str = "val_miou") -> pd.DataFrame:
+    """One logged metric's value per epoch for many runs in one query: run_id, epochs and `values`
+    (a list in epoch order); runs without that metric in their history have no row."""
+    return _df(con, """
+        SELECT run_id, count(*) AS epochs, list(value ORDER BY epoch) AS "values"
+        FROM history WHERE metric = $metric AND list_contains($run_ids, run_id)
+        GROUP BY run_id
+    """, {"metric": metric, "run_ids": list(run_ids)})
 
 
 def confusion(con: duckdb.DuckDBPyConnection, run_id: str) -> pd.DataFrame:

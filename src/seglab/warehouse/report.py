@@ -5,8 +5,8 @@ Seven sections, each over the latest run of every model (filters: dataset, class
 frequent class; (c) IoU per class of every run; (d) each trained run's validation mIoU per epoch;
 (e) mean ± std over seed replicates (the ``seed_summary`` view); (f) what each GAN augmenter changes
 in mIoU against the real-only runs of the same seeds (``augmenter_effect``); (g) the same per class
-for IoU (``augmenter_effect_per_class``), classes as rows and one column per augmenter. The warehouse is opened read-only: the report never
-changes it (DVC tracks the file).
+for IoU (``augmenter_effect_per_class``), classes as rows and one column per augmenter. The
+warehouse is opened read-only: the report never changes it (DVC tracks the file).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pandas as pd
 
 from seglab.atomic import write_text_atomic
 from seglab.warehouse import queries
-from seglab.warehouse.schema import WarehouseError
+from seglab.warehouse.schema import SchemaError, WarehouseError
 
 __all__ = ["ReportError", "render_report", "run_report"]
 
@@ -133,7 +133,10 @@ def _latest_section(runs: pd.DataFrame, scope: list) -> str:
     ], runs)
 
 
-def _constant_section(constant: pd.DataFrame) -> str:
+def _constant_section(constant: pd.DataFrame | None) -> str:
+    if constant is None:
+        return ("This warehouse predates schema version 5, which records how runs were scored; run "
+                "`seglab ingest` (or `dvc repro`) to upgrade it.")
     if constant.empty:
         return "No per-class results to derive it from."
     table = _table([
@@ -175,19 +178,16 @@ def _per_class_iou_section(con, runs: pd.DataFrame, variant: str | None) -> str:
 
 
 def _curves_section(con, runs: pd.DataFrame) -> str:
-    rows = []
-    for run in runs.itertuples(index=False):
-        curve = queries.history(con, run.run_id)
-        if "val_miou" not in curve or curve["val_miou"].isna().all():
-            continue  # TTA and ensemble rows share or have no training history
-        rows.append({"name": run.name, "best_epoch": run.best_epoch, "epochs": len(curve),
-                     "curve": " ".join(_number(v) for v in curve["val_miou"])})
-    if not rows:
+    # TTA and ensemble rows have no training history of their own: only trained runs get a row.
+    found = queries.curves(con, runs["run_id"].tolist()) if not runs.empty else pd.DataFrame()
+    if found.empty:
         return "No run with a training history for these filters."
+    rows = runs.merge(found, on="run_id")
     table = _table([("name", "l", lambda r: _text(r["name"])),
                     ("best epoch", "r", lambda r: _integer(r["best_epoch"])),
                     ("epochs", "r", lambda r: _integer(r["epochs"])),
-                    ("val mIoU after each epoch", "l", lambda r: r["curve"])], pd.DataFrame(rows))
+                    ("val mIoU after each epoch", "l", lambda r: " ".join(_number(v) for v in r["values"]))],
+                   rows)
     return ("The training's own validation after each epoch, which picks the best epoch (letterboxed "
             "thumbnails of the model's input size; the scores above are the evaluation's).\n\n" + table)
 
@@ -289,7 +289,10 @@ def render_report(con, *, dataset: str | None = None, class_set: str | None = No
     summary = queries.seed_summary(con, **filters)
     effect = queries.augmenter_effect(con, **filters)
     per_class = queries.augmenter_effect_per_class(con, **filters)
-    constant = queries.constant_prediction(con, **filters)
+    try:
+        constant = queries.constant_prediction(con, **filters)
+    except SchemaError:  # read-only: a warehouse from before schema 5 is never migrated here
+        constant = None
     scope = _scope_columns([runs, summary, effect])
     shown = ", ".join(f"{label} {value if value is not None else 'all'}"
                       for label, value in (("dataset", dataset), ("class set", class_set),
