@@ -8,9 +8,11 @@
 #   (BEST_EPOCHS, default 30, of the 367 training images as BEST_SIZE px crops, default 256), alone in
 #   `models`, as one `dvc exp run` (its ensemble stage scores the model again as a one-member
 #   ensemble), then `seglab report`.
-# table: the ImageNet/scratch twins of every encoder with ImageNet weights here (U-Net and
-#   DeepLabV3+ on MobileNetV2, U-Net on EfficientNet-Lite0), at one shorter budget (TABLE_EPOCHS,
-#   default 4, of TABLE_SIZE px crops, default 192), in one `dvc exp run`.
+# table: every model of the seed's comparison (U-Net, Attention U-Net, U-Net/ResNet50, DeepLabV3+
+#   with Xception, ResNet50 and ResNet101, from scratch; DeepLabV3+/Xception from ImageNet) and the
+#   ImageNet/scratch twins of every encoder with ImageNet weights here (U-Net and DeepLabV3+ on
+#   MobileNetV2, U-Net on EfficientNet-Lite0), at one shorter budget (TABLE_EPOCHS, default 4, of
+#   TABLE_SIZE px crops, default 192), in one `dvc exp run`.
 #
 # The CamVid settings are those of docs/labelmaps.md: images + label maps, void (11) -> ignore,
 # stored at 480 px (CamVid's full 480x360), median-frequency class weights, TTA views identity and
@@ -68,9 +70,11 @@ if mode == "best":
         del models[name]
     params["ensemble"]["members"] = ["unet_mobilenetv2_imagenet"]  # the stage needs a member: the model itself
     params["ensemble"]["weights"] = [1.0]
-if mode == "table":  # the ImageNet/scratch twins of every encoder that has ImageNet weights here
+if mode == "table":  # the twins of every encoder that has ImageNet weights here, and the seed's models
     for name in ("deeplabv3plus_mobilenetv2_scratch", "unet_efficientnet_lite0_imagenet",
-                 "unet_efficientnet_lite0_scratch"):
+                 "unet_efficientnet_lite0_scratch", "unet", "attention_unet", "unet_resnet50",
+                 "deeplabv3plus_xception", "deeplabv3plus_resnet50", "deeplabv3plus_resnet101",
+                 "deeplabv3plus_xception_imagenet"):
         models[name] = params["more_models"].pop(name)
     for name in [n for n in models if "+" in n]:  # the GAN variants are the sample's question
         del models[name]

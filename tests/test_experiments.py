@@ -43,11 +43,15 @@ def test_camvid_writes_the_documented_camvid_settings(tmp_path, mode, epochs, si
     # The whole pipeline is the experiment (no targets), so it holds only what is to be run.
     assert set(cfg.ensemble.members) <= set(cfg.models)
     assert cfg.gan.names  # ingest depends on the synthetic gate's report folder: one GAN runs
-    if mode == "table":  # every pretrained encoder with its from-scratch twin, no GAN variant
+    if mode == "table":  # the seed's models, every pretrained encoder's twin, no GAN variant
         names = set(cfg.models)
-        assert {n.replace("_scratch", "_imagenet") for n in names if n.endswith("_scratch")} == \
-            {n for n in names if n.endswith("_imagenet")}
-        assert len(names) == 6 and not any("+" in n for n in names)  # no model trains on synthetic data
+        twins = {n for n in names if n.endswith("_scratch")}
+        assert {n.replace("_scratch", "_imagenet") for n in twins} == \
+            {n for n in names if n.endswith("_imagenet")} - {"deeplabv3plus_xception_imagenet"}
+        seed_six = {"unet", "attention_unet", "unet_resnet50", "deeplabv3plus_xception",
+                    "deeplabv3plus_resnet50", "deeplabv3plus_resnet101"}
+        assert seed_six | {"deeplabv3plus_xception_imagenet"} <= names and not names & set(cfg.more_models)
+        assert len(names) == 13 and not any("+" in n for n in names)  # no model trains on synthetic data
     else:
         assert list(cfg.models) == ["unet_mobilenetv2_imagenet"] == cfg.ensemble.members
 
