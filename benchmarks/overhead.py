@@ -14,9 +14,9 @@ and resume state go to a temporary folder. Inside the process:
   the epoch that unfreezes a pretrained encoder (re-tracing, where the unfreeze changes the trainable
   set: with `train.encoder_batchnorm: train` only, since a held encoder keeps it).
 - **per epoch outside the train steps**: validation (`on_test_begin` → `on_test_end`), the
-  callbacks after it (history, plateau, early stopping, `ModelCheckpoint`), the resume commit
+  callbacks after it (history, plateau, early stopping with its copy of the best weights), the resume commit
   (`ResumableBackup._save_model`), and the gaps between (fit's own bookkeeping).
-- **saving**: from the end of `fit` to `run_train`'s return (loading the best checkpoint, writing
+- **saving**: from the end of `fit` to `run_train`'s return (restoring the best weights, writing
   model.keras, train.json, history.csv), and the process's exit after it (the parent's wall
   time of the process minus the time the child saw; the child exits as `seglab` does, without the
   interpreter's teardown).

@@ -5,7 +5,8 @@
   `ReduceLROnPlateau` on `val_miou` lowers (`seglab.train.schedules`).
 - Loss from `seglab.train.losses.get_loss` (focal + Dice by default, 255 ignored), metric
   `StreamingSegmentationMetric` mIoU on the training batches (`miou`) and on validation (`val_miou`).
-- `ModelCheckpoint` keeps the best epoch by `val_miou`; `EarlyStopping` on `val_miou`.
+- `EarlyStopping` on `val_miou`, which also keeps the best epoch's weights (in memory: a weights file
+  per improving epoch cost about as much as the validation; the resume commits hold them).
 - Pretrained encoders start frozen (BatchNorm in inference mode) for `freeze_encoder_epochs`, then
   train at `encoder_lr_multiplier` x the decoder's learning rate (`seglab.models.transfer`), their
   BatchNorm layers kept frozen unless `encoder_batchnorm` is "train". With BatchNorm frozen (the
@@ -37,7 +38,7 @@ from seglab.models.transfer import (ENCODER_LAYER, UnfreezeEncoder, build_optimi
                                     set_encoder_trainable)
 from seglab.train.losses import get_loss
 from seglab.train.precision import dtype_policy
-from seglab.train.resume import AttributeState, ResumableBackup, VariableState
+from seglab.train.resume import AttributeState, BestWeightsState, ResumableBackup, VariableState
 from seglab.train.schedules import PlateauScaledSchedule, ScheduleReduceLROnPlateau, warmup_cosine_schedule
 from seglab.train.settings import TrainSettings
 from seglab.train.strategy import MultiWorkerMirroredStrategy, is_multi_worker
@@ -106,7 +107,7 @@ class _EncoderState:
 
 @dataclass
 class TrainResult:
-    """What `train_model` did. `model` holds the best checkpoint's weights."""
+    """What `train_model` did. `model` holds the best epoch's weights."""
 
     model: keras.Model
     history: list[dict[str, Any]]
@@ -223,25 +224,23 @@ def train_model(
         plateau = None if t.reduce_lr_patience is None else ScheduleReduceLROnPlateau(
             schedule, monitor=MONITOR, mode="max", factor=REDUCE_LR_FACTOR,
             patience=t.reduce_lr_patience, min_scale=MIN_LR_SCALE)
-        stopping = keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=t.early_stopping_patience)
-        checkpoint = keras.callbacks.ModelCheckpoint(
-            ResumableBackup.checkpoint_path(backup_dir), monitor=MONITOR, mode="max",
-            save_best_only=True, save_weights_only=True)
-        recipe = [c for c in (recorder, plateau, stopping, checkpoint, keras.callbacks.TerminateOnNaN()) if c is not None]
+        stopping = keras.callbacks.EarlyStopping(monitor=MONITOR, mode="max", patience=t.early_stopping_patience,
+                                                 restore_best_weights=True)
+        recipe = [c for c in (recorder, plateau, stopping, keras.callbacks.TerminateOnNaN()) if c is not None]
         if freezing:
             recipe.insert(1, UnfreezeEncoder(settings.freeze_encoder_epochs, train_batchnorm=train_batchnorm))
-        # Everything the rest of the run depends on, committed with each epoch: without the
-        # checkpoint's best score a resumed run would keep its first epoch as the best.
+        # Everything the rest of the run depends on, committed with each epoch: without the best
+        # score and weights a resumed run would keep its first epoch as the best.
         stateful = {
             "history": recorder,
             **({"plateau": AttributeState(plateau, ("wait", "best", "cooldown_counter"))} if plateau else {}),
             "lr_scale": VariableState(schedule.scale, "scale"),
             "early_stopping": AttributeState(stopping, ("wait", "best", "best_epoch", "stopped_epoch")),
-            "checkpoint": AttributeState(checkpoint, ("best",)),
             # Held encoders: whether they learn is optimizer state, committed with the weights.
             **({"encoder": _EncoderState(model)} if freezing and train_batchnorm else {}),
         }
-        backup = ResumableBackup(backup_dir, stateful, run_key, commit_every_seconds=t.commit_every_seconds)
+        backup = ResumableBackup(backup_dir, stateful, run_key, arrays={"best_weights": BestWeightsState(stopping)},
+                                 commit_every_seconds=t.commit_every_seconds)
 
         # The optimizer must be built for the trainable set the committed state was saved with.
         committed = backup.committed()
@@ -278,13 +277,10 @@ def train_model(
             bad = next(r["epoch"] for r in history if not math.isfinite(r.get("loss", math.nan)))
             raise RuntimeError(f"training diverged: loss is not finite in epoch {bad} (TerminateOnNaN stopped it); "
                                "check the labels and the learning rate")
-        best = backup.best_checkpoint()
-        if best is None:
-            raise RuntimeError(f"no best checkpoint in {backup.checkpoint_dir}: {MONITOR} was never logged")
-        best_epoch, best_path = best
-        # The file also holds the optimizer as it was then (maybe before the encoder was unfrozen);
-        # an uncompiled view of the same layers reads only the layers' variables.
-        inference_view(model).load_weights(str(best_path))
+        if stopping.best_weights is None:
+            raise RuntimeError(f"{state_dir}: no best epoch: {MONITOR} was never logged")
+        model.set_weights(stopping.best_weights)  # fit restored them too, unless it was skipped as finished
+        best_epoch = int(stopping.best_epoch) + 1
         rows_by_epoch = {r["epoch"]: r for r in history}
         return TrainResult(
             model=model,

@@ -3,7 +3,7 @@
 A run's state lives in one folder (``<train.state>/<name>/``): ``run.json`` (the run's key: params
 hash and shard fingerprints) and ``backup/``, written by `ResumableBackup` at the end of an epoch:
 model and optimizer weights, the epoch, and the state of every stateful part of the recipe
-(history, plateau counters and scale, early-stopping counters, the best checkpoint score, whether
+(history, plateau counters and scale, early-stopping counters and the best epoch's weights, whether
 the encoder trains) form one commit, published by an atomic rename of a pointer file. A run killed
 at any point restarts from the last committed epoch with exactly the state it had then; epochs
 that ran after the commit are run again. A state left by other settings or data is discarded.
@@ -26,14 +26,15 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import keras
+import numpy as np
 
 from seglab.atomic import write_text_atomic
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AttributeState", "ResumableBackup", "Stateful", "VariableState", "clear_state", "open_state_dir"]
+__all__ = ["ArrayState", "AttributeState", "BestWeightsState", "ResumableBackup", "Stateful", "VariableState",
+           "clear_state", "open_state_dir"]
 
-_CHECKPOINT_PATTERN = re.compile(r"^best-epoch(\d+)\.weights\.h5$")
 _COMMIT_PATTERN = re.compile(r"^epoch-(\d+)$")
 
 
@@ -72,14 +73,25 @@ class VariableState:
         self.variable.assign(float(state[self.key]))
 
 
-def _checkpoint_epochs(checkpoint_dir: Path) -> dict[int, Path]:
-    found = {}
-    if checkpoint_dir.is_dir():
-        for path in checkpoint_dir.iterdir():
-            match = _CHECKPOINT_PATTERN.match(path.name)
-            if match:
-                found[int(match.group(1))] = path
-    return found
+class ArrayState(Protocol):
+    """A part of the recipe whose state is a list of arrays (or None), committed as one ``.npz`` file."""
+
+    def get_arrays(self) -> list[np.ndarray] | None: ...
+
+    def set_arrays(self, arrays: list[np.ndarray] | None) -> None: ...
+
+
+class BestWeightsState:
+    """The best epoch's weights that `keras.callbacks.EarlyStopping(restore_best_weights=True)` holds."""
+
+    def __init__(self, stopping: keras.callbacks.EarlyStopping):
+        self.stopping = stopping
+
+    def get_arrays(self) -> list[np.ndarray] | None:
+        return self.stopping.best_weights
+
+    def set_arrays(self, arrays: list[np.ndarray] | None) -> None:
+        self.stopping.best_weights = arrays
 
 
 class ResumableBackup(keras.callbacks.BackupAndRestore):
@@ -88,35 +100,28 @@ class ResumableBackup(keras.callbacks.BackupAndRestore):
     Layout of `backup_dir`::
 
         LATEST                  name of the committed folder (replaced atomically)
-        epoch-0003/             latest.weights.h5, training_metadata.json, state.json
-        checkpoints/            best-epochNNN.weights.h5 written by ModelCheckpoint (`checkpoint_path`)
+        epoch-0003/             latest.weights.h5, training_metadata.json, state.json, <array state>.npz
 
     A commit is written into a temporary folder, renamed to ``epoch-NNNN`` and published by
     rewriting ``LATEST``; a kill before that leaves the previous commit in force, and leftovers
-    of the unfinished one are removed on restore (as are checkpoints of epochs after the commit).
-    `stateful` maps names to `Stateful` objects: every one the run's outcome depends on must be
-    given here, since only these are saved with each commit; they are restored at the start of
-    `fit` (after the other callbacks' ``on_train_begin``, since this callback must come last).
+    of the unfinished one are removed on restore. `stateful` maps names to `Stateful` objects and
+    `arrays` names to `ArrayState` objects (the best epoch's weights, kept in memory between
+    commits): every one the run's outcome depends on must be given here, since only these are saved
+    with each commit; they are restored at the start of `fit` (after the other callbacks'
+    ``on_train_begin``, since this callback must come last).
     """
 
     def __init__(self, backup_dir: str | Path, stateful: Mapping[str, Stateful],
-                 run_key: Mapping[str, Any] | None = None, *, commit_every_seconds: float = 0.0):
+                 run_key: Mapping[str, Any] | None = None, *, arrays: Mapping[str, ArrayState] | None = None,
+                 commit_every_seconds: float = 0.0):
         super().__init__(str(backup_dir), save_freq="epoch", delete_checkpoint=False)
         self.root = Path(backup_dir)
         self.stateful = dict(stateful)
+        self.arrays = dict(arrays or {})
         self.run_key = dict(run_key or {})
         self.commit_every_seconds = float(commit_every_seconds)
         self.restored_epoch = 0
         self._last_commit = time.monotonic()
-
-    @staticmethod
-    def checkpoint_path(backup_dir: str | Path) -> str:
-        """The `keras.callbacks.ModelCheckpoint` file pattern whose files this backup manages."""
-        return str(Path(backup_dir) / "checkpoints" / "best-epoch{epoch:03d}.weights.h5")
-
-    @property
-    def checkpoint_dir(self) -> Path:
-        return self.root / "checkpoints"
 
     def committed(self) -> tuple[Path, dict[str, Any]] | None:
         """(folder, state.json) of the committed backup, or None if there is none."""
@@ -130,15 +135,6 @@ class ResumableBackup(keras.callbacks.BackupAndRestore):
             raise RuntimeError(f"{folder}: the committed training state is unreadable ({err}); "
                                f"delete {self.root} to start this run from scratch") from None
         return folder, state
-
-    def best_checkpoint(self, up_to_epoch: int | None = None) -> tuple[int, Path] | None:
-        """The newest ModelCheckpoint file (ModelCheckpoint only writes on improvement, so the best)."""
-        found = {e: p for e, p in _checkpoint_epochs(self.checkpoint_dir).items()
-                 if up_to_epoch is None or e <= up_to_epoch}
-        if not found:
-            return None
-        epoch = max(found)
-        return epoch, found[epoch]
 
     # ---------------------------------------------------------------------------- keras hooks
 
@@ -171,6 +167,15 @@ class ResumableBackup(keras.callbacks.BackupAndRestore):
                 raise RuntimeError(f"{folder}/state.json: no state for {name!r}; delete {self.root} to start "
                                    "this run from scratch")
             obj.set_state(state["states"][name])
+        for name, obj in self.arrays.items():
+            if name not in state.get("arrays", {}):
+                raise RuntimeError(f"{folder}/state.json: no entry for {name!r}; delete {self.root} to start "
+                                   "this run from scratch")
+            if state["arrays"][name] is None:
+                obj.set_arrays(None)
+                continue
+            with np.load(folder / state["arrays"][name]) as stored:
+                obj.set_arrays([stored[f"arr_{i}"] for i in range(len(stored.files))])
         self.restored_epoch = int(state["epoch"])
         self._current_epoch = self.restored_epoch
         log.info("resumed from %s: %d epoch(s) done", folder, self.restored_epoch)
@@ -180,16 +185,9 @@ class ResumableBackup(keras.callbacks.BackupAndRestore):
             return
         pointer = self.root / "LATEST"
         current = pointer.read_text().strip() if pointer.is_file() else None
-        committed_epoch = 0
         for path in self.root.iterdir():
-            match = _COMMIT_PATTERN.match(path.name)
-            if path.name.endswith(".tmp") or (match and path.name != current):
+            if path.name.endswith(".tmp") or (_COMMIT_PATTERN.match(path.name) and path.name != current):
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-            elif match:
-                committed_epoch = int(match.group(1))
-        for epoch, path in _checkpoint_epochs(self.checkpoint_dir).items():
-            if epoch > committed_epoch:
-                path.unlink(missing_ok=True)  # written by an epoch that will run again
 
     def _save_model(self):
         epoch = self._current_epoch
@@ -200,11 +198,18 @@ class ResumableBackup(keras.callbacks.BackupAndRestore):
         tmp.mkdir()
         self.model.save_weights(str(tmp / "latest.weights.h5"))
         (tmp / "training_metadata.json").write_text(json.dumps({"epoch": epoch, "batch": 0}))
+        arrays = {}
+        for name_, obj in self.arrays.items():
+            values = obj.get_arrays()
+            arrays[name_] = None if values is None else f"{name_}.npz"
+            if values is not None:
+                np.savez(tmp / f"{name_}.npz", *values)
         state = {
             "run_key": self.run_key,
             "epoch": epoch,
             "stop_training": bool(self.model.stop_training),
             "states": {name_: obj.get_state() for name_, obj in self.stateful.items()},
+            "arrays": arrays,
         }
         # Infinity stays Infinity (an unset best score): Python's json reads it back.
         (tmp / "state.json").write_text(json.dumps(state, default=lambda value: value.item()))
@@ -213,14 +218,10 @@ class ResumableBackup(keras.callbacks.BackupAndRestore):
             shutil.rmtree(target)
         os.replace(tmp, target)
         write_text_atomic(self.root / "LATEST", name)
-        # Committed: older commits and superseded checkpoints can go.
+        # Committed: older commits can go.
         for path in self.root.iterdir():
             if _COMMIT_PATTERN.match(path.name) and path.name != name:
                 shutil.rmtree(path, ignore_errors=True)
-        best = self.best_checkpoint(up_to_epoch=epoch)
-        for other_epoch, path in _checkpoint_epochs(self.checkpoint_dir).items():
-            if best is not None and other_epoch < best[0]:
-                path.unlink(missing_ok=True)
 
 
 def open_state_dir(state_dir: str | Path, run_key: Mapping[str, Any]) -> Path:
