@@ -163,6 +163,10 @@ def child_train(params: Path, name: str, jit: str) -> dict:
     watch.wrap(run, "training_datasets")
     watch.wrap(plan.RunPlan, "build")
     watch.wrap(resume.ResumableBackup, "_save_model", "commit")
+    # The parts of saving: the record (git revision included), model.keras, the resume state's removal.
+    watch.wrap(run, "_train_record")
+    watch.wrap(run.keras.Model, "save", "save_model")
+    watch.wrap(run, "clear_state")
     watch.wrap(transfer, "build_optimizer")
     loop.build_optimizer = transfer.build_optimizer  # the name loop.py calls, and UnfreezeEncoder's module's
     compiled = {}
@@ -225,6 +229,7 @@ def child_train(params: Path, name: str, jit: str) -> dict:
         "fit": clock.train_end - clock.train_begin,
         "train_steps": sum(sum(s) for s in steps),
         "saving": returned - clock.train_end,
+        "saving_parts": {key: watch.total(key) for key in ("_train_record", "save_model", "clear_state")},
         "child_seconds": returned - PROCESS_START,
         "epoch_rows": rows,
     }
@@ -368,6 +373,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         kind, params, name, *rest = args.child
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        from seglab.cli import NOT_IMPORTED_BY_STAGES  # the imports `seglab` leaves out (seglab.cli.run)
+
+        for module in NOT_IMPORTED_BY_STAGES:
+            sys.modules.setdefault(module, None)
         record = child_train(Path(params), name, *rest) if kind == "train" else child_evaluate(Path(params), name)
         print(json.dumps(record))
         # Leave as `seglab` does (seglab.cli.run): no interpreter teardown after the outputs.

@@ -223,13 +223,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# Keras imports these when they are installed, for its scikit-learn wrappers and its plotting helpers;
+# no stage calls either (seglab's plots use matplotlib's object API), and the two imports are over a
+# second of every stage process's start-up (benchmarks/README.md, "Fixed costs of a stage").
+# A None entry in sys.modules makes `import` raise ImportError, which Keras takes as "not installed".
+NOT_IMPORTED_BY_STAGES = ("sklearn", "matplotlib.pyplot")
+
+
 def run() -> None:
     """The `seglab` command: `main`, then an immediate exit once its outputs are on disk.
 
     Every stage has closed and atomically renamed its outputs when `main` returns; what remains,
     the interpreter tearing down TensorFlow's thread pools and objects, takes seconds per process
     (benchmarks/README.md, "Fixed costs of a stage") and writes nothing, so it is skipped.
+    The process leaves out the imports of `NOT_IMPORTED_BY_STAGES`.
     """
+    for name in NOT_IMPORTED_BY_STAGES:
+        sys.modules.setdefault(name, None)
     rc = main()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -255,7 +255,7 @@ def inference_function(predictor: keras.Model, image_shape: Sequence[int]) -> Ca
     evaluate stage's time at the CPU profile.
     """
     spec = tf.TensorSpec((None, *image_shape), tf.float32)
-    graph = tf.function(lambda images: predictor(images, training=False), input_signature=[spec])
+    graph = tf.function(lambda images: predictor(images, training=False), input_signature=[spec], autograph=False)
     return lambda images: graph(tf.convert_to_tensor(images, tf.float32)).numpy()
 
 
@@ -280,11 +280,12 @@ def plain_and_tta(model: keras.Model, transform_names: Sequence[str],
     transforms = select_transforms(transform_names, (height, width), on_non_square)
     spec = tf.TensorSpec((None, height, width, channels), tf.float32)
 
-    @tf.function(input_signature=[spec])
+    # No AutoGraph (as the data pipeline's functions): the loops and branches below are over Python values.
+    @tf.function(input_signature=[spec], autograph=False)
     def probabilities(images):
         return tf.nn.softmax(tf.cast(model(images, training=False), tf.float32), axis=-1)
 
-    @tf.function(input_signature=[spec])
+    @tf.function(input_signature=[spec], autograph=False)
     def merged(images):
         # One batch of every view: the traced segmenter is called once, with the signature `plain`
         # uses, so it is traced once for both.
@@ -363,6 +364,72 @@ def evaluate_predictors(
             shown = np.where(scored, predicted, IGNORE_INDEX).astype(np.uint8)
             results[variant].grid_predictions += [shown[i] for i in range(take)]
         images_seen += real
+    if images_seen == 0:
+        raise ValueError("the evaluation dataset yielded no images")
+
+    for variant, call in calls.items():
+        results[variant].latency_ms = measure_latency(call, first_image, latency_runs)
+    return EvaluationPass(results, images_seen, grid_inputs, grid_truths)
+
+
+def _evaluate_windows(
+    predictors: Mapping[str, keras.Model | TracedPredictor],
+    dataset: Any,
+    class_names: Sequence[str],
+    sliding: SlidingWindow,
+    *,
+    latency_runs: int,
+    grid_images: int,
+) -> EvaluationPass:
+    """`evaluate_predictors` for whole images at their stored size, predicted window by window."""
+    num_classes = len(class_names)
+    results = {variant: VariantResult(variant, ConfusionMatrix(num_classes, IGNORE_INDEX, class_names))
+               for variant in predictors}
+    calls = {variant: predictor if isinstance(predictor, TracedPredictor)
+             else inference_function(predictor, (*sliding.window, 3)) for variant, predictor in predictors.items()}
+    warm_up = np.zeros((sliding.batch_size, *sliding.window, 3), np.float32)
+    for call in calls.values():  # tracing is not inference time
+        call(warm_up)
+    grid_inputs: list[np.ndarray] = []
+    grid_truths: list[np.ndarray] = []
+    first_image = None
+    images_seen = 0
+
+    def score(group: list[tuple[np.ndarray, np.ndarray]], first_index: int) -> None:
+        # The group's windows share the model calls (`predict_many`): images of one or two windows
+        # each would otherwise make calls of one or two windows.
+        for variant, call in calls.items():
+            start, cpu_start = time.perf_counter(), time.process_time()
+            probabilities_of = sliding.predict_many(call, [image for image, _ in group])
+            results[variant].predict_seconds += time.perf_counter() - start
+            results[variant].predict_cpu_seconds += time.process_time() - cpu_start
+            results[variant].timed_images += len(group)
+            for index, ((_, label), probabilities) in enumerate(zip(group, probabilities_of), start=first_index):
+                _check_finite(probabilities, variant, f"image {index}")
+                predicted = np.argmax(probabilities, axis=-1)
+                results[variant].confusion.update(label, predicted)
+                if index < grid_images:
+                    results[variant].grid_predictions.append(
+                        np.where(label != IGNORE_INDEX, predicted, IGNORE_INDEX).astype(np.uint8))
+
+    group: list[tuple[np.ndarray, np.ndarray]] = []
+    for image, label in dataset:
+        image, label = np.asarray(image, np.float32), np.asarray(label)
+        if image.ndim != 3 or label.shape != image.shape[:2]:
+            raise ValueError(f"full-resolution evaluation takes one (H, W, 3) image and its (H, W) label at a "
+                             f"time, got {image.shape} and {label.shape}")
+        if first_image is None:
+            first_image = image[None]
+        if len(grid_inputs) < grid_images:
+            grid_inputs.append(image.astype(np.uint8))
+            grid_truths.append(label.astype(np.uint8))
+        group.append((image, label))
+        images_seen += 1
+        if len(group) == sliding.batch_size:
+            score(group, images_seen - len(group))
+            group = []
+    if group:
+        score(group, images_seen - len(group))
     if images_seen == 0:
         raise ValueError("the evaluation dataset yielded no images")
 

@@ -159,7 +159,7 @@ def gan_dataset(
     import tensorflow as tf
 
     from seglab.data.augment import Augmentation
-    from seglab.data.pipeline import classes_of, make_dataset
+    from seglab.data.pipeline import classes_of, graph_only, make_dataset
 
     rows = shard_rows(shard_dir, split)
     if rows < batch_size:
@@ -175,7 +175,7 @@ def gan_dataset(
     num_classes = len(classes)
     # Full batches only, so the epoch length is known; telling tf.data lets Keras size its epochs.
     dataset = dataset.apply(tf.data.experimental.assert_cardinality(rows // batch_size))
-    dataset = dataset.map(lambda images, labels: (to_gan_range(images), labels_to_one_hot(labels, num_classes)),
+    dataset = dataset.map(graph_only(lambda images, labels: (to_gan_range(images), labels_to_one_hot(labels, num_classes))),
                           num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return dataset.prefetch(tf.data.AUTOTUNE), classes, rows
 
