@@ -32,3 +32,25 @@ def test_a_config_error_exits_two_naming_the_file(tmp_path):
     proc = _seglab(["--params", "missing.yaml", "sample"], tmp_path)
     assert proc.returncode == 2
     assert "missing.yaml" in proc.stderr
+
+
+def test_the_stages_import_and_plot_without_the_modules_the_command_leaves_out(tmp_path):
+    """`seglab` blocks Keras' optional imports of scikit-learn and matplotlib.pyplot; every stage module
+    must still import, Keras must take them as absent, and the evaluation's plots must still draw."""
+    script = """
+import sys
+from seglab import cli
+for name in cli.NOT_IMPORTED_BY_STAGES:
+    sys.modules.setdefault(name, None)
+import numpy as np
+import seglab.train.run, seglab.evaluate.evaluate, seglab.gan.train, seglab.data.validate
+from seglab.evaluate.plots import plot_confusion
+plot_confusion(np.eye(3, dtype=np.int64) * 5, ["a", "b", "c"], sys.argv[1])
+import keras.src.wrappers.fixes as fixes
+assert fixes.sklearn is None and sys.modules["sklearn"] is None
+"""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "confusion.png")], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "confusion.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
