@@ -320,8 +320,8 @@ def _s(value) -> str:
 def train_table(records: list[dict]) -> str:
     lines = ["| model | stage s | start → 1st step s (imports / plan / data / build / rest) | trace s (train / val) "
              "| re-trace at unfreeze s | epochs × steps | step ms | train steps s | validation s/epoch "
-             "| checkpoint etc. s/epoch | commit s/epoch | saving + exit s | non-step share |",
-             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| callbacks s/epoch | commit s/epoch | saving + exit s | non-step share | by the steps' sum |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in records:
         rows = r["epoch_rows"]
         steady = rows[1:] or rows
@@ -335,7 +335,7 @@ def train_table(records: list[dict]) -> str:
             f"{statistics.median(x['validation'] for x in steady):.2f} | "
             f"{statistics.median(x['after_validation'] for x in steady):.2f} | "
             f"{statistics.median(x['commit'] for x in rows):.2f} | {r['saving'] + r['exit']:.1f} | "
-            f"{100 * non_step / r['wall']:.0f} % |")
+            f"{100 * non_step / r['wall']:.0f} % | {100 * (1 - r['train_steps'] / r['wall']):.0f} % |")
     return "\n".join(lines)
 
 
