@@ -153,8 +153,8 @@ def child_train(params: Path, name: str, jit: str) -> dict:
     import tensorflow  # noqa: F401
 
     from seglab.config import load_config
-    from seglab.train import loop, plan, resume, run
     from seglab.models import transfer
+    from seglab.train import loop, plan, resume, run
     imported = time.perf_counter()
     logging.basicConfig(level=logging.WARNING)
 
@@ -373,7 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         kind, params, name, *rest = args.child
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        from seglab.cli import NOT_IMPORTED_BY_STAGES  # the imports `seglab` leaves out (seglab.cli.run)
+        from seglab.cli import (
+            NOT_IMPORTED_BY_STAGES,  # the imports `seglab` leaves out (seglab.cli.run)
+        )
 
         for module in NOT_IMPORTED_BY_STAGES:
             sys.modules.setdefault(module, None)
