@@ -813,3 +813,21 @@ def test_multi_worker_training_from_tf_config(shards, tmp_path):
     assert [int(r["epoch"]) for r in history] == [1, 2] and all(math.isfinite(float(r["loss"])) for r in history)
     assert not list((tmp_path / "state").iterdir())  # the chief's and the worker's resume states are gone
     keras.models.load_model(tmp_path / "models" / "tiny" / "model.keras")
+
+
+def test_a_run_killed_after_its_last_commit_restores_the_best_epoch_without_training(tmp_path):
+    """Every epoch committed, the outputs not yet written (killed in between): training again with the
+    same state skips `fit` and returns the best epoch's weights, not the last epoch's."""
+    settings = tiny_settings(epochs=4, steps_per_epoch=2, batch_size=4, learning_rate=0.05, warmup_epochs=0,
+                             commit_every_seconds=0)
+    keras.utils.set_random_seed(0)
+    first = train_model(tiny_segmenter, random_batches(2).repeat(), random_batches(1, seed=1), settings,
+                        state_dir=tmp_path / "state", verbose=0)
+    assert first.best_epoch < first.epochs_run  # the case this test is about: the last epoch is not the best
+    keras.utils.set_random_seed(1)  # other initial weights: whatever comes back must be restored
+    again = train_model(tiny_segmenter, random_batches(2).repeat(), random_batches(1, seed=1), settings,
+                        state_dir=tmp_path / "state", verbose=0)
+    assert again.resumed_from_epoch == first.epochs_run and again.best_epoch == first.best_epoch
+    assert [r["epoch"] for r in again.history] == [r["epoch"] for r in first.history]
+    for restored, best in zip(again.model.get_weights(), first.model.get_weights()):
+        np.testing.assert_array_equal(restored, best)

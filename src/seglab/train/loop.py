@@ -260,6 +260,8 @@ def train_model(
             # Killed after its last epoch, before the outputs: restore without running fit.
             backup.set_model(model)
             backup.on_train_begin()
+            if stopping.best_weights is not None:  # what EarlyStopping's on_train_end does after a fit
+                model.set_weights(stopping.best_weights)
         else:
             if committed:
                 # Fit draws every epoch from one pass over the repeated data: go on where the
@@ -279,7 +281,6 @@ def train_model(
                                "check the labels and the learning rate")
         if stopping.best_weights is None:
             raise RuntimeError(f"{state_dir}: no best epoch: {MONITOR} was never logged")
-        model.set_weights(stopping.best_weights)  # fit restored them too, unless it was skipped as finished
         best_epoch = int(stopping.best_epoch) + 1
         rows_by_epoch = {r["epoch"]: r for r in history}
         return TrainResult(
