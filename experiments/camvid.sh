@@ -25,6 +25,9 @@
 # `git clone . /tmp/camvid && cd /tmp/camvid && make install && experiments/camvid.sh best`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The project's virtualenv (`make install`) first on PATH, as the Makefile puts it for its commands:
+# python (with ruamel.yaml), dvc and seglab are the project's, whether or not it is activated.
+if [ -x .venv/bin/python ]; then export PATH="$PWD/.venv/bin:$PATH"; fi
 
 mode=${1:-best}
 root=${2:-../shared/data/camvid}

@@ -19,6 +19,9 @@
 # transfer: COCO objects are too small at the default data's 64 px).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# The project's virtualenv (`make install`) first on PATH, as the Makefile puts it for its commands:
+# python (with ruamel.yaml), dvc and seglab are the project's, whether or not it is activated.
+if [ -x .venv/bin/python ]; then export PATH="$PWD/.venv/bin:$PATH"; fi
 
 mode=${1:-table}
 root=${2:-../shared/data/coco-mini}

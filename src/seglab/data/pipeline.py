@@ -399,9 +399,7 @@ def make_dataset(
     ds = ds.map(prepare, num_parallel_calls=num_parallel_calls, deterministic=deterministic)
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
     ds = ds.prefetch(tf.data.AUTOTUNE)
-    options = tf.data.Options()
-    options.deterministic = deterministic
-    return ds.with_options(options)
+    return ds.with_options(_options(deterministic))
 
 
 def stored_pairs(shard_dir: ShardDirs, split: str, *, num_parallel_calls: int = tf.data.AUTOTUNE) -> tf.data.Dataset:
@@ -426,6 +424,18 @@ def stored_pairs(shard_dir: ShardDirs, split: str, *, num_parallel_calls: int = 
     ds = groups.map(_read_rows, num_parallel_calls=num_parallel_calls, deterministic=True).unbatch()
     ds = ds.map(graph_only(lambda jpeg, png, record: _decode(jpeg, png, record, num_classes)),
                 num_parallel_calls=num_parallel_calls, deterministic=True)
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(_options(deterministic=True))
+
+
+def _options(deterministic: bool) -> tf.data.Options:
+    """The pipelines' options: element order as asked, and no autotuning thread.
+
+    tf.data's autotuner re-optimises in a background thread whose sleep doubles up to 60 s, and an
+    iterator's destructor waits for that sleep to end (TensorFlow 2.21): at the end of a training's
+    `fit` this stalled the stage for 25-40 s in about a third of the runs (benchmarks/README.md).
+    Without it, AUTOTUNE parallelism is the number of cores and prefetch buffers grow on demand.
+    """
     options = tf.data.Options()
-    options.deterministic = True
-    return ds.prefetch(tf.data.AUTOTUNE).with_options(options)
+    options.deterministic = deterministic
+    options.autotune.enabled = False
+    return options
