@@ -15,7 +15,7 @@ import yaml
 from seglab.data.pipeline import stored_pairs
 from seglab.evaluate.ensemble import run_ensemble
 from seglab.evaluate.evaluate import output_folder, run_evaluate
-from seglab.evaluate.inference import EvalTarget, plain_and_tta
+from seglab.evaluate.inference import EvalTarget, TracedPredictor, evaluate_predictors, plain_and_tta
 from seglab.evaluate.sliding import SlidingWindow, window_starts
 from tests.evaluate.test_evaluate import BATCH, CLASSES, _config, _pixel_model, _save_trained
 from tests.factories import run_id as factory_run_id, write_label_split
@@ -207,6 +207,34 @@ def test_full_protocol_scores_a_thin_class_at_the_stored_resolution_that_a_lette
         "full", [16, 16], "cover", 0.33)
     # Not the original (letterbox) evaluation: the run id names the protocol.
     assert run["run_id"] != factory_run_id("pixel", "plain", run["params_hash"])
+
+
+def test_full_protocol_latency_is_each_image_s_own_call():
+    # Every image is one call (all its windows); its timing is a latency sample, so no extra calls run.
+    model = _pixel_model(classes=3, size=16)
+    predictors = plain_and_tta(model, ["identity", "hflip"])
+    calls = {variant: 0 for variant in predictors}
+
+    def counted(variant):
+        inner = predictors[variant]
+
+        def graph(images):
+            calls[variant] += 1
+            return inner.graph(images)
+        return TracedPredictor(graph, inner.name, inner.tta_transforms)
+
+    pairs = [(np.full((h, w, 3), 100, np.uint8), label) for (h, w), label in
+             zip([(40, 56), (16, 16), (33, 70)], [np.zeros((40, 56), np.uint8), np.ones((16, 16), np.uint8),
+                                                  np.full((33, 70), 2, np.uint8)])]
+    sliding = SlidingWindow((16, 16), overlap=0.33, scale=1.0, batch_size=64)  # one call per image
+    result = evaluate_predictors({v: counted(v) for v in predictors}, pairs, CLASSES, latency_runs=20,
+                                 grid_images=0, sliding=sliding)
+    assert calls == {"plain": 1 + 3, "tta": 1 + 3}  # the warm-up, then one per image; none for latency
+    for variant in predictors:
+        latency = result.results[variant].latency_ms
+        assert latency.shape == (3,) and np.all(latency > 0)
+        assert result.results[variant].latency_percentile(50) <= result.results[variant].latency_percentile(90)
+        assert np.isclose(latency.sum() / 1000.0, result.results[variant].predict_seconds)
 
 
 def test_full_protocol_ensemble_with_weights_one_zero_equals_its_first_member(tmp_path):

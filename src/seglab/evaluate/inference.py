@@ -19,8 +19,10 @@ memory included; reading and decoding the shards, which overlap in tf.data's pre
 the graph. Each predictor is traced once, for any batch size (`inference_function`), so the
 latency's batch of one reuses the graph. A last partial letterbox batch is padded to the batch
 size (one input shape for the kernels); only its real images are counted.
-Latency: one image per call (`full`: all its windows), `evaluate.latency_runs` timed calls after a
-warm-up, p50/p90 in ms.
+Latency, p50/p90 in ms of one image per call: for `full`, each image of the split already is one
+call (all its windows), so the percentiles are over those calls, every image at its own size (the
+graph was traced by a warm-up call before the first); for `letterbox`, whose calls are batches,
+`evaluate.latency_runs` extra calls with the first image, after a warm-up.
 
 `plain_and_tta` gives the plain and the TTA predictor of one segmenter from a single trace of it:
 tracing and optimising the graph cost more than the whole evaluation's predictions on the CPU
@@ -319,14 +321,14 @@ def evaluate_predictors(
 
     A Keras model is traced here (`inference_function`); a `TracedPredictor` is used as it is.
 
-    Returns per predictor the confusion matrix, its throughput and latency (module doc) and its
+    `latency_runs`: the extra single-image calls timed without `sliding` (with it, every image's call
+    is timed). Returns per predictor the confusion matrix, its throughput and latency (module doc) and its
     label maps for the first `grid_images` images (not-scored pixels set to 255).
     """
     if not predictors:
         raise ValueError("evaluate_predictors needs at least one predictor")
     if sliding is not None:
-        return _evaluate_windows(predictors, dataset, class_names, sliding,
-                                 latency_runs=latency_runs, grid_images=grid_images)
+        return _evaluate_windows(predictors, dataset, class_names, sliding, grid_images=grid_images)
     num_classes = len(class_names)
     results = {variant: VariantResult(variant, ConfusionMatrix(num_classes, IGNORE_INDEX, class_names))
                for variant in predictors}
@@ -378,7 +380,6 @@ def _evaluate_windows(
     class_names: Sequence[str],
     sliding: SlidingWindow,
     *,
-    latency_runs: int,
     grid_images: int,
 ) -> EvaluationPass:
     """`evaluate_predictors` for whole images at their stored size, predicted window by window."""
@@ -392,15 +393,13 @@ def _evaluate_windows(
         call(warm_up)
     grid_inputs: list[np.ndarray] = []
     grid_truths: list[np.ndarray] = []
-    first_image = None
+    latency_ms: dict[str, list[float]] = {variant: [] for variant in predictors}
     images_seen = 0
     for index, (image, label) in enumerate(dataset):
         image, label = np.asarray(image, np.float32), np.asarray(label)
         if image.ndim != 3 or label.shape != image.shape[:2]:
             raise ValueError(f"full-resolution evaluation takes one (H, W, 3) image and its (H, W) label at a "
                              f"time, got {image.shape} and {label.shape}")
-        if first_image is None:
-            first_image = image[None]
         scored = label != IGNORE_INDEX
         shown_in_grid = len(grid_inputs) < grid_images
         if shown_in_grid:
@@ -409,8 +408,10 @@ def _evaluate_windows(
         for variant, call in calls.items():
             start, cpu_start = time.perf_counter(), time.process_time()
             probabilities = sliding.predict(call, image)
-            results[variant].predict_seconds += time.perf_counter() - start
+            seconds = time.perf_counter() - start
+            results[variant].predict_seconds += seconds
             results[variant].predict_cpu_seconds += time.process_time() - cpu_start
+            latency_ms[variant].append(1000.0 * seconds)
             _check_finite(probabilities, variant, f"image {index}")
             results[variant].timed_images += 1
             predicted = np.argmax(probabilities, axis=-1)
@@ -421,9 +422,8 @@ def _evaluate_windows(
     if images_seen == 0:
         raise ValueError("the evaluation dataset yielded no images")
 
-    for variant, call in calls.items():
-        results[variant].latency_ms = measure_latency(
-            lambda images, call=call: sliding.predict(call, images[0]), first_image, latency_runs)
+    for variant, timings in latency_ms.items():  # one call per image (module doc)
+        results[variant].latency_ms = np.asarray(timings)
     return EvaluationPass(results, images_seen, grid_inputs, grid_truths)
 
 
