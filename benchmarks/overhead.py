@@ -273,9 +273,11 @@ def child_evaluate(params: Path, name: str) -> dict:
     evaluate.run_evaluate(cfg, name)
     returned = time.perf_counter()
     predictors = sorted(k for k in watch.calls if k.startswith("predictor-"))
-    latency_calls = cfg.evaluate.latency_runs + 1
+    # Extra latency calls (warm-up + runs) close each predictor's calls where measure_latency ran; the
+    # full protocol times its val calls as the latency instead (seglab.evaluate.inference), so none.
+    latency_calls = (cfg.evaluate.latency_runs + 1) if "measure_latency" in watch.calls else 0
     first_calls = sum(watch.calls[k][0] for k in predictors)                    # tracing + one batch
-    batch_calls = sum(sum(watch.calls[k][1:-latency_calls]) for k in predictors)  # the timed val batches
+    batch_calls = sum(sum(watch.calls[k][1:len(watch.calls[k]) - latency_calls]) for k in predictors)  # val calls
     return {
         "model": name,
         "imports": imported - PROCESS_START,
