@@ -12,7 +12,7 @@ from PIL import Image
 
 from seglab.data.classes import ClassSet
 from seglab.data.coco import LabelRules, encode_png
-from seglab.data.pipeline import classes_of, fit_to_size, make_dataset, num_classes_of
+from seglab.data.pipeline import classes_of, fit_to_size, make_dataset, num_classes_of, stored_pairs
 from seglab.data.shards import shard_files, shard_metadata, write_manifest, write_shards
 from seglab.data.shard_stage import build_shards
 
@@ -172,6 +172,16 @@ def test_deterministic_with_same_seed_and_different_with_another(colour_shards):
     # successive epochs of one dataset are reshuffled / re-cropped
     n = len(first) // 2
     assert any(not np.array_equal(first[i][0], first[n + i][0]) for i in range(n))
+
+
+def test_pipelines_run_without_tf_data_s_autotuning_thread(colour_shards):
+    # Its sleep (up to 60 s) held the training iterator's destructor after fit (benchmarks/README.md).
+    for ds in (make_dataset(colour_shards, "train", image_size=(32, 32), batch_size=2, training=True, seed=0,
+                            deterministic=True),
+               make_dataset(colour_shards, "train", image_size=(32, 32), batch_size=2),
+               stored_pairs(colour_shards, "train")):
+        assert ds.options().autotune.enabled is False
+        assert len(as_numpy(ds.take(1))) == 1
 
 
 def test_augment_hook_is_called_with_a_seed_and_its_output_used(colour_shards):

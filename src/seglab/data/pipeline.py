@@ -432,7 +432,7 @@ def _options(deterministic: bool) -> tf.data.Options:
 
     tf.data's autotuner re-optimises in a background thread whose sleep doubles up to 60 s, and an
     iterator's destructor waits for that sleep to end (TensorFlow 2.21): at the end of a training's
-    `fit` this stalled the stage for 25-40 s in about a third of the runs (benchmarks/README.md).
+    `fit` this held some stages for up to a minute (benchmarks/README.md, "The stall after fit").
     Without it, AUTOTUNE parallelism is the number of cores and prefetch buffers grow on demand.
     """
     options = tf.data.Options()
