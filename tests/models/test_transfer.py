@@ -22,6 +22,7 @@ from seglab.models.transfer import (
     set_encoder_trainable,
     unfreeze_encoder,
 )
+from seglab.train.optimizers import FusedAdamW
 
 LR = 1e-2
 
@@ -177,7 +178,8 @@ def _counting_traces(model: keras.Model) -> list:
     return traces
 
 
-def test_holding_the_encoder_keeps_it_bit_identical_and_releasing_starts_a_fresh_optimizer(batch):
+@pytest.mark.parametrize("adamw", [keras.optimizers.AdamW, FusedAdamW])
+def test_holding_the_encoder_keeps_it_bit_identical_and_releasing_starts_a_fresh_optimizer(batch, adamw):
     """A held encoder (AdamW: weight decay included) moves by exactly 0 while the decoder trains; after
     the release the encoder's optimizer state is what it was when built, and the first released step
     moves each encoder weight by exactly lr x multiplier (Adam's first step: a step counter that went
@@ -185,7 +187,7 @@ def test_holding_the_encoder_keeps_it_bit_identical_and_releasing_starts_a_fresh
     keras.utils.set_random_seed(0)
     model = tiny_segmenter()
     set_encoder_trainable(model, True, train_batchnorm=False)
-    optimizer = encoder_lr_optimizer(model, keras.optimizers.AdamW(LR, weight_decay=0.5, epsilon=1e-12), 0.5)
+    optimizer = encoder_lr_optimizer(model, adamw(LR, weight_decay=0.5, epsilon=1e-12), 0.5)
     _compile(model, optimizer)
     build_optimizer(model)
     fresh = [v.numpy().copy() for v in optimizer.encoder_optimizer.variables]

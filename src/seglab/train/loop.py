@@ -1,6 +1,7 @@
 """The training recipe: Keras `model.fit` with the seed's optimizer, schedule, loss and callbacks, resumable.
 
-- Adam, or AdamW with decoupled weight decay (biases and BatchNorm scales/offsets excluded), over
+- Adam, or AdamW with decoupled weight decay (biases and BatchNorm scales/offsets excluded), each
+  variable's update done by TensorFlow's fused kernel (`seglab.train.optimizers`), over
   a linear warmup (`warmup_epochs`) followed by a cosine decay to 0 at the last step, whose height
   `ReduceLROnPlateau` on `val_miou` lowers (`seglab.train.schedules`).
 - Loss from `seglab.train.losses.get_loss` (focal + Dice by default, 255 ignored), metric
@@ -37,6 +38,7 @@ from seglab.metrics import StreamingSegmentationMetric
 from seglab.models.transfer import (ENCODER_LAYER, UnfreezeEncoder, build_optimizer, encoder_lr_optimizer,
                                     set_encoder_trainable)
 from seglab.train.losses import get_loss
+from seglab.train.optimizers import FusedAdam, FusedAdamW
 from seglab.train.precision import dtype_policy
 from seglab.train.resume import AttributeState, BestWeightsState, ResumableBackup, VariableState
 from seglab.train.schedules import PlateauScaledSchedule, ScheduleReduceLROnPlateau, warmup_cosine_schedule
@@ -138,8 +140,8 @@ class TrainResult:
 
 def _make_optimizer(settings: TrainSettings, schedule) -> keras.optimizers.Optimizer:
     if settings.train.optimizer == "adamw":
-        return keras.optimizers.AdamW(learning_rate=schedule, weight_decay=settings.train.weight_decay)
-    return keras.optimizers.Adam(learning_rate=schedule)
+        return FusedAdamW(learning_rate=schedule, weight_decay=settings.train.weight_decay)
+    return FusedAdam(learning_rate=schedule)
 
 
 def set_batchnorm_momentum(model: keras.Model, momentum: float | None) -> int:
