@@ -69,10 +69,11 @@ def loadavg() -> str:
 
 
 class Stopwatch:
-    """Durations of wrapped functions (and the start of their first call), by name."""
+    """Durations of wrapped functions (and the start of each call), by name."""
 
     def __init__(self):
         self.calls: dict[str, list[float]] = {}
+        self.starts: dict[str, list[float]] = {}
         self.first_start: dict[str, float] = {}
 
     def wrap(self, owner, attribute: str, name: str | None = None):
@@ -83,6 +84,7 @@ class Stopwatch:
         def timed(*args, **kwargs):
             start = time.perf_counter()
             self.first_start.setdefault(name, start)
+            self.starts.setdefault(name, []).append(start)
             try:
                 return function(*args, **kwargs)
             finally:
@@ -189,7 +191,8 @@ def child_train(params: Path, name: str, jit: str) -> dict:
     later_steps = [d for epoch in steps for d in epoch[1:]] + [epoch[0] for epoch in steps[1:]]
     step = statistics.median(later_steps)
     test_step = statistics.median([d for epoch in tests for d in epoch[1:]] or [d for epoch in tests for d in epoch])
-    commits = watch.calls.get("commit", [])
+    # A commit belongs to the epoch whose end it follows (commits are spaced by time, not every epoch).
+    commits = list(zip(watch.starts.get("commit", []), watch.calls.get("commit", [])))
     rows = []
     for i, e in enumerate(epochs):
         following = epochs[i + 1]["begin"] if i + 1 < len(epochs) else clock.train_end
@@ -200,7 +203,7 @@ def child_train(params: Path, name: str, jit: str) -> dict:
             "first_step": steps[i][0],
             "validation": e["test_end"] - e["test_begin"],
             "after_validation": e["end"] - e["test_end"],  # history, plateau, early stopping, checkpoint
-            "commit": commits[i] if i < len(commits) else 0.0,
+            "commit": sum(seconds for start, seconds in commits if e["end"] <= start < following),
             "after_epoch": following - e["end"],            # commit, next epoch's on_epoch_begin (unfreeze)
         })
     settings_freeze = cfg.train.freeze_encoder_epochs
@@ -322,7 +325,7 @@ def _s(value) -> str:
 def train_table(records: list[dict]) -> str:
     lines = ["| model | stage s | start → 1st step s (imports / plan / data / build / rest) | trace s (train / val) "
              "| re-trace at unfreeze s | epochs × steps | step ms | train steps s | validation s/epoch "
-             "| callbacks s/epoch | commit s/epoch | saving + exit s | non-step share | by the steps' sum |",
+             "| callbacks s/epoch | commits (n / s) | saving + exit s | non-step share | by the steps' sum |",
              "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in records:
         rows = r["epoch_rows"]
@@ -336,7 +339,8 @@ def train_table(records: list[dict]) -> str:
             f"{1000 * r['step']:.0f} | {r['train_steps']:.1f} | "
             f"{statistics.median(x['validation'] for x in steady):.2f} | "
             f"{statistics.median(x['after_validation'] for x in steady):.2f} | "
-            f"{statistics.median(x['commit'] for x in rows):.2f} | {r['saving'] + r['exit']:.1f} | "
+            f"{sum(x['commit'] > 0 for x in rows)} / {sum(x['commit'] for x in rows):.1f} | "
+            f"{r['saving'] + r['exit']:.1f} | "
             f"{100 * non_step / r['wall']:.0f} % | {100 * (1 - r['train_steps'] / r['wall']):.0f} % |")
     return "\n".join(lines)
 
