@@ -74,7 +74,6 @@ class Stopwatch:
     def __init__(self):
         self.calls: dict[str, list[float]] = {}
         self.starts: dict[str, list[float]] = {}
-        self.first_start: dict[str, float] = {}
 
     def wrap(self, owner, attribute: str, name: str | None = None):
         function = getattr(owner, attribute)
@@ -83,7 +82,6 @@ class Stopwatch:
         @functools.wraps(function)
         def timed(*args, **kwargs):
             start = time.perf_counter()
-            self.first_start.setdefault(name, start)
             self.starts.setdefault(name, []).append(start)
             try:
                 return function(*args, **kwargs)
@@ -220,7 +218,7 @@ def child_train(params: Path, name: str, jit: str) -> dict:
         "plan": watch.total("plan_run"),
         "datasets": watch.total("training_datasets"),
         "build": watch.total("build"),
-        "to_fit": clock.train_begin - watch.first_start["plan_run"] - watch.total("plan_run")
+        "to_fit": clock.train_begin - watch.starts["plan_run"][0] - watch.total("plan_run")
         - watch.total("training_datasets") - watch.total("build"),
         "fit_setup": first_batch - clock.train_begin,
         "start_to_first_step": first_batch - PROCESS_START,

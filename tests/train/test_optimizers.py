@@ -10,17 +10,19 @@ import tensorflow as tf
 
 from seglab.train.optimizers import FusedAdam, FusedAdamW
 
+SHAPES = [(3, 3, 4, 8), (8,), (5, 2)]
+
 
 def _variables(seed: int = 0) -> list[keras.Variable]:
     rng = np.random.default_rng(seed)
     return [keras.Variable(rng.normal(size=shape).astype("float32"), name=f"w{i}")
-            for i, shape in enumerate([(3, 3, 4, 8), (8,), (5, 2)])]
+            for i, shape in enumerate(SHAPES)]
 
 
 def _gradients(step: int) -> list[np.ndarray]:
     rng = np.random.default_rng(100 + step)
     return [rng.normal(scale=10.0 ** rng.integers(-3, 2), size=shape).astype("float32")
-            for shape in [(3, 3, 4, 8), (8,), (5, 2)]]
+            for shape in SHAPES]
 
 
 def _train(optimizer: keras.optimizers.Optimizer, steps: int = 6) -> tuple[list, list]:
