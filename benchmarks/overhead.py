@@ -377,12 +377,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         kind, params, name, *rest = args.child
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        from seglab.cli import (
-            NOT_IMPORTED_BY_STAGES,  # the imports `seglab` leaves out (seglab.cli.run)
-        )
+        from seglab.cli import leave_out_imports
 
-        for module in NOT_IMPORTED_BY_STAGES:
-            sys.modules.setdefault(module, None)
+        leave_out_imports(kind)  # as `seglab` does (seglab.cli.run)
         record = child_train(Path(params), name, *rest) if kind == "train" else child_evaluate(Path(params), name)
         print(json.dumps(record))
         # Leave as `seglab` does (seglab.cli.run): no interpreter teardown after the outputs.

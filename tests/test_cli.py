@@ -10,6 +10,8 @@ from pathlib import Path
 
 import yaml
 
+from seglab import cli
+
 SEGLAB = Path(sys.executable).parent / "seglab"
 
 
@@ -35,19 +37,25 @@ def test_a_config_error_exits_two_naming_the_file(tmp_path):
 
 
 def test_the_stages_import_and_plot_without_the_modules_the_command_leaves_out(tmp_path):
-    """`seglab` blocks Keras' optional imports of scikit-learn and matplotlib.pyplot; every stage module
-    must still import, Keras must take them as absent, and the evaluation's plots must still draw."""
+    """`seglab` blocks Keras' optional imports of scikit-learn, matplotlib.pyplot and, in the stages that
+    run Keras models, pandas; every such stage module must still import, Keras must take them as
+    absent, and the evaluation's plots must still draw."""
+    assert set(cli.KERAS_STAGES) <= set(cli.STAGES)
+    assert "pandas" not in cli.imports_left_out("validate-data")  # Great Expectations reads DataFrames
     script = """
 import sys
 from seglab import cli
-for name in cli.NOT_IMPORTED_BY_STAGES:
-    sys.modules.setdefault(name, None)
+cli.leave_out_imports("evaluate")
 import numpy as np
-import seglab.train.run, seglab.evaluate.evaluate, seglab.gan.train, seglab.data.validate
+import seglab.train.run, seglab.evaluate.evaluate, seglab.evaluate.predict, seglab.evaluate.ensemble
+import seglab.gan.train, seglab.gan.synthesize
 from seglab.evaluate.plots import plot_confusion
 plot_confusion(np.eye(3, dtype=np.int64) * 5, ["a", "b", "c"], sys.argv[1])
 import keras.src.wrappers.fixes as fixes
-assert fixes.sklearn is None and sys.modules["sklearn"] is None
+import keras.src.trainers.data_adapters.array_slicing as slicing
+import pyarrow.parquet  # its pandas shim takes pandas as absent too
+assert fixes.sklearn is None and slicing.pandas is None
+assert not {"sklearn", "pandas", "matplotlib.pyplot"} & set(sys.modules)
 """
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "confusion.png")], check=False, env=env,

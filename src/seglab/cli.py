@@ -6,12 +6,14 @@ The same functions are what `dvc.yaml` runs and what the Prefect flows call.
 from __future__ import annotations
 
 import argparse
+import importlib.abc
 import json
 import logging
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 from seglab.config import ConfigError, load_config
 
@@ -223,11 +225,38 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-# Keras imports these when they are installed, for its scikit-learn wrappers and its plotting helpers;
-# no stage calls either (seglab's plots use matplotlib's object API), and the two imports are over a
-# second of every stage process's start-up (benchmarks/README.md, "Fixed costs of a stage").
-# A None entry in sys.modules makes `import` raise ImportError, which Keras takes as "not installed".
+# Keras imports these when they are installed: scikit-learn for its wrappers, matplotlib.pyplot for
+# its plotting helpers, pandas so that its data adapters recognise a DataFrame. No stage calls the
+# first two (seglab's plots use matplotlib's object API), and the stages that run Keras models read
+# no DataFrame (the Great Expectations and warehouse stages do, so they keep pandas). Each is a part
+# of a stage process's start-up (benchmarks/README.md, "Fixed costs of a stage").
 NOT_IMPORTED_BY_STAGES = ("sklearn", "matplotlib.pyplot")
+KERAS_STAGES = ("train", "evaluate", "predict", "ensemble", "train-gan", "synthesize")
+NOT_IMPORTED_BY_KERAS_STAGES = ("pandas",)
+
+
+def imports_left_out(stage: str) -> tuple[str, ...]:
+    """The modules the `seglab <stage>` process never imports (`run`)."""
+    return NOT_IMPORTED_BY_STAGES + (NOT_IMPORTED_BY_KERAS_STAGES if stage in KERAS_STAGES else ())
+
+
+class LeaveOut(importlib.abc.MetaPathFinder):
+    """First on `sys.meta_path`: an import of one of `names` raises ModuleNotFoundError, which Keras and
+    pyarrow take as "not installed". (A None entry in sys.modules would not do: pyarrow's compiled
+    code reads sys.modules directly and takes the None for the module.)"""
+
+    def __init__(self, names: Sequence[str]):
+        self.names = frozenset(names)
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> None:
+        # Returning None (any other name) lets the next finder look for it.
+        if fullname in self.names:
+            raise ModuleNotFoundError(f"No module named {fullname!r} (left out of this process)", name=fullname)
+
+
+def leave_out_imports(stage: str) -> None:
+    """Make this process's imports of `imports_left_out(stage)` fail as if they were not installed."""
+    sys.meta_path.insert(0, LeaveOut(imports_left_out(stage)))
 
 
 def run() -> None:
@@ -236,10 +265,9 @@ def run() -> None:
     Every stage has closed and atomically renamed its outputs when `main` returns; what remains,
     the interpreter tearing down TensorFlow's thread pools and objects, takes seconds per process
     (benchmarks/README.md, "Fixed costs of a stage") and writes nothing, so it is skipped.
-    The process leaves out the imports of `NOT_IMPORTED_BY_STAGES`.
+    The process leaves out the imports of `imports_left_out(stage)`.
     """
-    for name in NOT_IMPORTED_BY_STAGES:
-        sys.modules.setdefault(name, None)
+    leave_out_imports(build_parser().parse_args().stage)  # usage errors and --help exit here, as in main
     rc = main()
     sys.stdout.flush()
     sys.stderr.flush()

@@ -380,3 +380,20 @@ def test_palette_shows_only_ignore_as_grey_and_colours_classes_apart():
     np.testing.assert_array_equal(colorize(label), palette[label])
     with pytest.raises(ValueError, match=r"\(H, W\) label map"):
         colorize(np.zeros((2, 2, 1), np.uint8))
+
+
+def test_the_evaluation_graphs_run_without_grappler_on_a_cpu_and_the_setting_is_restored():
+    import tensorflow as tf
+
+    from seglab.evaluate.inference import inference_graph_options
+
+    def disabled() -> bool:
+        return tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False)
+
+    on_cpu = not tf.config.list_physical_devices("GPU")
+    before = disabled()
+    with pytest.raises(RuntimeError, match="inside"):
+        with inference_graph_options():
+            assert disabled() is on_cpu
+            raise RuntimeError("inside")
+    assert disabled() == before

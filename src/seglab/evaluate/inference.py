@@ -24,6 +24,11 @@ call (all its windows), so the percentiles are over those calls, every image at 
 graph was traced by a warm-up call before the first); for `letterbox`, whose calls are batches,
 `evaluate.latency_runs` extra calls with the first image, after a warm-up.
 
+Graph rewrites (`inference_graph_options`): where no GPU is visible, the evaluation's graphs run
+without Grappler's rewrites. They made the predictions no faster on this project's CPUs and cost
+about half a second before a graph's first call; the probabilities change by rounding only
+(benchmarks/README.md, "Graph rewrites at evaluation").
+
 `plain_and_tta` gives the plain and the TTA predictor of one segmenter from a single trace of it:
 tracing and optimising the graph cost more than the whole evaluation's predictions on the CPU
 profile, and a TTA model built as one graph (`seglab.evaluate.tta.tta_model`) holds one copy of
@@ -33,8 +38,9 @@ traced segmenter and merges them as `tta_model` does (same transforms, same runn
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +71,7 @@ __all__ = [
     "eval_target",
     "evaluate_predictors",
     "inference_function",
+    "inference_graph_options",
     "load_trained",
     "measure_latency",
     "plain_and_tta",
@@ -249,6 +256,23 @@ def _check_finite(probabilities: np.ndarray, variant: str, where: str) -> None:
                          "the checkpoint is broken (diverged training?)")
 
 
+@contextlib.contextmanager
+def inference_graph_options() -> Iterator[None]:
+    """Grappler's rewrites off for the block where no GPU is visible (module doc), then as they were.
+
+    TensorFlow reads the setting when a traced graph is first run, so the block holds the first calls.
+    """
+    if tf.config.list_physical_devices("GPU"):  # layout and fusion rewrites pay off there
+        yield
+        return
+    before = tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False)
+    tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": True})
+    try:
+        yield
+    finally:
+        tf.config.optimizer.set_experimental_options({"disable_meta_optimizer": before})
+
+
 def inference_function(predictor: keras.Model, image_shape: Sequence[int]) -> Callable[[np.ndarray], np.ndarray]:
     """`predictor` in inference mode as one graph for batches of any size of `image_shape` images.
 
@@ -327,8 +351,21 @@ def evaluate_predictors(
     """
     if not predictors:
         raise ValueError("evaluate_predictors needs at least one predictor")
-    if sliding is not None:
-        return _evaluate_windows(predictors, dataset, class_names, sliding, grid_images=grid_images)
+    with inference_graph_options():
+        if sliding is not None:
+            return _evaluate_windows(predictors, dataset, class_names, sliding, grid_images=grid_images)
+        return _evaluate_batches(predictors, dataset, class_names, latency_runs=latency_runs, grid_images=grid_images)
+
+
+def _evaluate_batches(
+    predictors: Mapping[str, keras.Model | TracedPredictor],
+    dataset: Any,
+    class_names: Sequence[str],
+    *,
+    latency_runs: int,
+    grid_images: int,
+) -> EvaluationPass:
+    """`evaluate_predictors` for batches letterboxed to the model's input size."""
     num_classes = len(class_names)
     results = {variant: VariantResult(variant, ConfusionMatrix(num_classes, IGNORE_INDEX, class_names))
                for variant in predictors}

@@ -1,7 +1,9 @@
 """Evaluation figures: the labelled confusion heatmap and the image / truth / prediction grid.
 
 Drawn with matplotlib's object API on an Agg canvas (no pyplot, no global state, no display), and
-written atomically. Label maps are coloured with seglab.data.palette, one palette for truth and predictions.
+written atomically. Each figure is laid out before it is drawn (margins from the measured widths of
+its labels, fixed rows and columns for the grid) and drawn once: a tight bounding box or a layout
+engine draws it again, and the figures are a fixed part of every evaluate stage's time. Label maps are coloured with seglab.data.palette, one palette for truth and predictions.
 """
 
 from __future__ import annotations
@@ -12,13 +14,15 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
 from matplotlib.patches import Patch
 
 from seglab.atomic import atomic_path
 from seglab.data.classes import IGNORE_INDEX
 from seglab.data.palette import IGNORE_COLOR, colorize, label_palette
 
-__all__ = ["IGNORE_COLOR", "colorize", "label_palette", "plot_confusion", "plot_prediction_grid"]
+__all__ = ["IGNORE_COLOR", "colorize", "confusion_figure", "label_palette", "plot_confusion", "plot_prediction_grid",
+           "prediction_grid_figure"]
 
 # Cells are annotated with their percentage only while they stay readable.
 _MAX_ANNOTATED_CLASSES = 30
@@ -26,10 +30,18 @@ _MAX_ANNOTATED_CLASSES = 30
 
 def _save(figure: Figure, path: str | Path, dpi: int) -> Path:
     path = Path(path)
-    FigureCanvasAgg(figure)
     with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+        # zlib level 1: a few percent larger files than the default level, written several times faster.
+        figure.savefig(tmp, format="png", dpi=dpi, pil_kwargs={"compress_level": 1})
     return path
+
+
+def _text_inches(figure: Figure, texts: Sequence[str], fontsize: float) -> float:
+    """The width in inches of the widest of `texts` at `fontsize` as the Agg canvas will draw it."""
+    renderer = figure.canvas.get_renderer()
+    font = FontProperties(size=fontsize)
+    widest = max((renderer.get_text_width_height_descent(text, font, ismath=False)[0] for text in texts), default=0.0)
+    return widest / figure.dpi
 
 
 def plot_confusion(
@@ -39,6 +51,11 @@ def plot_confusion(
     title: str = "",
     dpi: int = 100,
 ) -> Path:
+    """`confusion_figure` written as a PNG to `path`."""
+    return _save(confusion_figure(confusion, class_names, title, dpi), path, dpi)
+
+
+def confusion_figure(confusion: np.ndarray, class_names: Sequence[str], title: str = "", dpi: int = 100) -> Figure:
     """Row-normalised confusion heatmap (rows = truth) with class names and pixel support on the axes.
 
     A row whose class has no truth pixel has no rate and is left blank (not drawn as zeros).
@@ -53,18 +70,23 @@ def plot_confusion(
     rates[support == 0] = np.nan
 
     side = max(6.0, 0.32 * num_classes + 3.0)
-    figure = Figure(figsize=(side + 1.5, side))
+    width, height = side + 1.5, side
+    figure = Figure(figsize=(width, height), dpi=dpi)
+    FigureCanvasAgg(figure)
+    font = max(4.0, min(9.0, 240.0 / num_classes))
+    row_labels = [f"{name} ({int(n):,} px)" for name, n in zip(class_names, support)]
+    # Margins (inches): tick labels, the axis label beside them and a gap; the title above; the
+    # colourbar's ticks and label on the right (the colourbar takes its width from the axes).
+    left = _text_inches(figure, row_labels, font) + 0.55
+    bottom = _text_inches(figure, list(class_names), font) + 0.55
+    top, right = 0.5, 0.9
+    figure.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height, top=1 - top / height)
     axes = figure.add_subplot()
     image = axes.imshow(np.ma.masked_invalid(rates), cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
     colorbar = figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
     colorbar.set_label("share of the true class's pixels")
-    font = max(4.0, min(9.0, 240.0 / num_classes))
     axes.set_xticks(range(num_classes), labels=list(class_names), rotation=90, fontsize=font)
-    axes.set_yticks(
-        range(num_classes),
-        labels=[f"{name} ({int(n):,} px)" for name, n in zip(class_names, support)],
-        fontsize=font,
-    )
+    axes.set_yticks(range(num_classes), labels=row_labels, fontsize=font)
     axes.set_xlabel("predicted class")
     axes.set_ylabel("true class (truth pixels)")
     if num_classes <= _MAX_ANNOTATED_CLASSES:
@@ -73,7 +95,7 @@ def plot_confusion(
             axes.text(col, row, f"{100 * value:.0f}", ha="center", va="center", fontsize=font * 0.8,
                       color="white" if value > 0.5 else "black")
     axes.set_title(title or "confusion matrix (row-normalised, %)")
-    return _save(figure, path, dpi)
+    return figure
 
 
 def plot_prediction_grid(
@@ -85,6 +107,18 @@ def plot_prediction_grid(
     title: str = "",
     dpi: int = 100,
 ) -> Path:
+    """`prediction_grid_figure` written as a PNG to `path`."""
+    return _save(prediction_grid_figure(images, truths, predictions, class_names, title, dpi), path, dpi)
+
+
+def prediction_grid_figure(
+    images: Sequence[np.ndarray],
+    truths: Sequence[np.ndarray],
+    predictions: Mapping[str, Sequence[np.ndarray]],
+    class_names: Sequence[str],
+    title: str = "",
+    dpi: int = 100,
+) -> Figure:
     """One row per image: the image, its truth and each named prediction, in one shared palette.
 
     images: (H, W, 3) in [0, 255]; truths and predictions: (H, W) label maps (255 = ignore, grey).
@@ -99,18 +133,26 @@ def plot_prediction_grid(
             f"{ {k: len(v) for k, v in predictions.items()} } predictions; each needs one per image"
         )
     columns = [("image", None), ("truth", truths), *((f"prediction ({k})", v) for k, v in predictions.items())]
-    figure = Figure(figsize=(2.6 * len(columns), 2.6 * rows + 1.0), layout="constrained")
-    grid = figure.subplots(rows, len(columns), squeeze=False)
-    shown: set[int] = set()
+    # Fixed layout (inches): square cells, a header for the title and the column headings, and a
+    # footer for the legend, whose rows are known once the shown classes are.
+    shown = {int(v) for maps in (truths, *predictions.values()) for label in maps for v in np.unique(label)}
+    legend_entries = len([v for v in shown if v < len(class_names)]) + (IGNORE_INDEX in shown)
+    legend_columns = min(6, max(1, legend_entries))
+    cell, header = 2.6, 0.35 + (0.35 if title else 0.0)
+    footer = 0.2 + 0.2 * -(-legend_entries // legend_columns)
+    width, height = cell * len(columns), cell * rows + header + footer
+    figure = Figure(figsize=(width, height), dpi=dpi)
+    FigureCanvasAgg(figure)
+    grid = figure.subplots(rows, len(columns), squeeze=False, gridspec_kw={
+        "left": 0.05 / width, "right": 1 - 0.05 / width, "bottom": footer / height, "top": 1 - header / height,
+        "wspace": 0.04, "hspace": 0.04})
     for row in range(rows):
         for col, (heading, maps) in enumerate(columns):
             axes = grid[row][col]
             if maps is None:
                 axes.imshow(np.clip(np.asarray(images[row]), 0, 255).astype(np.uint8))
             else:
-                label = np.asarray(maps[row])
-                shown.update(int(v) for v in np.unique(label))
-                axes.imshow(colorize(label), interpolation="nearest")
+                axes.imshow(colorize(np.asarray(maps[row])), interpolation="nearest")
             axes.set_xticks([])
             axes.set_yticks([])
             if row == 0:
@@ -119,8 +161,8 @@ def plot_prediction_grid(
     handles = [Patch(color=palette[v], label=class_names[v]) for v in sorted(shown) if v < len(class_names)]
     if IGNORE_INDEX in shown:
         handles.append(Patch(color=palette[IGNORE_INDEX], label="ignore"))
-    figure.legend(handles=handles, loc="outside lower center", ncol=min(6, max(1, len(handles))),
+    figure.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0.05 / height), ncol=legend_columns,
                   fontsize=8, frameon=False)
     if title:
-        figure.suptitle(title)
-    return _save(figure, path, dpi)
+        figure.suptitle(title, y=1 - 0.1 / height, va="top")
+    return figure

@@ -50,6 +50,7 @@ from seglab.evaluate.inference import (
     TracedPredictor,
     TrainedModel,
     _check_finite,
+    inference_graph_options,
     load_trained,
     plain_and_tta,
 )
@@ -387,4 +388,5 @@ def run_predict(cfg: Any, name: str, inputs: Sequence[str | Path], out: str | Pa
     log.info("predicting with %s (%d classes, input %s, scale %s, overlap %s, TTA %s)", name,
              len(segmenter.classes), segmenter.trained.image_shape, segmenter.sliding.scale,
              segmenter.sliding.overlap, segmenter.tta)
-    return predict_images(segmenter, inputs, out, overlay_alpha=cfg.predict.overlay_alpha)
+    with inference_graph_options():
+        return predict_images(segmenter, inputs, out, overlay_alpha=cfg.predict.overlay_alpha)
