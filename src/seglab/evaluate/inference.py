@@ -25,8 +25,8 @@ graph was traced by a warm-up call before the first); for `letterbox`, whose cal
 `evaluate.latency_runs` extra calls with the first image, after a warm-up.
 
 Graph rewrites (`inference_graph_options`): where no GPU is visible, the evaluation's graphs run
-without Grappler's rewrites. They made the predictions no faster on this project's CPUs and cost
-about half a second before a graph's first call; the probabilities change by rounding only
+without Grappler's rewrites. They made the predictions no faster on this project's CPUs and took
+time before each graph's first call; the probabilities change by rounding only
 (benchmarks/README.md, "Graph rewrites at evaluation").
 
 `plain_and_tta` gives the plain and the TTA predictor of one segmenter from a single trace of it:

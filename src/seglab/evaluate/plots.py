@@ -31,7 +31,7 @@ _MAX_ANNOTATED_CLASSES = 30
 def _save(figure: Figure, path: str | Path, dpi: int) -> Path:
     path = Path(path)
     with atomic_path(path) as tmp:
-        # zlib level 1: a few percent larger files than the default level, written several times faster.
+        # zlib level 1: somewhat larger files than the default level, for less compression time.
         figure.savefig(tmp, format="png", dpi=dpi, pil_kwargs={"compress_level": 1})
     return path
 
