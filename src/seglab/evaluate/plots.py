@@ -3,7 +3,8 @@
 Drawn with matplotlib's object API on an Agg canvas (no pyplot, no global state, no display), and
 written atomically. Each figure is laid out before it is drawn (margins from the measured widths of
 its labels, fixed rows and columns for the grid) and drawn once: a tight bounding box or a layout
-engine draws it again, and the figures are a fixed part of every evaluate stage's time. Label maps are coloured with seglab.data.palette, one palette for truth and predictions.
+engine draws it again, and the figures are a fixed part of every evaluate stage's time. Label maps
+are coloured with seglab.data.palette, one palette for truth and predictions.
 """
 
 from __future__ import annotations
