@@ -256,3 +256,32 @@ def test_the_cli_and_the_function_agree_and_the_cli_fails_naming_the_bad_files(t
         for key in ("labels", "overlay"):
             cli_file = tmp_path / "cli" / Path(written[key]).name
             assert cli_file.read_bytes() == Path(written[key]).read_bytes()
+
+
+def test_predictions_run_their_graphs_without_grappler_on_a_cpu_whoever_calls(tmp_path, pixel):
+    """`predict_images` as the dashboard calls it (not through `run_predict`): the graphs' calls run with
+    the evaluation's graph options (`inference_graph_options`), and the setting is restored after."""
+    import dataclasses
+
+    import tensorflow as tf
+
+    from seglab.evaluate.inference import TracedPredictor
+
+    def disabled() -> bool:
+        return tf.config.optimizer.get_experimental_options().get("disable_meta_optimizer", False)
+
+    _, cfg = pixel
+    segmenter = load_segmenter(cfg, "pixel")
+    seen = []
+
+    def recording(images):
+        seen.append(disabled())
+        return segmenter.predictor.graph(images)
+
+    recorder = dataclasses.replace(segmenter, predictor=TracedPredictor(recording, "recording"))
+    _image(tmp_path / "in" / "a.png", 20, 30, 0)
+    before = disabled()
+    report = predict_images(recorder, [tmp_path / "in"], tmp_path / "out", overlay_alpha=ALPHA)
+    assert not report.errors and len(report.written) == 1
+    assert seen and set(seen) == {not tf.config.list_physical_devices("GPU")}
+    assert disabled() == before

@@ -29,11 +29,11 @@ __all__ = ["IGNORE_COLOR", "colorize", "confusion_figure", "label_palette", "plo
 _MAX_ANNOTATED_CLASSES = 30
 
 
-def _save(figure: Figure, path: str | Path, dpi: int) -> Path:
+def _save(figure: Figure, path: str | Path) -> Path:
     path = Path(path)
     with atomic_path(path) as tmp:
         # zlib level 1: somewhat larger files than the default level, for less compression time.
-        figure.savefig(tmp, format="png", dpi=dpi, pil_kwargs={"compress_level": 1})
+        figure.savefig(tmp, format="png", dpi=figure.dpi, pil_kwargs={"compress_level": 1})
     return path
 
 
@@ -53,7 +53,7 @@ def plot_confusion(
     dpi: int = 100,
 ) -> Path:
     """`confusion_figure` written as a PNG to `path`."""
-    return _save(confusion_figure(confusion, class_names, title, dpi), path, dpi)
+    return _save(confusion_figure(confusion, class_names, title, dpi), path)
 
 
 def confusion_figure(confusion: np.ndarray, class_names: Sequence[str], title: str = "", dpi: int = 100) -> Figure:
@@ -109,7 +109,7 @@ def plot_prediction_grid(
     dpi: int = 100,
 ) -> Path:
     """`prediction_grid_figure` written as a PNG to `path`."""
-    return _save(prediction_grid_figure(images, truths, predictions, class_names, title, dpi), path, dpi)
+    return _save(prediction_grid_figure(images, truths, predictions, class_names, title, dpi), path)
 
 
 def prediction_grid_figure(
@@ -137,10 +137,13 @@ def prediction_grid_figure(
     # Fixed layout (inches): square cells, a header for the title and the column headings, and a
     # footer for the legend, whose rows are known once the shown classes are.
     shown = {int(v) for maps in (truths, *predictions.values()) for label in maps for v in np.unique(label)}
-    legend_entries = len([v for v in shown if v < len(class_names)]) + (IGNORE_INDEX in shown)
-    legend_columns = min(6, max(1, legend_entries))
+    palette = label_palette() / 255.0
+    handles = [Patch(color=palette[v], label=class_names[v]) for v in sorted(shown) if v < len(class_names)]
+    if IGNORE_INDEX in shown:
+        handles.append(Patch(color=palette[IGNORE_INDEX], label="ignore"))
+    legend_columns = min(6, max(1, len(handles)))
     cell, header = 2.6, 0.35 + (0.35 if title else 0.0)
-    footer = 0.2 + 0.2 * -(-legend_entries // legend_columns)
+    footer = 0.2 + 0.2 * -(-len(handles) // legend_columns)
     width, height = cell * len(columns), cell * rows + header + footer
     figure = Figure(figsize=(width, height), dpi=dpi)
     FigureCanvasAgg(figure)
@@ -158,10 +161,6 @@ def prediction_grid_figure(
             axes.set_yticks([])
             if row == 0:
                 axes.set_title(heading, fontsize=10)
-    palette = label_palette() / 255.0
-    handles = [Patch(color=palette[v], label=class_names[v]) for v in sorted(shown) if v < len(class_names)]
-    if IGNORE_INDEX in shown:
-        handles.append(Patch(color=palette[IGNORE_INDEX], label="ignore"))
     figure.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0.05 / height), ncol=legend_columns,
                   fontsize=8, frameon=False)
     if title:

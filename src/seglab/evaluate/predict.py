@@ -153,9 +153,10 @@ class Segmenter:
     def label_maps(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
         """(H, W) uint8 class indices for each (H, W, 3) image, at its size."""
         maps = []
-        for index, probabilities in enumerate(self.sliding.predict_many(self.predictor, images)):
-            _check_finite(probabilities, self.trained.name, f"image {index} of a batch to predict")
-            maps.append(np.argmax(probabilities, axis=-1).astype(np.uint8))
+        with inference_graph_options():
+            for index, probabilities in enumerate(self.sliding.predict_many(self.predictor, images)):
+                _check_finite(probabilities, self.trained.name, f"image {index} of a batch to predict")
+                maps.append(np.argmax(probabilities, axis=-1).astype(np.uint8))
         return maps
 
 
@@ -388,5 +389,4 @@ def run_predict(cfg: Any, name: str, inputs: Sequence[str | Path], out: str | Pa
     log.info("predicting with %s (%d classes, input %s, scale %s, overlap %s, TTA %s)", name,
              len(segmenter.classes), segmenter.trained.image_shape, segmenter.sliding.scale,
              segmenter.sliding.overlap, segmenter.tta)
-    with inference_graph_options():
-        return predict_images(segmenter, inputs, out, overlay_alpha=cfg.predict.overlay_alpha)
+    return predict_images(segmenter, inputs, out, overlay_alpha=cfg.predict.overlay_alpha)
