@@ -270,6 +270,10 @@ def child_evaluate(params: Path, name: str) -> dict:
         traced_call = inference.TracedPredictor.__call__
         inference.TracedPredictor.__call__ = lambda predictor, images: record(
             f"predictor-{predictor.name}", functools.partial(traced_call, predictor), images)
+    if hasattr(getattr(inference, "TracedPredictor", None), "given"):  # the TTA from the plain predictor's probabilities
+        traced_given = inference.TracedPredictor.given
+        inference.TracedPredictor.given = lambda predictor, images, base: record(
+            f"predictor-{predictor.name}", lambda batch: traced_given(predictor, batch, base), images)
     cfg = load_config(params)
     evaluate.run_evaluate(cfg, name)
     returned = time.perf_counter()
@@ -377,9 +381,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         kind, params, name, *rest = args.child
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        from seglab.cli import leave_out_imports
+        from seglab import cli
 
-        leave_out_imports(kind)  # as `seglab` does (seglab.cli.run)
+        # As `seglab` starts (seglab.cli.run); commits before start_stage_process only left out imports.
+        getattr(cli, "start_stage_process", cli.leave_out_imports)(kind)
         record = child_train(Path(params), name, *rest) if kind == "train" else child_evaluate(Path(params), name)
         print(json.dumps(record))
         # Leave as `seglab` does (seglab.cli.run): no interpreter teardown after the outputs.

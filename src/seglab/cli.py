@@ -6,6 +6,7 @@ The same functions are what `dvc.yaml` runs and what the Prefect flows call.
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.abc
 import json
 import logging
@@ -259,15 +260,35 @@ def leave_out_imports(stage: str) -> None:
     sys.meta_path.insert(0, LeaveOut(imports_left_out(stage)))
 
 
+def start_stage_process(stage: str) -> None:
+    """What a `seglab <stage>` process does before the stage: leave out `imports_left_out(stage)` and,
+    for a Keras stage, import Keras (with TensorFlow) while the garbage collector is paused, then
+    freeze what the imports made.
+
+    The imports make some 340,000 objects that live as long as the process; the collector's passes
+    over them, during the imports and at every later full collection, find nothing to free
+    (benchmarks/README.md, "Start-up without garbage collection").
+    """
+    leave_out_imports(stage)
+    if stage not in KERAS_STAGES:
+        return
+    gc.disable()
+    try:
+        import keras  # noqa: F401
+    finally:
+        gc.enable()
+    gc.freeze()
+
+
 def run() -> None:
     """The `seglab` command: `main`, then an immediate exit once its outputs are on disk.
 
     Every stage has closed and atomically renamed its outputs when `main` returns; what remains,
     the interpreter tearing down TensorFlow's thread pools and objects, takes seconds per process
     (benchmarks/README.md, "Fixed costs of a stage") and writes nothing, so it is skipped.
-    The process leaves out the imports of `imports_left_out(stage)`.
+    The process starts as `start_stage_process` says.
     """
-    leave_out_imports(build_parser().parse_args().stage)  # usage errors and --help exit here, as in main
+    start_stage_process(build_parser().parse_args().stage)  # usage errors and --help exit here, as in main
     rc = main()
     sys.stdout.flush()
     sys.stderr.flush()

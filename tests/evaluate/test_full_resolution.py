@@ -215,21 +215,23 @@ def test_full_protocol_latency_is_each_image_s_own_call():
     predictors = plain_and_tta(model, ["identity", "hflip"])
     calls = {variant: 0 for variant in predictors}
 
-    def counted(variant):
+    def counted(variant, base=None):
         inner = predictors[variant]
 
-        def graph(images):
+        def graph(*inputs):
             calls[variant] += 1
-            return inner.graph(images)
-        return TracedPredictor(graph, inner.name, inner.tta_transforms)
+            return inner.graph(*inputs)
+        return TracedPredictor(graph, inner.name, inner.tta_transforms, base)
 
     pairs = [(np.full((h, w, 3), 100, np.uint8), label) for (h, w), label in
              zip([(40, 56), (16, 16), (33, 70)], [np.zeros((40, 56), np.uint8), np.ones((16, 16), np.uint8),
                                                   np.full((33, 70), 2, np.uint8)])]
     sliding = SlidingWindow((16, 16), overlap=0.33, scale=1.0, batch_size=64)  # one call per image
-    result = evaluate_predictors({v: counted(v) for v in predictors}, pairs, CLASSES, latency_runs=20,
-                                 grid_images=0, sliding=sliding)
-    assert calls == {"plain": 1 + 3, "tta": 1 + 3}  # the warm-up, then one per image; none for latency
+    plain = counted("plain")
+    result = evaluate_predictors({"plain": plain, "tta": counted("tta", base=plain)}, pairs, CLASSES,
+                                 latency_runs=20, grid_images=0, sliding=sliding)
+    # The warm-up, then one per image; none for latency; the TTA takes the plain call's probabilities.
+    assert calls == {"plain": 1 + 3, "tta": 1 + 3}
     for variant in predictors:
         latency = result.results[variant].latency_ms
         assert latency.shape == (3,) and np.all(latency > 0)

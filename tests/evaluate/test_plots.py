@@ -8,6 +8,7 @@ from matplotlib.text import Text
 from matplotlib.transforms import Bbox
 
 from seglab.data.classes import IGNORE_INDEX
+from seglab.data.palette import label_palette
 from seglab.evaluate.plots import (
     confusion_figure,
     plot_confusion,
@@ -51,13 +52,30 @@ def test_the_prediction_grid_keeps_its_legend_and_headings_apart_from_the_images
     figure = prediction_grid_figure(images, truths, {"plain": truths, "tta": truths}, COCO_LIKE, title="first 3")
     _assert_inside(figure)
     renderer = figure.canvas.get_renderer()
-    cells = [axes.get_window_extent(renderer) for axes in figure.axes]
+    (mosaic,) = figure.images  # every cell, composed into one picture placed unscaled
+    x0, x1, y0, y1 = mosaic.get_extent()
+    cells = Bbox([[x0, y0], [x1, y1]])
+    assert figure.bbox.x0 <= x0 and x1 <= figure.bbox.x1 and figure.bbox.y0 <= y0 and y1 <= figure.bbox.y1
+    assert (y1 - y0, x1 - x0) == mosaic.get_array().shape[:2]
     legend = figure.legends[0]
     assert len(legend.get_texts()) == len(COCO_LIKE) + 1  # every class shown, and "ignore"
     boxes = {"legend": legend.get_window_extent(renderer), "title": figure._suptitle.get_window_extent(renderer)}
-    boxes |= {t.get_text(): t.get_window_extent(renderer) for t in (a.title for a in figure.axes[:4])}
+    boxes |= {t.get_text(): t.get_window_extent(renderer) for t in figure.texts if t is not figure._suptitle}
+    assert {"image", "truth", "prediction (plain)", "prediction (tta)"} <= set(boxes)
     for name, box in boxes.items():
-        assert not any(box.overlaps(cell) for cell in cells), f"the {name!r} overlaps an image"
+        assert not box.overlaps(cells), f"the {name!r} overlaps an image"
+
+
+def test_the_prediction_grid_shows_each_label_map_in_palette_colours_only():
+    """Label maps are scaled by nearest label: no blend of two classes' colours appears in a cell."""
+    label = np.zeros((97, 131), np.uint8)
+    label[:, ::2] = 3
+    label[::3] = IGNORE_INDEX
+    figure = prediction_grid_figure([np.zeros((97, 131, 3), np.uint8)], [label], {"plain": label[None]}, COCO_LIKE)
+    (mosaic,) = figure.images
+    colours = {tuple(c) for c in mosaic.get_array()[:, 260:].reshape(-1, 3)}  # right of the image's cell
+    allowed = {tuple(c) for c in label_palette()[[0, 3, IGNORE_INDEX]]} | {(255, 255, 255)}  # and the background
+    assert colours <= allowed and len(colours) == 4
 
 
 def test_the_figures_are_written_as_png(tmp_path):

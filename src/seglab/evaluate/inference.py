@@ -289,19 +289,36 @@ class TracedPredictor:
     """A traced predictor: images (B, H, W, 3) -> probabilities (B, H, W, C) as numpy, any B.
 
     `tta_transforms`: the names of the transforms merged (None for a plain predictor).
+    `base`: where set, `graph` takes the images and `base`'s probabilities of them (the TTA's identity
+    view, `plain_and_tta`): called alone, the predictor runs `base` first; `given` takes probabilities
+    `base` already gave.
     """
 
-    def __init__(self, graph: Callable[[tf.Tensor], tf.Tensor], name: str, tta_transforms: list[str] | None = None):
-        self.graph, self.name, self.tta_transforms = graph, name, tta_transforms
+    def __init__(self, graph: Callable[..., tf.Tensor], name: str, tta_transforms: list[str] | None = None,
+                 base: TracedPredictor | None = None):
+        self.graph, self.name, self.tta_transforms, self.base = graph, name, tta_transforms, base
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
-        return self.graph(tf.convert_to_tensor(images, tf.float32)).numpy()
+        images = tf.convert_to_tensor(images, tf.float32)
+        if self.base is None:
+            return self.graph(images).numpy()
+        return self.graph(images, self.base.graph(images)).numpy()
+
+    def given(self, images: np.ndarray, base_probabilities: np.ndarray) -> np.ndarray:
+        """The probabilities of `images` from `base`'s probabilities of the same images."""
+        if self.base is None:
+            raise ValueError(f"{self.name}: takes no base predictor's probabilities")
+        return self.graph(tf.convert_to_tensor(images, tf.float32),
+                          tf.convert_to_tensor(base_probabilities, tf.float32)).numpy()
 
 
 def plain_and_tta(model: keras.Model, transform_names: Sequence[str],
                   on_non_square: str = "skip") -> dict[str, TracedPredictor]:
     """{"plain": softmax of `model`, "tta": the TTA merge of `transform_names`} sharing one trace of
-    `model` (module doc). `model` returns logits (B, H, W, C) for a static input (H, W, 3)."""
+    `model` (module doc). `model` returns logits (B, H, W, C) for a static input (H, W, 3).
+
+    Where the views include the identity, the TTA takes it from the plain predictor (its `base`), so
+    an evaluation that runs both computes it once."""
     height, width, channels = (int(d) for d in model.input_shape[1:])
     transforms = select_transforms(transform_names, (height, width), on_non_square)
     spec = tf.TensorSpec((None, height, width, channels), tf.float32)
@@ -311,21 +328,53 @@ def plain_and_tta(model: keras.Model, transform_names: Sequence[str],
     def probabilities(images):
         return tf.nn.softmax(tf.cast(model(images, training=False), tf.float32), axis=-1)
 
-    @tf.function(input_signature=[spec], autograph=False)
-    def merged(images):
-        # One batch of every view: the traced segmenter is called once, with the signature `plain`
-        # uses, so it is traced once for both.
-        views = probabilities(tf.concat([t.apply(images) for t in transforms], axis=0))
+    def merge(images, identity):
+        # One batch of every other view: the traced segmenter is called once, with the signature
+        # `plain` uses, so it is traced once for both.
+        others = [t for t in transforms if identity is None or t.name != "identity"]
+        views = probabilities(tf.concat([t.apply(images) for t in others], axis=0)) if others else None
         batch = tf.shape(images)[0]
-        mean = None
+        mean, computed = None, 0
         for count, transform in enumerate(transforms, start=1):
-            view = transform.invert(views[(count - 1) * batch:count * batch])
+            if identity is not None and transform.name == "identity":
+                view = identity
+            else:
+                view = transform.invert(views[computed * batch:(computed + 1) * batch])
+                computed += 1
             # A running mean, as tta_model's: equal views come back unchanged, bit for bit.
             mean = view if mean is None else mean + (view - mean) / float(count)
         return mean
 
-    return {"plain": TracedPredictor(probabilities, f"{model.name}_probabilities"),
-            "tta": TracedPredictor(merged, f"{model.name}_tta", [t.name for t in transforms])}
+    plain = TracedPredictor(probabilities, f"{model.name}_probabilities")
+    name, names = f"{model.name}_tta", [t.name for t in transforms]
+    if "identity" not in names:
+        merged = tf.function(lambda images: merge(images, None), input_signature=[spec], autograph=False)
+        return {"plain": plain, "tta": TracedPredictor(merged, name, names)}
+    classes = int(model.output_shape[-1])
+    given = tf.TensorSpec((None, height, width, classes), tf.float32)
+    merged = tf.function(merge, input_signature=[spec, given], autograph=False)
+    return {"plain": plain, "tta": TracedPredictor(merged, name, names, base=plain)}
+
+
+def _bases(predictors: Mapping[str, Any]) -> dict[str, str]:
+    """{variant: the earlier variant whose probabilities it takes} for the TracedPredictors whose
+    `base` is listed before them; the others are called on the images alone."""
+    bases, seen = {}, {}
+    for variant, predictor in predictors.items():
+        base = getattr(predictor, "base", None)
+        for earlier, candidate in seen.items():
+            if base is not None and candidate is base:
+                bases[variant] = earlier
+        seen[variant] = predictor
+    return bases
+
+
+def _warm_up(calls: Mapping[str, Any], bases: Mapping[str, str], images: np.ndarray) -> None:
+    """One untimed call of each predictor, as the evaluation calls it: tracing is not inference time."""
+    outputs = {}
+    for variant, call in calls.items():
+        base = bases.get(variant)
+        outputs[variant] = call.given(images, outputs[base]) if base else call(images)
 
 
 def evaluate_predictors(
@@ -375,6 +424,7 @@ def _evaluate_batches(
     images_seen = 0
     first_image = None
     calls: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
+    bases = _bases(predictors)
     for batch_index, (images, labels) in enumerate(dataset):
         images, labels = np.asarray(images, np.float32), np.asarray(labels)
         real = images.shape[0]
@@ -383,19 +433,25 @@ def _evaluate_batches(
             first_image = images[:1].copy()
             calls = {variant: predictor if isinstance(predictor, TracedPredictor)
                      else inference_function(predictor, images.shape[1:]) for variant, predictor in predictors.items()}
-            for call in calls.values():  # warm-up: tracing is not inference time
-                call(images)
+            _warm_up(calls, bases, images)
         if real < batch_size:  # pad to the traced batch shape; the padding is dropped below
             images = np.concatenate([images, np.zeros((batch_size - real, *images.shape[1:]), images.dtype)])
         scored = labels != IGNORE_INDEX
         take = max(0, min(grid_images - len(grid_inputs), real))
         grid_inputs += [images[i].astype(np.uint8) for i in range(take)]
         grid_truths += [labels[i].astype(np.uint8) for i in range(take)]
+        outputs: dict[str, np.ndarray] = {}
+        spent: dict[str, tuple[float, float]] = {}  # wall, CPU seconds of the calls each variant needed
         for variant, call in calls.items():
+            base = bases.get(variant)
             start, cpu_start = time.perf_counter(), time.process_time()
-            probabilities = call(images)
-            results[variant].predict_seconds += time.perf_counter() - start
-            results[variant].predict_cpu_seconds += time.process_time() - cpu_start
+            probabilities = call.given(images, outputs[base]) if base else call(images)
+            seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+            if base:  # its time includes the base's calls it took the probabilities of
+                seconds, cpu_seconds = seconds + spent[base][0], cpu_seconds + spent[base][1]
+            outputs[variant], spent[variant] = probabilities, (seconds, cpu_seconds)
+            results[variant].predict_seconds += seconds
+            results[variant].predict_cpu_seconds += cpu_seconds
             _check_finite(probabilities[:real], variant, f"batch {batch_index}")
             results[variant].timed_images += real
             predicted = np.argmax(probabilities[:real], axis=-1)
@@ -425,9 +481,8 @@ def _evaluate_windows(
                for variant in predictors}
     calls = {variant: predictor if isinstance(predictor, TracedPredictor)
              else inference_function(predictor, (*sliding.window, 3)) for variant, predictor in predictors.items()}
-    warm_up = np.zeros((sliding.batch_size, *sliding.window, 3), np.float32)
-    for call in calls.values():  # tracing is not inference time
-        call(warm_up)
+    bases = _bases(predictors)
+    _warm_up(calls, bases, np.zeros((sliding.batch_size, *sliding.window, 3), np.float32))
     grid_inputs: list[np.ndarray] = []
     grid_truths: list[np.ndarray] = []
     latency_ms: dict[str, list[float]] = {variant: [] for variant in predictors}
@@ -442,12 +497,26 @@ def _evaluate_windows(
         if shown_in_grid:
             grid_inputs.append(image.astype(np.uint8))
             grid_truths.append(label.astype(np.uint8))
+        # A variant's time: the image's resize and windows (shared), the model calls it needed (a
+        # base's included) and its own merge.
+        start, cpu_start = time.perf_counter(), time.process_time()
+        tiling = sliding.tile([image])
+        tiled = (time.perf_counter() - start, time.process_time() - cpu_start)
+        outputs: dict[str, list[np.ndarray]] = {}
+        spent: dict[str, tuple[float, float]] = {}
         for variant, call in calls.items():
+            base = bases.get(variant)
             start, cpu_start = time.perf_counter(), time.process_time()
-            probabilities = sliding.predict(call, image)
-            seconds = time.perf_counter() - start
+            outputs[variant] = ([call.given(windows, given) for windows, given in zip(tiling.batches, outputs[base])]
+                                if base else [call(windows) for windows in tiling.batches])
+            spent[variant] = (time.perf_counter() - start, time.process_time() - cpu_start)
+            if base:
+                spent[variant] = (spent[variant][0] + spent[base][0], spent[variant][1] + spent[base][1])
+            start, cpu_start = time.perf_counter(), time.process_time()
+            probabilities = tiling.merge(outputs[variant])[0]
+            seconds = tiled[0] + spent[variant][0] + time.perf_counter() - start
             results[variant].predict_seconds += seconds
-            results[variant].predict_cpu_seconds += time.process_time() - cpu_start
+            results[variant].predict_cpu_seconds += tiled[1] + spent[variant][1] + time.process_time() - cpu_start
             latency_ms[variant].append(1000.0 * seconds)
             _check_finite(probabilities, variant, f"image {index}")
             results[variant].timed_images += 1

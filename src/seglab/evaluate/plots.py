@@ -17,6 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.font_manager import FontProperties
 from matplotlib.patches import Patch
+from PIL import Image
 
 from seglab.atomic import atomic_path
 from seglab.data.classes import IGNORE_INDEX
@@ -112,6 +113,14 @@ def plot_prediction_grid(
     return _save(prediction_grid_figure(images, truths, predictions, class_names, title, dpi), path)
 
 
+def _fit(array: np.ndarray, side: int, resample: int) -> np.ndarray:
+    """`array` (H, W) or (H, W, 3) uint8 scaled to fit a `side` x `side` cell, its aspect kept."""
+    height, width = array.shape[:2]
+    factor = side / max(height, width)
+    size = (max(1, round(width * factor)), max(1, round(height * factor)))
+    return np.asarray(Image.fromarray(array).resize(size, resample))
+
+
 def prediction_grid_figure(
     images: Sequence[np.ndarray],
     truths: Sequence[np.ndarray],
@@ -124,6 +133,11 @@ def prediction_grid_figure(
 
     images: (H, W, 3) in [0, 255]; truths and predictions: (H, W) label maps (255 = ignore, grey).
     The legend lists the classes that appear in any shown truth or prediction.
+
+    The cells are composed into one picture at the figure's resolution (each scaled to fit its
+    square cell: images smoothly, label maps by nearest label, so no colour between two classes
+    appears) and placed unscaled: 24 axes, or a picture resampled by matplotlib, take several
+    times as long to draw.
     """
     rows = len(images)
     if rows == 0:
@@ -134,35 +148,37 @@ def prediction_grid_figure(
             f"{ {k: len(v) for k, v in predictions.items()} } predictions; each needs one per image"
         )
     columns = [("image", None), ("truth", truths), *((f"prediction ({k})", v) for k, v in predictions.items())]
-    # Fixed layout (inches): square cells, a header for the title and the column headings, and a
-    # footer for the legend, whose rows are known once the shown classes are.
+    # Fixed layout (pixels at `dpi`): square cells with gaps, a header for the title and the column
+    # headings, and a footer for the legend, whose rows are known once the shown classes are.
     shown = {int(v) for maps in (truths, *predictions.values()) for label in maps for v in np.unique(label)}
-    palette = label_palette() / 255.0
-    handles = [Patch(color=palette[v], label=class_names[v]) for v in sorted(shown) if v < len(class_names)]
+    palette = label_palette()
+    handles = [Patch(color=palette[v] / 255.0, label=class_names[v]) for v in sorted(shown) if v < len(class_names)]
     if IGNORE_INDEX in shown:
-        handles.append(Patch(color=palette[IGNORE_INDEX], label="ignore"))
+        handles.append(Patch(color=palette[IGNORE_INDEX] / 255.0, label="ignore"))
     legend_columns = min(6, max(1, len(handles)))
-    cell, header = 2.6, 0.35 + (0.35 if title else 0.0)
-    footer = 0.2 + 0.2 * -(-len(handles) // legend_columns)
-    width, height = cell * len(columns), cell * rows + header + footer
-    figure = Figure(figsize=(width, height), dpi=dpi)
-    FigureCanvasAgg(figure)
-    grid = figure.subplots(rows, len(columns), squeeze=False, gridspec_kw={
-        "left": 0.05 / width, "right": 1 - 0.05 / width, "bottom": footer / height, "top": 1 - header / height,
-        "wspace": 0.04, "hspace": 0.04})
+    cell, gap, margin = round(2.5 * dpi), round(0.1 * dpi), round(0.05 * dpi)
+    header = round((0.35 + (0.35 if title else 0.0)) * dpi)
+    footer = round((0.2 + 0.2 * -(-len(handles) // legend_columns)) * dpi)
+    mosaic = np.full((rows * (cell + gap) - gap, len(columns) * (cell + gap) - gap, 3), 255, np.uint8)
     for row in range(rows):
-        for col, (heading, maps) in enumerate(columns):
-            axes = grid[row][col]
+        for col, (_, maps) in enumerate(columns):
             if maps is None:
-                axes.imshow(np.clip(np.asarray(images[row]), 0, 255).astype(np.uint8))
+                tile = _fit(np.clip(np.asarray(images[row]), 0, 255).astype(np.uint8), cell, Image.Resampling.BILINEAR)
             else:
-                axes.imshow(colorize(np.asarray(maps[row])), interpolation="nearest")
-            axes.set_xticks([])
-            axes.set_yticks([])
-            if row == 0:
-                axes.set_title(heading, fontsize=10)
-    figure.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0.05 / height), ncol=legend_columns,
-                  fontsize=8, frameon=False)
+                tile = palette[_fit(np.asarray(maps[row], np.uint8), cell, Image.Resampling.NEAREST)]
+            top = row * (cell + gap) + (cell - tile.shape[0]) // 2
+            left = col * (cell + gap) + (cell - tile.shape[1]) // 2
+            mosaic[top:top + tile.shape[0], left:left + tile.shape[1]] = tile
+    width, height = mosaic.shape[1] + 2 * margin, header + mosaic.shape[0] + footer
+    figure = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
+    FigureCanvasAgg(figure)
+    figure.figimage(mosaic, xo=margin, yo=footer, origin="upper")
+    for col, (heading, _) in enumerate(columns):
+        center = margin + col * (cell + gap) + cell / 2
+        figure.text(center / width, (footer + mosaic.shape[0] + 0.08 * dpi) / height, heading,
+                    ha="center", va="bottom", fontsize=10)
+    figure.legend(handles=handles, loc="lower center", bbox_to_anchor=(0.5, 0.05 * dpi / height),
+                  ncol=legend_columns, fontsize=8, frameon=False)
     if title:
-        figure.suptitle(title, y=1 - 0.1 / height, va="top")
+        figure.suptitle(title, y=1 - 0.1 * dpi / height, va="top")
     return figure

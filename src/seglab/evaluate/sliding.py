@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["SlidingWindow", "window_starts"]
+__all__ = ["SlidingWindow", "Tiling", "window_starts"]
 
 Predict = Callable[[np.ndarray], np.ndarray]
 
@@ -110,6 +110,13 @@ class SlidingWindow:
         go through `predict` together, `batch_size` at a time, so small images that make one or two
         windows each still fill a batch. Each image gets the same windows and merge as alone, and a
         single image is called in exactly the chunks `predict` used before."""
+        tiling = self.tile(images)
+        return tiling.merge([predict(windows) for windows in tiling.batches])
+
+    def tile(self, images: Sequence[np.ndarray]) -> Tiling:
+        """The windows of `images` (steps 1-2), in the batches `predict_many` calls; `Tiling.merge`
+        does steps 3-4 for each predictor's probabilities of those batches, so several predictors
+        share one resize and cut."""
         window_h, window_w = self.window
         canvases, sizes, jobs = [], [], []
         for index, image in enumerate(images):
@@ -128,30 +135,49 @@ class SlidingWindow:
             canvases.append(scaled)
             sizes.append(((height, width), (scaled_h, scaled_w)))
             jobs += [(index, top, left) for top, left in self.corners(scaled_h, scaled_w)]
-        totals: list[np.ndarray | None] = [None] * len(canvases)
-        counts = [np.zeros((*canvas.shape[:2], 1), np.float32) for canvas in canvases]
-        for first in range(0, len(jobs), self.batch_size):
-            chunk = jobs[first:first + self.batch_size]
-            windows = np.stack([canvases[i][top:top + window_h, left:left + window_w] for i, top, left in chunk])
-            probabilities = np.asarray(predict(windows), np.float32)
-            if probabilities.shape[:3] != (len(chunk), window_h, window_w):
-                raise ValueError(f"the predictor returned {probabilities.shape} for windows {windows.shape}; "
+        chunks = [jobs[first:first + self.batch_size] for first in range(0, len(jobs), self.batch_size)]
+        batches = [np.stack([canvases[i][top:top + window_h, left:left + window_w] for i, top, left in chunk])
+                   for chunk in chunks]
+        return Tiling(self.window, [canvas.shape[:2] for canvas in canvases], sizes, chunks, batches)
+
+    def describe(self) -> dict[str, object]:
+        """The protocol's settings, as eval.json records them."""
+        return {"window": list(self.window), "overlap": self.overlap, "scale": self.scale}
+
+
+
+@dataclass(frozen=True)
+class Tiling:
+    """The windows of some images, cut by `SlidingWindow.tile`: `batches` go through a predictor and
+    `merge` turns its probabilities of them into each image's mean probabilities at its stored size."""
+
+    window: tuple[int, int]
+    padded: list[tuple[int, int]]                               # each image's scaled, padded canvas
+    sizes: list[tuple[tuple[int, int], tuple[int, int]]]        # (stored, scaled) (height, width)
+    chunks: list[list[tuple[int, int, int]]]                    # (image, top, left) of each batch's windows
+    batches: list[np.ndarray]                                   # (B, h, w, 3) windows
+
+    def merge(self, probabilities: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Each image's mean probabilities (H, W, C) float32 (module doc, steps 3-4) from a predictor's
+        probabilities (B, h, w, C) of `batches`, in order."""
+        window_h, window_w = self.window
+        totals: list[np.ndarray | None] = [None] * len(self.padded)
+        counts = [np.zeros((*shape, 1), np.float32) for shape in self.padded]
+        for chunk, windows, batch in zip(self.chunks, self.batches, probabilities, strict=True):
+            batch = np.asarray(batch, np.float32)
+            if batch.shape[:3] != (len(chunk), window_h, window_w):
+                raise ValueError(f"the predictor returned {batch.shape} for windows {windows.shape}; "
                                  "expected per-pixel probabilities (B, h, w, C)")
-            for (i, top, left), window in zip(chunk, probabilities):
+            for (i, top, left), window in zip(chunk, batch):
                 if totals[i] is None:
-                    totals[i] = np.zeros((*canvases[i].shape[:2], probabilities.shape[-1]), np.float32)
+                    totals[i] = np.zeros((*self.padded[i], batch.shape[-1]), np.float32)
                 totals[i][top:top + window_h, left:left + window_w] += window
                 counts[i][top:top + window_h, left:left + window_w] += 1.0
         means = []
-        for total, count, ((height, width), (scaled_h, scaled_w)) in zip(totals, counts, sizes):
+        for total, count, ((height, width), (scaled_h, scaled_w)) in zip(totals, counts, self.sizes):
             assert total is not None  # every image has at least one window
             mean = total[:scaled_h, :scaled_w] / count[:scaled_h, :scaled_w]
             if (scaled_h, scaled_w) != (height, width):
                 mean = _resize(mean, (height, width))
             means.append(mean)
         return means
-
-    def describe(self) -> dict[str, object]:
-        """The protocol's settings, as eval.json records them."""
-        return {"window": list(self.window), "overlap": self.overlap, "scale": self.scale}
-
