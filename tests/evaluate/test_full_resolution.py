@@ -218,10 +218,10 @@ def test_full_protocol_latency_is_each_image_s_own_call():
     def counted(variant, base=None):
         inner = predictors[variant]
 
-        def graph(*inputs):
+        def graph(images):
             calls[variant] += 1
-            return inner.graph(*inputs)
-        return TracedPredictor(graph, inner.name, inner.tta_transforms, base)
+            return inner.graph(images)
+        return TracedPredictor(graph, inner.name, inner.transforms, base)
 
     pairs = [(np.full((h, w, 3), 100, np.uint8), label) for (h, w), label in
              zip([(40, 56), (16, 16), (33, 70)], [np.zeros((40, 56), np.uint8), np.ones((16, 16), np.uint8),

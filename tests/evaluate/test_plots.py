@@ -73,8 +73,8 @@ def test_the_prediction_grid_shows_each_label_map_in_palette_colours_only():
     label[::3] = IGNORE_INDEX
     figure = prediction_grid_figure([np.zeros((97, 131, 3), np.uint8)], [label], {"plain": label[None]}, COCO_LIKE)
     (mosaic,) = figure.images
-    colours = {tuple(c) for c in mosaic.get_array()[:, 260:].reshape(-1, 3)}  # right of the image's cell
-    allowed = {tuple(c) for c in label_palette()[[0, 3, IGNORE_INDEX]]} | {(255, 255, 255)}  # and the background
+    colours = {tuple(c) for c in mosaic.get_array()[:, 260:].reshape(-1, 4)}  # right of the image's cell
+    allowed = {(*c, 255) for c in label_palette()[[0, 3, IGNORE_INDEX]]} | {(255, 255, 255, 255)}  # and the background
     assert colours <= allowed and len(colours) == 4
 
 

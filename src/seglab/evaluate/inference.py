@@ -20,9 +20,9 @@ the graph. Each predictor is traced once, for any batch size (`inference_functio
 latency's batch of one reuses the graph. A last partial letterbox batch is padded to the batch
 size (one input shape for the kernels); only its real images are counted.
 Latency, p50/p90 in ms of one image per call: for `full`, each image of the split already is one
-call (all its windows), so the percentiles are over those calls, every image at its own size (the
-graph was traced by a warm-up call before the first); for `letterbox`, whose calls are batches,
-`evaluate.latency_runs` extra calls with the first image, after a warm-up.
+call (all its windows), so the percentiles are over those calls, every image at its own size (an
+untimed warm-up call on the first image's first windows traced the graph); for `letterbox`, whose
+calls are batches, `evaluate.latency_runs` extra calls with the first image, after a warm-up.
 
 Graph rewrites (`inference_graph_options`): where no GPU is visible, the evaluation's graphs run
 without Grappler's rewrites. They made the predictions no faster on this project's CPUs and took
@@ -33,7 +33,11 @@ time before each graph's first call; the probabilities change by rounding only
 tracing and optimising the graph cost more than the whole evaluation's predictions on the CPU
 profile, and a TTA model built as one graph (`seglab.evaluate.tta.tta_model`) holds one copy of
 the segmenter per transform. Here the TTA runs the transformed views as one batch through the same
-traced segmenter and merges them as `tta_model` does (same transforms, same running mean).
+traced segmenter and merges them as `tta_model` does (same transforms, same running mean). Its
+identity view is the plain predictor's probabilities (its `base`): `evaluate_predictors` calls the
+plain predictor once per batch or window batch and hands its probabilities to the TTA, and an
+image's resize and windows are cut once for both (`SlidingWindow.tile`). The TTA's time counts the
+plain calls it took the probabilities of; the shared resize and cut count for each variant.
 """
 
 from __future__ import annotations
@@ -54,7 +58,7 @@ from seglab.data.classes import IGNORE_INDEX
 from seglab.data.pipeline import make_dataset, stored_pairs
 from seglab.data.shards import summarize_splits
 from seglab.evaluate.sliding import SlidingWindow
-from seglab.evaluate.tta import select_transforms
+from seglab.evaluate.tta import Transform, select_transforms
 from seglab.metrics import ConfusionMatrix
 from seglab.records import TrainRecord
 
@@ -286,35 +290,60 @@ def inference_function(predictor: keras.Model, image_shape: Sequence[int]) -> Ca
 
 
 class TracedPredictor:
-    """A traced predictor: images (B, H, W, 3) -> probabilities (B, H, W, C) as numpy, any B.
+    """A predictor on one traced graph: images (B, H, W, 3) -> probabilities (B, H, W, C) as numpy, any B.
 
-    `tta_transforms`: the names of the transforms merged (None for a plain predictor).
-    `base`: where set, `graph` takes the images and `base`'s probabilities of them (the TTA's identity
-    view, `plain_and_tta`): called alone, the predictor runs `base` first; `given` takes probabilities
-    `base` already gave.
+    `graph`: the segmenter's softmax as a traced function. With `transforms` (TTA), the views of the
+    images go through `graph` as one batch and are inverted and merged here (eagerly: a handful of
+    operations per call, and no second graph to trace). `base`: a predictor on the same graph whose
+    probabilities are the identity view (`plain_and_tta`): called alone, the TTA runs it; `given`
+    takes probabilities it already gave.
     """
 
-    def __init__(self, graph: Callable[..., tf.Tensor], name: str, tta_transforms: list[str] | None = None,
-                 base: TracedPredictor | None = None):
-        self.graph, self.name, self.tta_transforms, self.base = graph, name, tta_transforms, base
+    def __init__(self, graph: Callable[[tf.Tensor], tf.Tensor], name: str,
+                 transforms: Sequence[Transform] | None = None, base: TracedPredictor | None = None):
+        if base is not None and not any(t.name == "identity" for t in transforms or ()):
+            raise ValueError(f"{name}: only a TTA with the identity view takes a base predictor's probabilities")
+        self.graph, self.name, self.transforms, self.base = graph, name, transforms, base
+
+    @property
+    def tta_transforms(self) -> list[str] | None:
+        """The names of the views merged (None for a plain predictor)."""
+        return None if self.transforms is None else [t.name for t in self.transforms]
 
     def __call__(self, images: np.ndarray) -> np.ndarray:
         images = tf.convert_to_tensor(images, tf.float32)
-        if self.base is None:
+        if self.transforms is None:
             return self.graph(images).numpy()
-        return self.graph(images, self.base.graph(images)).numpy()
+        return self._merge(images, None if self.base is None else self.base.graph(images)).numpy()
 
     def given(self, images: np.ndarray, base_probabilities: np.ndarray) -> np.ndarray:
         """The probabilities of `images` from `base`'s probabilities of the same images."""
         if self.base is None:
             raise ValueError(f"{self.name}: takes no base predictor's probabilities")
-        return self.graph(tf.convert_to_tensor(images, tf.float32),
-                          tf.convert_to_tensor(base_probabilities, tf.float32)).numpy()
+        return self._merge(tf.convert_to_tensor(images, tf.float32),
+                           tf.convert_to_tensor(base_probabilities, tf.float32)).numpy()
+
+    def _merge(self, images: tf.Tensor, identity: tf.Tensor | None) -> tf.Tensor:
+        # The views other than a given identity go through the graph as one batch; the running mean
+        # over all of them in the transforms' order, as tta_model's: equal views come back unchanged.
+        assert self.transforms is not None
+        others = [t for t in self.transforms if identity is None or t.name != "identity"]
+        views = self.graph(tf.concat([t.apply(images) for t in others], axis=0)) if others else None
+        batch = int(images.shape[0])
+        mean, computed = None, 0
+        for count, transform in enumerate(self.transforms, start=1):
+            if identity is not None and transform.name == "identity":
+                view = identity
+            else:
+                view = transform.invert(views[computed * batch:(computed + 1) * batch])
+                computed += 1
+            mean = view if mean is None else mean + (view - mean) / float(count)
+        return mean
 
 
 def plain_and_tta(model: keras.Model, transform_names: Sequence[str],
                   on_non_square: str = "skip") -> dict[str, TracedPredictor]:
-    """{"plain": softmax of `model`, "tta": the TTA merge of `transform_names`} sharing one trace of
+    """{"plain": softmax of `model`, "tta": the TTA merge of `transform_names`} on one trace of
     `model` (module doc). `model` returns logits (B, H, W, C) for a static input (H, W, 3).
 
     Where the views include the identity, the TTA takes it from the plain predictor (its `base`), so
@@ -323,37 +352,14 @@ def plain_and_tta(model: keras.Model, transform_names: Sequence[str],
     transforms = select_transforms(transform_names, (height, width), on_non_square)
     spec = tf.TensorSpec((None, height, width, channels), tf.float32)
 
-    # No AutoGraph (as the data pipeline's functions): the loops and branches below are over Python values.
+    # No AutoGraph (as the data pipeline's functions): nothing here branches on tensors.
     @tf.function(input_signature=[spec], autograph=False)
     def probabilities(images):
         return tf.nn.softmax(tf.cast(model(images, training=False), tf.float32), axis=-1)
 
-    def merge(images, identity):
-        # One batch of every other view: the traced segmenter is called once, with the signature
-        # `plain` uses, so it is traced once for both.
-        others = [t for t in transforms if identity is None or t.name != "identity"]
-        views = probabilities(tf.concat([t.apply(images) for t in others], axis=0)) if others else None
-        batch = tf.shape(images)[0]
-        mean, computed = None, 0
-        for count, transform in enumerate(transforms, start=1):
-            if identity is not None and transform.name == "identity":
-                view = identity
-            else:
-                view = transform.invert(views[computed * batch:(computed + 1) * batch])
-                computed += 1
-            # A running mean, as tta_model's: equal views come back unchanged, bit for bit.
-            mean = view if mean is None else mean + (view - mean) / float(count)
-        return mean
-
     plain = TracedPredictor(probabilities, f"{model.name}_probabilities")
-    name, names = f"{model.name}_tta", [t.name for t in transforms]
-    if "identity" not in names:
-        merged = tf.function(lambda images: merge(images, None), input_signature=[spec], autograph=False)
-        return {"plain": plain, "tta": TracedPredictor(merged, name, names)}
-    classes = int(model.output_shape[-1])
-    given = tf.TensorSpec((None, height, width, classes), tf.float32)
-    merged = tf.function(merge, input_signature=[spec, given], autograph=False)
-    return {"plain": plain, "tta": TracedPredictor(merged, name, names, base=plain)}
+    base = plain if any(t.name == "identity" for t in transforms) else None
+    return {"plain": plain, "tta": TracedPredictor(probabilities, f"{model.name}_tta", transforms, base)}
 
 
 def _bases(predictors: Mapping[str, Any]) -> dict[str, str]:
@@ -482,7 +488,6 @@ def _evaluate_windows(
     calls = {variant: predictor if isinstance(predictor, TracedPredictor)
              else inference_function(predictor, (*sliding.window, 3)) for variant, predictor in predictors.items()}
     bases = _bases(predictors)
-    _warm_up(calls, bases, np.zeros((sliding.batch_size, *sliding.window, 3), np.float32))
     grid_inputs: list[np.ndarray] = []
     grid_truths: list[np.ndarray] = []
     latency_ms: dict[str, list[float]] = {variant: [] for variant in predictors}
@@ -502,6 +507,8 @@ def _evaluate_windows(
         start, cpu_start = time.perf_counter(), time.process_time()
         tiling = sliding.tile([image])
         tiled = (time.perf_counter() - start, time.process_time() - cpu_start)
+        if index == 0:  # tracing is not inference time: the first image's first windows, untimed
+            _warm_up(calls, bases, tiling.batches[0])
         outputs: dict[str, list[np.ndarray]] = {}
         spent: dict[str, tuple[float, float]] = {}
         for variant, call in calls.items():

@@ -159,7 +159,8 @@ def prediction_grid_figure(
     cell, gap, margin = round(2.5 * dpi), round(0.1 * dpi), round(0.05 * dpi)
     header = round((0.35 + (0.35 if title else 0.0)) * dpi)
     footer = round((0.2 + 0.2 * -(-len(handles) // legend_columns)) * dpi)
-    mosaic = np.full((rows * (cell + gap) - gap, len(columns) * (cell + gap) - gap, 3), 255, np.uint8)
+    # RGBA, opaque: matplotlib places it as it is (an RGB picture is converted on every draw).
+    mosaic = np.full((rows * (cell + gap) - gap, len(columns) * (cell + gap) - gap, 4), 255, np.uint8)
     for row in range(rows):
         for col, (_, maps) in enumerate(columns):
             if maps is None:
@@ -168,7 +169,7 @@ def prediction_grid_figure(
                 tile = palette[_fit(np.asarray(maps[row], np.uint8), cell, Image.Resampling.NEAREST)]
             top = row * (cell + gap) + (cell - tile.shape[0]) // 2
             left = col * (cell + gap) + (cell - tile.shape[1]) // 2
-            mosaic[top:top + tile.shape[0], left:left + tile.shape[1]] = tile
+            mosaic[top:top + tile.shape[0], left:left + tile.shape[1], :3] = tile
     width, height = mosaic.shape[1] + 2 * margin, header + mosaic.shape[0] + footer
     figure = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
     FigureCanvasAgg(figure)

@@ -23,7 +23,8 @@ predicted window by window (`evaluate.protocol: full`; README, "Evaluation proto
 
 Windows go through the model `batch_size` at a time (one image's windows per call or calls; with
 `predict_many` the windows of several images share the calls); a traced predictor takes any batch
-size, so this never retraces.
+size, so this never retraces. Steps 1-2 (`SlidingWindow.tile`) and 3-4 (`Tiling.merge`) are apart,
+so predictors that score the same images (the evaluation's plain and TTA) share one resize and cut.
 """
 
 from __future__ import annotations
