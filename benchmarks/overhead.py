@@ -31,6 +31,9 @@ latency runs, and writing the outputs.
 CPU-only TensorFlow; the table shows what it resolved to), in alternating order by model, and
 reports the first-epoch cost (tracing/compilation) against the median step time.
 
+`--stages evaluate` still trains each model first (into the temporary folder); `--trained` instead
+evaluates the models the project's train stages left in params.yaml's train.out (after `dvc repro`).
+
 Prints Markdown tables and the JSON record; `--json PATH` writes the record.
 Run: `.venv/bin/python benchmarks/overhead.py` from the repository root (needs `data/shards`:
 `dvc repro validate_data`).
@@ -309,11 +312,15 @@ def run_child(args: list[str]) -> dict:
     return record
 
 
-def stage_params(folder: Path) -> Path:
+def stage_params(folder: Path, trained: bool = False) -> Path:
+    """params.yaml with the outputs in `folder`; with `trained`, the models and histories the
+    project's own train stages wrote (params.yaml's train.out, train.metrics) are read from where they are."""
     import yaml
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["train"].update(out=str(folder / "models"), metrics=str(folder / "metrics"), state=str(folder / "state"))
+    if not trained:
+        params["train"].update(out=str(folder / "models"), metrics=str(folder / "metrics"),
+                               state=str(folder / "state"))
     params["evaluate"]["out"] = str(folder / "eval")
     path = folder / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
@@ -375,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="jit_compile settings to compare (empty: only the default run)")
     parser.add_argument("--jit-models", default="unet_mobilenetv2_imagenet")
     parser.add_argument("--stages", default="train,evaluate", help="which stages of each model to run")
+    parser.add_argument("--trained", action="store_true",
+                        help="evaluate the models `dvc repro` trained (params.yaml train.out) without training them")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -400,11 +409,14 @@ def main(argv: list[str] | None = None) -> int:
     started = dt.datetime.now(dt.timezone.utc)
     train, evaluations, jit_runs = [], [], []
     with tempfile.TemporaryDirectory(prefix="seglab-overhead-") as tmp:
-        params = stage_params(Path(tmp))
+        params = stage_params(Path(tmp), trained=args.trained)
         stages = args.stages.split(",")
+        if args.trained and ("train" in stages or jits):
+            parser.error("--trained evaluates the models there are: use it with --stages evaluate --jit ''")
         for name in models:
-            train.append(run_child(["train", str(params), name, "auto"]))
-            print(f"train@{name}: {train[-1]['wall']:.1f} s, load {train[-1]['loadavg_before']}", file=sys.stderr)
+            if not args.trained:
+                train.append(run_child(["train", str(params), name, "auto"]))
+                print(f"train@{name}: {train[-1]['wall']:.1f} s, load {train[-1]['loadavg_before']}", file=sys.stderr)
             if "evaluate" in stages:
                 evaluations.append(run_child(["evaluate", str(params), name]))
                 print(f"evaluate@{name}: {evaluations[-1]['wall']:.1f} s", file=sys.stderr)
@@ -425,7 +437,8 @@ def main(argv: list[str] | None = None) -> int:
         "evaluate": evaluations,
         "jit": jit_runs,
     }
-    print("### train@\n\n" + train_table(train))
+    if train:
+        print("### train@\n\n" + train_table(train))
     if evaluations:
         print("\n### evaluate@\n\n" + evaluate_table(evaluations))
     if jit_runs:
