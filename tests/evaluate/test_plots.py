@@ -67,7 +67,7 @@ def test_the_prediction_grid_keeps_its_legend_and_headings_apart_from_the_images
 
 
 def test_the_prediction_grid_shows_each_label_map_in_palette_colours_only():
-    """Label maps are scaled by nearest label: no blend of two classes' colours appears in a cell."""
+    """Label maps are scaled by nearest pixel: no blend of two classes' colours appears in a cell."""
     label = np.zeros((97, 131), np.uint8)
     label[:, ::2] = 3
     label[::3] = IGNORE_INDEX

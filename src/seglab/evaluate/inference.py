@@ -367,7 +367,7 @@ def _bases(predictors: Mapping[str, Any]) -> dict[str, str]:
     `base` is listed before them; the others are called on the images alone."""
     bases, seen = {}, {}
     for variant, predictor in predictors.items():
-        base = getattr(predictor, "base", None)
+        base = predictor.base if isinstance(predictor, TracedPredictor) else None
         for earlier, candidate in seen.items():
             if base is not None and candidate is base:
                 bases[variant] = earlier

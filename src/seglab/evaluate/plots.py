@@ -114,7 +114,7 @@ def plot_prediction_grid(
 
 
 def _fit(array: np.ndarray, side: int, resample: int) -> np.ndarray:
-    """`array` (H, W) or (H, W, 3) uint8 scaled to fit a `side` x `side` cell, its aspect kept."""
+    """`array` (H, W, 3) uint8 scaled to fit a `side` x `side` cell, its aspect kept."""
     height, width = array.shape[:2]
     factor = side / max(height, width)
     size = (max(1, round(width * factor)), max(1, round(height * factor)))
@@ -135,8 +135,8 @@ def prediction_grid_figure(
     The legend lists the classes that appear in any shown truth or prediction.
 
     The cells are composed into one picture at the figure's resolution (each scaled to fit its
-    square cell: images smoothly, label maps by nearest label, so no colour between two classes
-    appears) and placed unscaled: 24 axes, or a picture resampled by matplotlib, take several
+    square cell: images smoothly, coloured label maps by nearest pixel, so no colour between two
+    classes appears) and placed unscaled: 24 axes, or a picture resampled by matplotlib, take several
     times as long to draw.
     """
     rows = len(images)
@@ -166,7 +166,7 @@ def prediction_grid_figure(
             if maps is None:
                 tile = _fit(np.clip(np.asarray(images[row]), 0, 255).astype(np.uint8), cell, Image.Resampling.BILINEAR)
             else:
-                tile = palette[_fit(np.asarray(maps[row], np.uint8), cell, Image.Resampling.NEAREST)]
+                tile = _fit(colorize(np.asarray(maps[row])), cell, Image.Resampling.NEAREST)
             top = row * (cell + gap) + (cell - tile.shape[0]) // 2
             left = col * (cell + gap) + (cell - tile.shape[1]) // 2
             mosaic[top:top + tile.shape[0], left:left + tile.shape[1], :3] = tile
