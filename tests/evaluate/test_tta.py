@@ -131,7 +131,8 @@ def test_only_quarter_turns_on_non_square_input_is_an_error():
 
 def test_plain_and_tta_share_one_trace_and_match_the_keras_predictors():
     """`plain_and_tta` traces the segmenter once for both predictors and every batch size, and gives
-    what probability_model / tta_model give (the TTA's views run as one batch: equal up to rounding)."""
+    what probability_model / tta_model give (the TTA's views other than the identity run as one batch:
+    equal up to rounding)."""
     model = _position_dependent_model()
     x = _images()
     names = ["identity", "hflip", "vflip", "rot90", "rot270"]
@@ -139,6 +140,9 @@ def test_plain_and_tta_share_one_trace_and_match_the_keras_predictors():
     assert predictors["tta"].tta_transforms == names and predictors["plain"].tta_transforms is None
     np.testing.assert_array_equal(predictors["plain"](x), probability_model(model).predict_on_batch(x))
     np.testing.assert_allclose(predictors["tta"](x), tta_model(model, names).predict_on_batch(x), atol=1e-6)
+    # The evaluation hands the TTA the plain probabilities it already has: the same result, bit for bit.
+    assert predictors["tta"].base is predictors["plain"]
+    np.testing.assert_array_equal(predictors["tta"].given(x, predictors["plain"](x)), predictors["tta"](x))
     predictors["tta"](x[:1])
     predictors["plain"](x[:1])
     assert predictors["plain"].graph.experimental_get_tracing_count() == 1  # the segmenter's only trace

@@ -146,7 +146,6 @@ class SlidingWindow:
         return {"window": list(self.window), "overlap": self.overlap, "scale": self.scale}
 
 
-
 @dataclass(frozen=True)
 class Tiling:
     """The windows of some images, cut by `SlidingWindow.tile`: `batches` go through a predictor and
