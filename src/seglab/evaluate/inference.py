@@ -365,22 +365,30 @@ def plain_and_tta(model: keras.Model, transform_names: Sequence[str],
 def _bases(predictors: Mapping[str, Any]) -> dict[str, str]:
     """{variant: the earlier variant whose probabilities it takes} for the TracedPredictors whose
     `base` is listed before them; the others are called on the images alone."""
-    bases, seen = {}, {}
+    bases, earlier = {}, {}
     for variant, predictor in predictors.items():
         base = predictor.base if isinstance(predictor, TracedPredictor) else None
-        for earlier, candidate in seen.items():
-            if base is not None and candidate is base:
-                bases[variant] = earlier
-        seen[variant] = predictor
+        if base is not None and id(base) in earlier:
+            bases[variant] = earlier[id(base)]
+        earlier[id(predictor)] = variant
     return bases
 
 
-def _warm_up(calls: Mapping[str, Any], bases: Mapping[str, str], images: np.ndarray) -> None:
-    """One untimed call of each predictor, as the evaluation calls it: tracing is not inference time."""
-    outputs = {}
+def _call_variants(calls: Mapping[str, Any], bases: Mapping[str, str],
+                   images: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, tuple[float, float]]]:
+    """Every predictor's probabilities of `images`, a variant with a base (`_bases`) taking the base's,
+    and the wall and CPU seconds of the calls each variant needed (its base's included)."""
+    outputs: dict[str, np.ndarray] = {}
+    spent: dict[str, tuple[float, float]] = {}
     for variant, call in calls.items():
         base = bases.get(variant)
+        start, cpu_start = time.perf_counter(), time.process_time()
         outputs[variant] = call.given(images, outputs[base]) if base else call(images)
+        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+        if base:
+            seconds, cpu_seconds = seconds + spent[base][0], cpu_seconds + spent[base][1]
+        spent[variant] = (seconds, cpu_seconds)
+    return outputs, spent
 
 
 def evaluate_predictors(
@@ -439,25 +447,17 @@ def _evaluate_batches(
             first_image = images[:1].copy()
             calls = {variant: predictor if isinstance(predictor, TracedPredictor)
                      else inference_function(predictor, images.shape[1:]) for variant, predictor in predictors.items()}
-            _warm_up(calls, bases, images)
+            _call_variants(calls, bases, images)  # warm-up: tracing is not inference time
         if real < batch_size:  # pad to the traced batch shape; the padding is dropped below
             images = np.concatenate([images, np.zeros((batch_size - real, *images.shape[1:]), images.dtype)])
         scored = labels != IGNORE_INDEX
         take = max(0, min(grid_images - len(grid_inputs), real))
         grid_inputs += [images[i].astype(np.uint8) for i in range(take)]
         grid_truths += [labels[i].astype(np.uint8) for i in range(take)]
-        outputs: dict[str, np.ndarray] = {}
-        spent: dict[str, tuple[float, float]] = {}  # wall, CPU seconds of the calls each variant needed
-        for variant, call in calls.items():
-            base = bases.get(variant)
-            start, cpu_start = time.perf_counter(), time.process_time()
-            probabilities = call.given(images, outputs[base]) if base else call(images)
-            seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-            if base:  # its time includes the base's calls it took the probabilities of
-                seconds, cpu_seconds = seconds + spent[base][0], cpu_seconds + spent[base][1]
-            outputs[variant], spent[variant] = probabilities, (seconds, cpu_seconds)
-            results[variant].predict_seconds += seconds
-            results[variant].predict_cpu_seconds += cpu_seconds
+        outputs, spent = _call_variants(calls, bases, images)
+        for variant, probabilities in outputs.items():
+            results[variant].predict_seconds += spent[variant][0]
+            results[variant].predict_cpu_seconds += spent[variant][1]
             _check_finite(probabilities[:real], variant, f"batch {batch_index}")
             results[variant].timed_images += real
             predicted = np.argmax(probabilities[:real], axis=-1)
@@ -508,22 +508,15 @@ def _evaluate_windows(
         tiling = sliding.tile([image])
         tiled = (time.perf_counter() - start, time.process_time() - cpu_start)
         if index == 0:  # tracing is not inference time: the first image's first windows, untimed
-            _warm_up(calls, bases, tiling.batches[0])
-        outputs: dict[str, list[np.ndarray]] = {}
-        spent: dict[str, tuple[float, float]] = {}
-        for variant, call in calls.items():
-            base = bases.get(variant)
+            _call_variants(calls, bases, tiling.batches[0])
+        called = [_call_variants(calls, bases, windows) for windows in tiling.batches]
+        for variant in calls:
             start, cpu_start = time.perf_counter(), time.process_time()
-            outputs[variant] = ([call.given(windows, given) for windows, given in zip(tiling.batches, outputs[base])]
-                                if base else [call(windows) for windows in tiling.batches])
-            spent[variant] = (time.perf_counter() - start, time.process_time() - cpu_start)
-            if base:
-                spent[variant] = (spent[variant][0] + spent[base][0], spent[variant][1] + spent[base][1])
-            start, cpu_start = time.perf_counter(), time.process_time()
-            probabilities = tiling.merge(outputs[variant])[0]
-            seconds = tiled[0] + spent[variant][0] + time.perf_counter() - start
+            probabilities = tiling.merge([outputs[variant] for outputs, _ in called])[0]
+            seconds = tiled[0] + sum(spent[variant][0] for _, spent in called) + time.perf_counter() - start
             results[variant].predict_seconds += seconds
-            results[variant].predict_cpu_seconds += tiled[1] + spent[variant][1] + time.process_time() - cpu_start
+            results[variant].predict_cpu_seconds += (tiled[1] + sum(spent[variant][1] for _, spent in called)
+                                                     + time.process_time() - cpu_start)
             latency_ms[variant].append(1000.0 * seconds)
             _check_finite(probabilities, variant, f"image {index}")
             results[variant].timed_images += 1
