@@ -230,15 +230,20 @@ def main(argv: list[str] | None = None) -> int:
 # its plotting helpers, pandas so that its data adapters recognise a DataFrame. No stage calls the
 # first two (seglab's plots use matplotlib's object API), and the stages that run Keras models read
 # no DataFrame (the Great Expectations and warehouse stages do, so they keep pandas). Each is a part
-# of a stage process's start-up (benchmarks/README.md, "Fixed costs of a stage").
+# of a stage process's start-up (benchmarks/README.md, "Fixed costs of a stage"). TensorFlow's legacy
+# tf.keras imports scipy.sparse when it is installed (some 130 modules): of the Keras stages only the
+# GANs' use scipy (pix2pix's layouts), the segmenters' do not.
 NOT_IMPORTED_BY_STAGES = ("sklearn", "matplotlib.pyplot")
 KERAS_STAGES = ("train", "evaluate", "predict", "ensemble", "train-gan", "synthesize")
 NOT_IMPORTED_BY_KERAS_STAGES = ("pandas",)
+SEGMENTER_STAGES = ("train", "evaluate", "predict", "ensemble")
+NOT_IMPORTED_BY_SEGMENTER_STAGES = ("scipy",)
 
 
 def imports_left_out(stage: str) -> tuple[str, ...]:
     """The modules the `seglab <stage>` process never imports (`run`)."""
-    return NOT_IMPORTED_BY_STAGES + (NOT_IMPORTED_BY_KERAS_STAGES if stage in KERAS_STAGES else ())
+    return (NOT_IMPORTED_BY_STAGES + (NOT_IMPORTED_BY_KERAS_STAGES if stage in KERAS_STAGES else ())
+            + (NOT_IMPORTED_BY_SEGMENTER_STAGES if stage in SEGMENTER_STAGES else ()))
 
 
 class LeaveOut(importlib.abc.MetaPathFinder):
