@@ -130,3 +130,12 @@ def test_only_the_gan_augmented_variants_depend_on_the_gan_stages(scratch_repo):
                         f"train@{augmented}"}, dag
     assert "validate_synthetic" not in _run(["dvc", "dag", "--dot", "train@unet_mobilenetv2_imagenet"],
                                             scratch_repo).stdout
+
+
+def test_dvc_parses_dvc_lock_in_c():
+    """DVC reads dvc.lock (every stage of a `dvc repro` does) with ruamel.yaml's safe loader; with
+    ruamel.yaml.clib installed (pyproject.toml) that loader parses in C, several times faster."""
+    from ruamel.yaml import YAML
+
+    parser = YAML(typ="safe").Parser
+    assert parser.__name__ == "CParser", f"{parser}: ruamel.yaml.clib is not installed or not used"
