@@ -17,7 +17,8 @@ SEGLAB = Path(sys.executable).parent / "seglab"
 
 def _seglab(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    return subprocess.run([str(SEGLAB), *args], check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run([str(SEGLAB), *args], check=False, cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=120)
 
 
 def test_a_stage_exits_zero_with_its_whole_json_result_on_stdout(tmp_path):
