@@ -139,3 +139,12 @@ def test_dvc_parses_dvc_lock_in_c():
 
     parser = YAML(typ="safe").Parser
     assert parser.__name__ == "CParser", f"{parser}: ruamel.yaml.clib is not installed or not used"
+
+
+def test_the_committed_dvc_lock_records_only_the_pipelines_stages():
+    """DVC keeps the lock entry of a stage that left dvc.yaml (a model moved out of `models`) until it
+    is removed by hand, and reads and rewrites the whole lock between every two stages of a `dvc
+    repro`: the committed dvc.lock holds the current stages only."""
+    names = set(_run(["dvc", "stage", "list", "--name-only"], REPO).stdout.split())
+    locked = set(yaml.safe_load((REPO / "dvc.lock").read_text())["stages"])
+    assert locked <= names, f"dvc.lock records stages dvc.yaml no longer has: {sorted(locked - names)}"
