@@ -364,6 +364,14 @@ def eval_stage(name: str, variant: str) -> str:
 # ---- artefact files --------------------------------------------------------------------------
 
 
+def confusion_png(variant: str) -> str:
+    """The file name of a run's confusion heatmap in its evaluation folder. The evaluation writes its
+    first variant's as confusion.png and the others' as confusion_<variant>.png
+    (`seglab.evaluate.evaluate.write_evaluation`): an `evaluate@` folder holds plain then tta, the
+    ensemble's its one variant."""
+    return "confusion.png" if variant in ("plain", "ensemble") else f"confusion_{variant}.png"
+
+
 def artifact_file(details: dict[str, Any], eval_dir: Path, filename: str) -> tuple[Path | None, list[Path]]:
     """The run's evaluation artefact (e.g. predictions.png) and the places looked.
 

@@ -147,9 +147,10 @@ total = int(matrix.to_numpy().sum())
 correct = int(sum(matrix.iat[i, i] for i in range(len(classes))))
 st.caption(f"Rows: true class, columns: predicted; {total:,} labelled pixels, "
            f"{correct / total:.1%} on the diagonal." if total else "No labelled pixels.")
-confusion_png, looked = ds.artifact_file(details, cfg.eval_dir, "confusion.png")
+# The heatmap the stage drew for this run's variant (a TTA run's is confusion_tta.png, not the plain one).
+confusion_png, looked = ds.artifact_file(details, cfg.eval_dir, ds.confusion_png(row["variant"]))
 if confusion_png is not None:
-    with st.expander("confusion.png (as written by the evaluate stage)"):
+    with st.expander(f"{confusion_png.name} (as written by the evaluate stage)"):
         st.image(str(confusion_png), caption=str(confusion_png))
 
 # ---- prediction grid ---------------------------------------------------------------------------

@@ -132,6 +132,7 @@ def build_fixture_warehouse(root: Path) -> FixtureWarehouse:
         if name == "unet":  # the others show the "no prediction grid" state
             _png(out / "predictions.png", (360, 240), 1, "image / truth / prediction")
             _png(out / "confusion.png", (240, 240), 2, "confusion")
+            _png(out / "confusion_tta.png", (240, 240), 3, "confusion (tta)")
     ensemble = _entry("ensemble", "ensemble", None, None, None, None, _confusion(rng, 0.84, None),
                       epochs=0, rng=rng, members=["unet", "deeplabv3plus_mobilenetv2_imagenet"])
     paths.append(write_eval(fixture.eval_dir / "ensemble" / "eval.json", [ensemble]))

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import duckdb
@@ -14,6 +12,8 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from seglab.warehouse.ingest import ingest_files, open_warehouse
+
+from .support_module import load_dashboard_support
 
 APP = Path(__file__).resolve().parents[2] / "dashboards" / "app.py"
 
@@ -205,6 +205,10 @@ def test_runs_page_explains_missing_history_and_predictions(app, fixture_warehou
     at.selectbox(key="runs_run").set_value(fixture_warehouse.run("unet", "tta")["run_id"]).run()
     assert "No training history for this run (tta)" in texts(at.info)
     assert "stored with the plain run: unet · plain" in texts(at.info)
+    # The TTA run's own heatmap, not the plain run's beside it.
+    captions = [c for image in at.get("image") for c in image.captions]
+    assert any(c.endswith("unet/confusion_tta.png") for c in captions), captions
+    assert not any("confusion.png" in c for c in captions), captions
 
     name = "deeplabv3plus_mobilenetv2_imagenet"
     at.selectbox(key="runs_run").set_value(fixture_warehouse.run(name, "plain")["run_id"]).run()
@@ -345,14 +349,7 @@ def test_sql_page_cannot_read_files(app):
 
 
 def test_settings_come_from_arguments_then_environment_then_params(tmp_path):
-    spec = importlib.util.spec_from_file_location("dashboard_support_under_test",
-                                                  APP.parent / "dashboard_support.py")
-    support = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = support  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(support)
-    finally:
-        del sys.modules[spec.name]
+    support = load_dashboard_support()
     repo = APP.parents[1]
 
     defaults = support.load_settings(argv=[], environ={})

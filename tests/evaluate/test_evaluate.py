@@ -24,6 +24,7 @@ from seglab.evaluate.ensemble import ensemble_model, run_ensemble
 from seglab.evaluate.evaluate import read_history, run_evaluate
 from seglab.evaluate.plots import IGNORE_COLOR, colorize, label_palette
 from seglab.models import build
+from tests.dashboard.support_module import load_dashboard_support
 from tests.factories import run_id as factory_run_id
 from tests.factories import train_record, write_train_record
 
@@ -213,6 +214,10 @@ def test_evaluation_writes_every_contract_file_with_correct_contents(workspace):
     np.testing.assert_array_equal(np.array([r[1:] for r in table[1:]], int), expected)
     for png in ("confusion.png", "confusion_tta.png", "predictions.png"):
         _assert_png(out / png)
+    # The dashboard finds each variant's heatmap under the name the stage wrote it with.
+    dashboard = load_dashboard_support()
+    names = {variant: dashboard.confusion_png(variant) for variant in ("plain", "tta")}
+    assert len(set(names.values())) == 2 and all((out / name).is_file() for name in names.values()), names
     assert not list(workspace.glob("eval/.*"))  # no temporary folder left behind
 
 
@@ -264,6 +269,7 @@ def test_zoo_model_is_evaluated_and_ensemble_with_weights_one_zero_equals_the_fi
     assert summary["miou"] == member["miou"]
     for png in ("confusion.png", "predictions.png"):
         _assert_png(workspace / "eval" / "ensemble" / png)
+    assert (workspace / "eval" / "ensemble" / load_dashboard_support().confusion_png("ensemble")).is_file()
 
     # The other member alone differs (else the comparison above proves nothing); weights are normalised.
     summary = run_ensemble(_config(workspace, models=names, members=names, weights=[0.0, 3.0]))
