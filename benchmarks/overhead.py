@@ -26,6 +26,11 @@ wrappers around the named seglab functions. For `evaluate@` the same: start-up a
 loading the model, the first call of each predictor (tracing), the timed predictions, the
 latency runs, and writing the outputs.
 
+Before each stage the parent times a fixed pure-Python loop (`python_probe`, the last column): this
+machine's minutes differ in speed, and single-threaded Python work (imports, tracing, Keras'
+loading) slows in its slow minutes by more than the training steps do, so the column tells which
+rows ran in one.
+
 `--jit` runs the `train@` stage of each of `--jit-models` once more per setting of Keras'
 `jit_compile` (XLA): True and False (the main pass ran "auto", which Keras resolves to False on a
 CPU-only TensorFlow; the table shows what it resolved to), in alternating order by model, and
@@ -301,14 +306,26 @@ def child_evaluate(params: Path, name: str) -> dict:
     }
 
 
+def python_probe() -> float:
+    """Seconds of a fixed single-threaded pure-Python loop: this machine's speed for the kind of work
+    (imports, tracing) that slows the most in its slow minutes, taken just before each stage."""
+    start = time.perf_counter()
+    total = 0
+    for i in range(3_000_000):
+        total += i
+    return time.perf_counter() - start
+
+
 def run_child(args: list[str]) -> dict:
+    probe = python_probe()
     start, load_before = time.perf_counter(), loadavg()
     done = subprocess.run([sys.executable, __file__, "--child", *args], cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if done.returncode:
         raise RuntimeError(f"{args}: exit {done.returncode}\n{done.stderr[-4000:]}")
     record = json.loads(done.stdout.strip().splitlines()[-1])
-    record.update(wall=wall, exit=wall - record["child_seconds"], loadavg_before=load_before, loadavg_after=loadavg())
+    record.update(wall=wall, exit=wall - record["child_seconds"], loadavg_before=load_before, loadavg_after=loadavg(),
+                  python_probe=probe)
     return record
 
 
@@ -331,11 +348,15 @@ def _s(value) -> str:
     return "–" if value is None else f"{value:.1f}"
 
 
+def _probe(record: dict) -> str:
+    return f"{record['python_probe']:.2f}" if "python_probe" in record else "–"  # records from before it existed
+
+
 def train_table(records: list[dict]) -> str:
     lines = ["| model | stage s | start → 1st step s (imports / plan / data / build / rest) | trace s (train / val) "
              "| re-trace at unfreeze s | epochs × steps | step ms | train steps s | validation s/epoch "
-             "| callbacks s/epoch | commits (n / s) | saving + exit s | non-step share | by the steps' sum |",
-             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| callbacks s/epoch | commits (n / s) | saving + exit s | non-step share | by the steps' sum | Python probe s |",
+             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in records:
         rows = r["epoch_rows"]
         steady = rows[1:] or rows
@@ -350,18 +371,20 @@ def train_table(records: list[dict]) -> str:
             f"{statistics.median(x['after_validation'] for x in steady):.2f} | "
             f"{sum(x['commit'] > 0 for x in rows)} / {sum(x['commit'] for x in rows):.1f} | "
             f"{r['saving'] + r['exit']:.1f} | "
-            f"{100 * non_step / r['wall']:.0f} % | {100 * (1 - r['train_steps'] / r['wall']):.0f} % |")
+            f"{100 * non_step / r['wall']:.0f} % | {100 * (1 - r['train_steps'] / r['wall']):.0f} % | "
+            f"{_probe(r)} |")
     return "\n".join(lines)
 
 
 def evaluate_table(records: list[dict]) -> str:
     lines = ["| model | stage s | imports s | load model s | first calls (tracing) s | val predictions s "
-             "| latency runs s | write outputs s | other + exit s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| latency runs s | write outputs s | other + exit s | Python probe s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in records:
         known = r["imports"] + r["load_model"] + r["first_calls"] + r["predict"] + r["latency"] + r["write"]
         lines.append(f"| {r['model']} | {r['wall']:.1f} | {r['imports']:.1f} | {r['load_model']:.1f} | "
                      f"{r['first_calls']:.1f} | {r['predict']:.1f} | {r['latency']:.1f} | {r['write']:.1f} | "
-                     f"{r['wall'] - known:.1f} |")
+                     f"{r['wall'] - known:.1f} | {_probe(r)} |")
     return "\n".join(lines)
 
 
