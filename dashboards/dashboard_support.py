@@ -375,13 +375,17 @@ def confusion_png(variant: str) -> str:
 def artifact_file(details: dict[str, Any], eval_dir: Path, filename: str) -> tuple[Path | None, list[Path]]:
     """The run's evaluation artefact (e.g. predictions.png) and the places looked.
 
-    First beside the eval.json the run was ingested from, then ``<eval_dir>/<name>/`` (the
-    warehouse may have been built elsewhere).
+    First beside the eval.json the run was ingested from, then in the folder of that name under
+    `eval_dir` (the warehouse may have been built elsewhere): ``<name>/`` for the stage's own
+    evaluation, ``<name>@<dataset>.<split>/`` for another split's, which must not show the former's
+    figures. ``<eval_dir>/<name>/`` where the run names no file.
     """
     candidates: list[Path] = []
     if details.get("source_file"):
-        candidates.append(Path(details["source_file"]).parent / filename)
-    candidates.append(eval_dir / str(details["name"]) / filename)
+        source_folder = Path(details["source_file"]).parent
+        candidates += [source_folder / filename, eval_dir / source_folder.name / filename]
+    else:
+        candidates.append(eval_dir / str(details["name"]) / filename)
     candidates = list(dict.fromkeys(candidates))
     for candidate in candidates:
         if candidate.is_file():

@@ -373,6 +373,25 @@ def test_settings_come_from_arguments_then_environment_then_params(tmp_path):
     assert support.load_settings(argv=["--ware", "x"], environ={}).warehouse == defaults.warehouse
 
 
+def test_a_runs_figures_are_looked_up_in_its_own_evaluation_folder(tmp_path):
+    support = load_dashboard_support()
+    eval_dir = tmp_path / "eval"
+    for folder in ("unet", "unet@camvid.val"):
+        (eval_dir / folder).mkdir(parents=True)
+        (eval_dir / folder / "predictions.png").write_bytes(folder.encode())
+    # The warehouse was built in another checkout: its eval.json paths do not exist here.
+    elsewhere = tmp_path / "other-checkout" / "data" / "eval"
+    own, looked = support.artifact_file({"name": "unet", "source_file": str(elsewhere / "unet" / "eval.json")},
+                                        eval_dir, "predictions.png")
+    assert own == eval_dir / "unet" / "predictions.png" and looked[0] == elsewhere / "unet" / "predictions.png"
+    other_split = {"name": "unet", "source_file": str(elsewhere / "unet@camvid.val" / "eval.json")}
+    found, looked = support.artifact_file(other_split, eval_dir, "predictions.png")
+    assert found == eval_dir / "unet@camvid.val" / "predictions.png", looked  # never the val split's grid
+    (eval_dir / "unet@camvid.val" / "predictions.png").unlink()
+    found, looked = support.artifact_file(other_split, eval_dir, "predictions.png")
+    assert found is None and eval_dir / "unet" / "predictions.png" not in looked
+
+
 # ---- empty states and freshness ------------------------------------------------------------------
 
 
