@@ -356,9 +356,15 @@ def choose_one(label: str, options: list[str], *, key: str, help: str | None = N
     return st.selectbox(label, options, key=key, help=help)
 
 
-def eval_stage(name: str, variant: str) -> str:
-    """The dvc.yaml stage that evaluates this run."""
-    return "ensemble" if variant == "ensemble" else f"evaluate@{name}"
+def eval_command(details: dict[str, Any]) -> str:
+    """The command that evaluates this run again: its dvc.yaml stage, or, for a run on another split
+    (written to ``<name>@<dataset>.<split>/`` by `seglab evaluate NAME --data --split`), that command."""
+    name = str(details["name"])
+    if details.get("variant") == "ensemble":
+        return "dvc repro ensemble"
+    if "@" in Path(str(details.get("source_file") or "")).parent.name:
+        return f"seglab evaluate {name} --data <the shards of {details['dataset']}> --split {details['split']}"
+    return f"dvc repro evaluate@{name}"
 
 
 # ---- artefact files --------------------------------------------------------------------------

@@ -89,7 +89,7 @@ if len(history) == 0:
     hint = (f" The training history is stored with the plain run: {ds.run_labels(plain)[plain['run_id'].iloc[0]]}."
             if len(plain) and row["variant"] != "plain" else
             f" It comes from `data/metrics/{row['name']}/history.csv`; rerun "
-            f"`dvc repro {ds.eval_stage(row['name'], row['variant'])}` and `seglab ingest`.")
+            f"`{ds.eval_command(details)}` and `seglab ingest`.")
     st.info(f"No training history for this run ({row['variant']}).{hint}")
 else:
     metrics = [c for c in history.columns if c != "epoch"]
@@ -159,7 +159,7 @@ predictions_png, looked = ds.artifact_file(details, cfg.eval_dir, "predictions.p
 if predictions_png is None:
     st.info(f"No prediction grid for {row['name']} (looked for "
             + ", ".join(f"`{p}`" for p in looked)
-            + f"). The evaluation draws it: `dvc repro {ds.eval_stage(row['name'], row['variant'])}`.")
+            + f"). The evaluation draws it: `{ds.eval_command(details)}`.")
 else:
     st.image(str(predictions_png), caption=f"image / truth / prediction — {predictions_png}")
 

@@ -392,6 +392,16 @@ def test_a_runs_figures_are_looked_up_in_its_own_evaluation_folder(tmp_path):
     assert found is None and eval_dir / "unet" / "predictions.png" not in looked
 
 
+def test_the_command_offered_to_evaluate_a_run_again_is_the_one_that_wrote_it():
+    command = load_dashboard_support().eval_command
+    run = {"name": "unet", "variant": "tta", "dataset": "camvid", "split": "test"}
+    assert command({**run, "source_file": "/x/data/eval/unet/eval.json"}) == "dvc repro evaluate@unet"
+    assert command({**run, "source_file": "/x/data/eval/unet@camvid.test/eval.json"}) == \
+        "seglab evaluate unet --data <the shards of camvid> --split test"
+    assert command({**run, "name": "ensemble", "variant": "ensemble",
+                    "source_file": "/x/data/eval/ensemble/eval.json"}) == "dvc repro ensemble"
+
+
 # ---- empty states and freshness ------------------------------------------------------------------
 
 
