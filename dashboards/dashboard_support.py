@@ -362,7 +362,7 @@ def eval_command(details: dict[str, Any]) -> str:
     name = str(details["name"])
     if details.get("variant") == "ensemble":
         return "dvc repro ensemble"
-    if "@" in Path(str(details.get("source_file") or "")).parent.name:
+    if Path(str(details.get("source_file") or "")).parent.name.startswith(f"{name}@"):
         return f"seglab evaluate {name} --data <the shards of {details['dataset']}> --split {details['split']}"
     return f"dvc repro evaluate@{name}"
 
