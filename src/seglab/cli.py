@@ -233,17 +233,16 @@ def main(argv: list[str] | None = None) -> int:
 # of a stage process's start-up (benchmarks/README.md, "Fixed costs of a stage"). TensorFlow's legacy
 # tf.keras imports scipy.sparse when it is installed (some 130 modules): of the Keras stages only the
 # GANs' use scipy (pix2pix's layouts), the segmenters' do not.
-NOT_IMPORTED_BY_STAGES = ("sklearn", "matplotlib.pyplot")
 KERAS_STAGES = ("train", "evaluate", "predict", "ensemble", "train-gan", "synthesize")
-NOT_IMPORTED_BY_KERAS_STAGES = ("pandas",)
 SEGMENTER_STAGES = ("train", "evaluate", "predict", "ensemble")
-NOT_IMPORTED_BY_SEGMENTER_STAGES = ("scipy",)
+# module -> the stages whose process never imports it
+LEFT_OUT_BY_STAGES = {"sklearn": tuple(STAGES), "matplotlib.pyplot": tuple(STAGES), "pandas": KERAS_STAGES,
+                      "scipy": SEGMENTER_STAGES}
 
 
 def imports_left_out(stage: str) -> tuple[str, ...]:
     """The modules the `seglab <stage>` process never imports (`run`)."""
-    return (NOT_IMPORTED_BY_STAGES + (NOT_IMPORTED_BY_KERAS_STAGES if stage in KERAS_STAGES else ())
-            + (NOT_IMPORTED_BY_SEGMENTER_STAGES if stage in SEGMENTER_STAGES else ()))
+    return tuple(module for module, stages in LEFT_OUT_BY_STAGES.items() if stage in stages)
 
 
 class LeaveOut(importlib.abc.MetaPathFinder):
