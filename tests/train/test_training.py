@@ -158,6 +158,8 @@ def test_run_train_writes_the_contract_files(shards, tmp_path, caplog):
 
     model = keras.models.load_model(out / "model.keras")
     assert model.compiled is False or model.optimizer is None  # an inference artifact
+    # In its inference form: the U-Net's BatchNorms (each after a convolution) folded into them.
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in model._flatten_layers())
     logits = model.predict(np.zeros((2, 32, 32, 3), np.float32), verbose=0)
     assert logits.shape == (2, 32, 32, len(CLASSES)) and logits.dtype == np.float32
     assert not (tmp_path / "state" / "tiny").exists()  # resume state removed after success

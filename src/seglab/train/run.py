@@ -4,7 +4,8 @@ Outputs, each folder written aside and swapped in at the end:
 ``<train.out>/<name>/{model.keras, train.json}`` and
 ``<train.metrics>/<name>/{history.csv, train_metrics.json}``. ``model.keras`` holds the
 best-`val_miou` weights as an uncompiled inference model (no optimizer state: it loads with
-`keras.models.load_model` given seglab's registered layers, without the training classes);
+`keras.models.load_model` given seglab's registered layers, without the training classes), in its
+inference form: each BatchNormalization after a convolution folded into it (`seglab.models.fold`);
 train.json is a `seglab.records.TrainRecord`.
 
 Resume state lives in ``<train.state>/<name>/`` (`seglab.train.resume`) and is deleted once the
@@ -28,6 +29,7 @@ import tensorflow as tf
 
 from seglab.atomic import atomic_dir
 from seglab.config import Config
+from seglab.models.fold import fold_batchnorm
 from seglab.records import TrainRecord, git_revision, utc_now
 from seglab.train.loop import HISTORY_COLUMNS, TrainResult, inference_view, train_model
 from seglab.train.plan import CACHE_DECODED_MAX_IMAGES, RunPlan, plan_run, training_datasets
@@ -75,7 +77,7 @@ def run_train(cfg: Config, name: str, *, callbacks: Sequence[keras.callbacks.Cal
         return record.to_json()
 
     with atomic_dir(Path(t.out) / name) as out:
-        inference_view(result.model).save(out / "model.keras")
+        fold_batchnorm(inference_view(result.model)).save(out / "model.keras")
         record.write(out / "train.json")
     info = record.to_json()
     with atomic_dir(Path(t.metrics) / name) as out:
