@@ -32,16 +32,36 @@ def test_kid_max_is_the_multiple_of_the_real_quantile():
     held_out = rng.normal(size=(30, 16))
     calibration = _calibration(held_out, np.full((30, 3), 100.0), np.full((30, 3), 50.0))
     checks, record = calibrate(AUTO, calibration, reference, batch_size=25)
-    # The check's subset size: min(kid_subset_size 20, batch 25, reference 40, held-out 30).
-    values = kid_subset_values(held_out, reference.features, subsets=50, subset_size=20, seed=0)
-    assert record["real_vs_real"]["kid_subset_size"] == 20
+    # The subset size: min(kid_subset_size 20, reference 40, half the held-out 30 = 15).
+    values = kid_subset_values(held_out, reference.features, subsets=400, subset_size=15, seed=0)  # calibration_batches
+    assert record["real_vs_real"]["kid_subset_size"] == 15
     assert checks.kid_max == pytest.approx(3.0 * np.quantile(values, 0.9))
+    assert checks.kid_subset_size == 15  # the synthetic batch is measured at the same subset size
     assert record["thresholds"]["kid_max"] == checks.kid_max
     assert set(record["calibrated"]) == {"kid_max", "mean_tol", "std_tol"} and set(record["rule"]) == set(
         record["calibrated"])
     # Held-out images from another distribution than the reference widen the bound.
     shifted = _calibration(held_out + 1.0, np.full((30, 3), 100.0), np.full((30, 3), 50.0))
     assert calibrate(AUTO, shifted, reference, batch_size=25)[0].kid_max > 10 * checks.kid_max
+
+
+def test_kid_max_does_not_depend_on_how_many_images_passed():
+    # Taken from the batch, the subset size made the bound stricter the more samples passed the
+    # per-image rules (per-subset spread ~ 1/m): a better filter then got a harder test.
+    rng = np.random.default_rng(4)
+    reference = _reference(rng.normal(size=(80, 16)))
+    calibration = _calibration(rng.normal(size=(40, 16)), np.full((40, 3), 100.0), np.full((40, 3), 50.0))
+    bounds = {n: calibrate(AUTO, calibration, reference, batch_size=n)[0] for n in (8, 20, 39)}
+    assert len({checks.kid_max for checks in bounds.values()}) == 1
+    assert {checks.kid_subset_size for checks in bounds.values()} == {20}  # min(20, 80, 40 // 2)
+    # The subset size follows the data: fewer held-out images, smaller subsets, a wider bound.
+    few = _calibration(rng.normal(size=(12, 16)), np.full((12, 3), 100.0), np.full((12, 3), 50.0))
+    checks, record = calibrate(AUTO, few, reference, batch_size=39)
+    assert checks.kid_subset_size == record["real_vs_real"]["kid_subset_size"] == 6
+    assert "subsets of 6" in record["rule"]["kid_max"]
+    # A fixed kid_max leaves the configured subset size alone.
+    fixed, _ = calibrate(AUTO.model_copy(update={"kid_max": 0.2}), calibration, reference, batch_size=39)
+    assert fixed.kid_subset_size == AUTO.kid_subset_size
 
 
 def test_channel_tolerances_follow_the_held_out_offsets():

@@ -426,6 +426,8 @@ def test_calibrated_gate_keeps_realistic_images_and_drops_the_others_one_by_one(
     assert realism["held_out_pass_share"] == realism["held_out_passed"] / 24 >= 0.6
     assert calibration["batch_size"] == summary["accepted"]
     assert summary["settings"]["kid_max"] == calibration["thresholds"]["kid_max"] > 0
+    # KID subsets of half the held-out images, whatever the batch; the batch is measured at that size too.
+    assert summary["settings"]["kid_subset_size"] == calibration["real_vs_real"]["kid_subset_size"] == 12
     assert summary["batch"]["kid_mean"] <= summary["settings"]["kid_max"]
 
 
@@ -440,7 +442,8 @@ def test_calibrated_gate_rejects_noise_repeated_and_constant_batches(unseen_real
     # Without the per-image rule the batch rules still refuse it: KID far above the calibrated bound.
     summary = run_stage(tmp_path, real_shards, "noisegan", checks=CALIBRATED.model_copy(update={"realism_k": None}))
     assert summary["accepted"] == 0 and summary["rejected_by_rule"]["batch:kid"] == 24
-    assert summary["batch"]["kid_mean"] > 5 * summary["settings"]["kid_max"] and summary["realism"] is None
+    # (This fixture holds 24 held-out images: subsets of 12, a wider bound than the default run's 48 give.)
+    assert summary["batch"]["kid_mean"] > 2 * summary["settings"]["kid_max"] and summary["realism"] is None
 
     # Three real images, each eight times: the copies go one by one, the three left are too few for a batch.
     repeated = [images[i % 3] for i in range(24)]

@@ -3,18 +3,24 @@
 A hand-picked KID bound means one thing at 64 px on 64 images and another on a thousand photos at
 224 px. So a threshold set to `auto` is a multiple of how far *real* images the generator never saw
 stray from the training reference, judged exactly as a synthetic batch is (same compare form, same
-reference, same KID subset size, batches of the same size). The held-out images are the
+reference, same KID subset size, channel figures over batches of the same size). The held-out images are the
 `calibration_split` (val) of the real shards; with q = `calibration_quantile`:
 
     kid_max  = kid_real_multiple     x quantile_q(per-subset MMD² of held-out vs reference features)
     mean_tol = channel_real_multiple x quantile_q(max over r, g, b of |mean_c(batch) - mean_c(reference)|)
     std_tol  = channel_real_multiple x quantile_q(max over r, g, b of |std_c(batch) - std_c(reference)|)
 
-KID subsets have the synthetic check's size, min(kid_subset_size, synthetic batch, reference), bounded
-by the held-out count. The channel figures are taken over `calibration_batches` bootstrap batches
-(held-out images drawn with replacement) as large as the synthetic batch being judged, so a small
-batch gets the wider tolerance its own sampling noise needs. The worst channel is taken per batch
-because a batch must pass all three channel rules. Where held-out real images pass a rule with
+The KID subsets have one size m = min(kid_subset_size, reference images, half the held-out images),
+fixed by the data and not by the batch, and the synthetic batch is then measured at subsets of m
+(or all of it, if smaller; KID is unbiased, so the subset size moves its spread, not its mean).
+Half: with subsets of all held-out images every subset holds the same ones, and the quantile would
+see only the reference's half of the sampling noise. Fixed: the per-subset spread shrinks about as
+1/m, so a size taken from the batch made the bound stricter the more images passed the per-image
+rules (docs/synthetic-validation.md). Each quantile is taken over `calibration_batches` draws:
+KID subsets, and for the channel figures bootstrap batches (held-out images drawn with
+replacement) as large as the synthetic batch being judged, so a small batch gets the wider
+tolerance its own sampling noise needs. The worst channel is taken per batch because a batch must
+pass all three channel rules. Where held-out real images pass a rule with
 probability q, the multiple is the room given to a generator for being worse than real; the values
 and how they were chosen: docs/synthetic-validation.md.
 """
@@ -38,8 +44,8 @@ from seglab.gan.figures import (
 if TYPE_CHECKING:
     from seglab.gan.checks import SyntheticChecks
 
-__all__ = ["AUTO", "CALIBRATED_THRESHOLDS", "RealCalibration", "calibrate", "needs_calibration", "real_calibration",
-           "real_calibration_from_shards"]
+__all__ = ["AUTO", "CALIBRATED_THRESHOLDS", "RealCalibration", "calibrate", "calibrated_kid_subset_size",
+           "needs_calibration", "real_calibration", "real_calibration_from_shards"]
 
 AUTO = "auto"
 CALIBRATED_THRESHOLDS = ("kid_max", "mean_tol", "std_tol")
@@ -95,7 +101,8 @@ def _bootstrap_channel_deltas(calibration: RealCalibration, reference: RealRefer
 def calibrate(checks: SyntheticChecks, calibration: RealCalibration | None, reference: RealReference,
               batch_size: int) -> tuple[SyntheticChecks, dict]:
     """`checks` with every `auto` threshold replaced by its calibrated number for a synthetic batch of
-    `batch_size` images, and the record of it (real-vs-real figures, rule, thresholds) for the report."""
+    `batch_size` images (and, with kid_max calibrated, `kid_subset_size` by the m it was calibrated at),
+    and the record of it (real-vs-real figures, rule, thresholds) for the report."""
     auto = [name for name in CALIBRATED_THRESHOLDS if getattr(checks, name) == AUTO]
     fixed = {name: getattr(checks, name) for name in CALIBRATED_THRESHOLDS if name not in auto}
     if not auto:
@@ -109,8 +116,9 @@ def calibrate(checks: SyntheticChecks, calibration: RealCalibration | None, refe
                          f"{reference.feature_size}")
     q = checks.calibration_quantile
     batch_size = max(int(batch_size), 2)
-    subset_size = min(checks.kid_subset_size, batch_size, reference.images, calibration.images)
-    kid = kid_subset_values(calibration.features, reference.features, subsets=checks.kid_subsets,
+    subset_size = calibrated_kid_subset_size(checks, reference, calibration)
+    # A quantile needs many more draws than a mean: q95 of 100 subsets moved by a quarter with the seed.
+    kid = kid_subset_values(calibration.features, reference.features, subsets=checks.calibration_batches,
                             subset_size=subset_size, seed=checks.seed)
     mean_delta, std_delta = _bootstrap_channel_deltas(calibration, reference, batch_size,
                                                       checks.calibration_batches, np.random.default_rng(checks.seed))
@@ -120,6 +128,8 @@ def calibrate(checks: SyntheticChecks, calibration: RealCalibration | None, refe
                 "mean_tol": checks.channel_real_multiple * real["mean_tol"],
                 "std_tol": checks.channel_real_multiple * real["std_tol"]}
     thresholds = {**fixed, **{name: computed[name] for name in auto}}
+    # The synthetic batch is measured as the held-out images were: subsets of the same size.
+    applied = {**thresholds, **({"kid_subset_size": subset_size} if "kid_max" in auto else {})}
     record = {
         "calibrated": auto,
         "source": calibration.source,
@@ -139,7 +149,7 @@ def calibrate(checks: SyntheticChecks, calibration: RealCalibration | None, refe
         },
         "rule": {name: rule for name, rule in {
             "kid_max": f"{checks.kid_real_multiple:g} x q{q:g} of the held-out images' per-subset KID "
-                       f"(subsets of {subset_size})",
+                       f"({len(kid)} subsets of {subset_size})",
             "mean_tol": f"{checks.channel_real_multiple:g} x q{q:g} of the worst channel's |mean delta| over "
                         f"{checks.calibration_batches} held-out batches of {batch_size}",
             "std_tol": f"{checks.channel_real_multiple:g} x q{q:g} of the worst channel's |std delta| over "
@@ -147,4 +157,9 @@ def calibrate(checks: SyntheticChecks, calibration: RealCalibration | None, refe
         }.items() if name in auto},
         "thresholds": thresholds,
     }
-    return checks.model_copy(update=thresholds), record
+    return checks.model_copy(update=applied), record
+
+
+def calibrated_kid_subset_size(checks: SyntheticChecks, reference: RealReference, calibration: RealCalibration) -> int:
+    """m = min(kid_subset_size, reference images, half the held-out images), at least 2 (module docstring)."""
+    return max(2, min(checks.kid_subset_size, reference.images, calibration.images // 2))

@@ -176,9 +176,9 @@ def validate_samples(
         rejected_by_rule = _rejected_rows(image_validation, profile)
         failed_image = set().union(*rejected_by_rule.values()) if rejected_by_rule else set()
         passed = [i for i in range(len(profile)) if i not in failed_image]
+        checks, calibration_record = calibrate(checks, calibration, reference, len(passed))
         figures = batch_figures([np.asarray(images[i]) for i in passed], reference, checks,
                                 features=None if features is None else features[passed])
-        checks, calibration_record = calibrate(checks, calibration, reference, len(passed))
         batch_validation, batch_entries = run_checkpoint(context, "validate_synthetic_batch",
                                                          build_batch_suite(checks), pd.DataFrame([figures]))
         batch_ok = bool(batch_validation.success)

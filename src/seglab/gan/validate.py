@@ -64,7 +64,8 @@ The batch figures use that form:
 - KID (Bińkowski et al. 2018, "Demystifying MMD GANs"): the unbiased MMD² between the two sets of
   features with the kernel k(x, y) = (xᵀy / d + 1)³, averaged over `kid_subsets` random subsets
   of `min(kid_subset_size, n_synthetic, n_real)` samples from each set (drawn without
-  replacement, seeded); reported as mean ± std over the subsets. Features: the 1280-d global
+  replacement, seeded; with kid_max calibrated, kid_subset_size is the size it was calibrated at,
+  seglab.gan.calibration); reported as mean ± std over the subsets. Features: the 1280-d global
   average pool of the offline-ImageNet MobileNetV2 classifier (`imagenet_classifier
   ("mobilenetv2")`'s `avg_pool` layer, the input of its logits), standing in for Inception's pool3.
 
