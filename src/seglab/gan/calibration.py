@@ -3,8 +3,8 @@
 A hand-picked KID bound means one thing at 64 px on 64 images and another on a thousand photos at
 224 px. So a threshold set to `auto` is a multiple of how far *real* images the generator never saw
 stray from the training reference, judged exactly as a synthetic batch is (same compare form, same
-reference, same KID subset size, channel figures over batches of the same size). The held-out images are the
-`calibration_split` (val) of the real shards; with q = `calibration_quantile`:
+reference, same KID subset size, channel figures over batches of the same size). The held-out
+images are the `calibration_split` (val) of the real shards; with q = `calibration_quantile`:
 
     kid_max  = kid_real_multiple     x quantile_q(per-subset MMD² of held-out vs reference features)
     mean_tol = channel_real_multiple x quantile_q(max over r, g, b of |mean_c(batch) - mean_c(reference)|)
@@ -20,9 +20,9 @@ rules (docs/synthetic-validation.md). Each quantile is taken over `calibration_b
 KID subsets, and for the channel figures bootstrap batches (held-out images drawn with
 replacement) as large as the synthetic batch being judged, so a small batch gets the wider
 tolerance its own sampling noise needs. The worst channel is taken per batch because a batch must
-pass all three channel rules. Where held-out real images pass a rule with
-probability q, the multiple is the room given to a generator for being worse than real; the values
-and how they were chosen: docs/synthetic-validation.md.
+pass all three channel rules. Where held-out real images pass a rule with probability q, the
+multiple is the room given to a generator for being worse than real; the values and how they were
+chosen: docs/synthetic-validation.md.
 """
 
 from __future__ import annotations
@@ -117,7 +117,7 @@ def calibrate(checks: SyntheticChecks, calibration: RealCalibration | None, refe
     q = checks.calibration_quantile
     batch_size = max(int(batch_size), 2)
     subset_size = calibrated_kid_subset_size(checks, reference, calibration)
-    # A quantile needs many more draws than a mean: q95 of 100 subsets moved by a quarter with the seed.
+    # A tail quantile needs far more draws than the synthetic batch's mean does (docs/synthetic-validation.md).
     kid = kid_subset_values(calibration.features, reference.features, subsets=checks.calibration_batches,
                             subset_size=subset_size, seed=checks.seed)
     mean_delta, std_delta = _bootstrap_channel_deltas(calibration, reference, batch_size,
